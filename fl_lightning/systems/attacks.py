@@ -65,7 +65,7 @@ class Attack:
 
     def __init__(self, share: float = 0.2) -> None:
         self.share = ratio(
-            share, "--model.attack.init_args.share", "the share of malicious clients"
+            share, "--model.attack.share", "the share of malicious clients"
         )
 
     def malicious(self, seed: int, num_clients: int) -> list[int]:
@@ -108,7 +108,7 @@ class SignFlip(Attack):
     def __init__(self, share: float = 0.2, scale: float = 1.0) -> None:
         super().__init__(share)
         self.scale = check_positive(
-            "the flip scale", scale, "--model.attack.init_args.scale", "e.g. 1.0"
+            "the flip scale", scale, "--model.attack.scale", "e.g. 1.0"
         )
 
     def corrupt(self, delta: Tensor, gen: torch.Generator) -> Tensor:
@@ -134,7 +134,7 @@ class GaussianUpdate(Attack):
     def __init__(self, share: float = 0.2, std: float = 1.0) -> None:
         super().__init__(share)
         self.std = check_positive(
-            "the noise std", std, "--model.attack.init_args.std", "e.g. 1.0"
+            "the noise std", std, "--model.attack.std", "e.g. 1.0"
         )
 
     def corrupt(self, delta: Tensor, gen: torch.Generator) -> Tensor:
@@ -162,7 +162,7 @@ class Scaling(Attack):
     def __init__(self, share: float = 0.2, factor: float = 10.0, flip_labels: bool = True) -> None:
         super().__init__(share)
         self.factor = check_positive(
-            "the boost factor", factor, "--model.attack.init_args.factor", "e.g. 10"
+            "the boost factor", factor, "--model.attack.factor", "e.g. 10"
         )
         self.flips_labels = bool(flip_labels)
 

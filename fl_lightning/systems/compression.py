@@ -96,7 +96,7 @@ class StochasticQuantizer(Compressor):
     def __init__(self, bits: int = 8) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
             raise ConfigError(
-                f"--model.compressor.init_args.bits={bits!r} is invalid: it must be an integer "
+                f"--model.compressor.bits={bits!r} is invalid: it must be an integer "
                 "in [1, 16] (e.g. 8)"
             )
         self.bits = bits
@@ -144,7 +144,7 @@ class TopK(Compressor):
         r = float(ratio)
         if not (math.isfinite(r) and 0.0 < r <= 1.0):
             raise ConfigError(
-                f"--model.compressor.init_args.ratio={ratio!r} is invalid: the share of entries "
+                f"--model.compressor.ratio={ratio!r} is invalid: the share of entries "
                 "sent must be in (0, 1] (e.g. 0.1)"
             )
         self.ratio = r

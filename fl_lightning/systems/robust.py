@@ -131,7 +131,7 @@ class TrimmedMean(RobustAggregator):
         b = float(beta)
         if not (math.isfinite(b) and 0.0 <= b < 0.5):
             raise ConfigError(
-                f"--model.aggregator.init_args.beta={beta!r} is invalid: the trimmed share at "
+                f"--model.aggregator.beta={beta!r} is invalid: the trimmed share at "
                 "each end must be in [0, 0.5) (e.g. 0.2)"
             )
         self.beta = b
@@ -164,12 +164,12 @@ class Krum(RobustAggregator):
         f = num_byzantine
         if isinstance(f, bool) or not isinstance(f, int) or f < 0:
             raise ConfigError(
-                f"--model.aggregator.init_args.num_byzantine={num_byzantine!r} is invalid: it "
+                f"--model.aggregator.num_byzantine={num_byzantine!r} is invalid: it "
                 "must be an integer >= 0 (the number of attackers per round to tolerate)"
             )
         if isinstance(multi, bool) or not isinstance(multi, int) or multi < 1:
             raise ConfigError(
-                f"--model.aggregator.init_args.multi={multi!r} is invalid: it must be an "
+                f"--model.aggregator.multi={multi!r} is invalid: it must be an "
                 "integer >= 1 (1 is Krum, more is Multi-Krum)"
             )
         self.num_byzantine = num_byzantine
@@ -179,13 +179,13 @@ class Krum(RobustAggregator):
         n, f = num_reporting, self.num_byzantine
         if n <= 2 * f + 2:
             raise ConfigError(
-                f"--model.aggregator.init_args.num_byzantine={f} is too many for {n} reporting "
+                f"--model.aggregator.num_byzantine={f} is too many for {n} reporting "
                 f"clients per round: Krum needs n > 2f + 2, so use num_byzantine <= "
                 f"{max((n - 3) // 2, 0)} or sample more clients (--model.sample_ratio)"
             )
         if self.multi > n - f:
             raise ConfigError(
-                f"--model.aggregator.init_args.multi={self.multi} is too many for {n} reporting "
+                f"--model.aggregator.multi={self.multi} is too many for {n} reporting "
                 f"clients and num_byzantine={f}: use multi <= {n - f}"
             )
 
@@ -211,7 +211,7 @@ class NormBounding(RobustAggregator):
 
     def __init__(self, max_norm: float = 1.0) -> None:
         self.max_norm = check_positive(
-            "the update norm bound", max_norm, "--model.aggregator.init_args.max_norm", "e.g. 1.0"
+            "the update norm bound", max_norm, "--model.aggregator.max_norm", "e.g. 1.0"
         )
 
     def __call__(self, updates: Tensor, weights: Tensor) -> Tensor:
