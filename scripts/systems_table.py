@@ -47,7 +47,7 @@ COMPRESSION = [
 ]
 PARTICIPATION = [("all report", None), ("30% dropouts", "dropouts_30"),
                  ("30% stragglers (half the steps)", "stragglers_30")]
-PART_ALGOS = [("FedAvg", None), ("FedProx (mu=0.01)", "fedprox"), ("FedSoL", "fedsol")]
+PART_ALGOS = [("FedAvg", None), ("FedProx (mu=0.01)", "fedprox")]
 
 
 def _systems(*names: str | None) -> list[str]:
@@ -97,6 +97,8 @@ def run(key: str, extra: list[str], args: argparse.Namespace) -> dict:
     cmd = command(extra, out_dir, args.data_dir)
     if os.path.exists(done):
         return json.load(open(done))
+    if args.table_only:
+        return {"cmd": cmd, "seconds": 0.0, "rc": None}
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -115,6 +117,8 @@ def run(key: str, extra: list[str], args: argparse.Namespace) -> dict:
 
 
 def _acc(r: dict) -> str:
+    if r["rc"] is None:
+        return "not run"
     return f"{100 * r['final']['test_acc']:.2f}" if "final" in r else f"failed (rc {r['rc']})"
 
 
@@ -127,7 +131,10 @@ def main() -> None:
     p.add_argument("--data-dir", default="/work/shared/data")
     p.add_argument("--runs", default="runs/systems")
     p.add_argument("--out", default="docs/systems_tables.md")
-    p.add_argument("--only", default="robust,dp,compression,participation")
+    p.add_argument("--only", default="dp,compression,participation,robust",
+                   help="tables to run, in this order")
+    p.add_argument("--table-only", action="store_true",
+                   help="write the tables from the finished runs only ('not run' cells)")
     args = p.parse_args()
     tables = rows()
     chosen = [t for t in args.only.split(",") if t]
@@ -150,7 +157,8 @@ def main() -> None:
             r = res[key]
             eps = r.get("final", {}).get("epsilon")
             lines.append(f"| {key[2:] if key != 'z=None' else 'no DP'} | "
-                         f"{'inf (no DP)' if eps is None else f'{eps:.2f}'} | {_acc(r)} |")
+                         f"{'-' if r['rc'] is None else 'inf (no DP)' if eps is None else f'{eps:.2f}'}"
+                         f" | {_acc(r)} |")
     if "compression" in results:
         res = results["compression"]
         lines += ["", "### Accuracy vs bytes uploaded: compression", "",
@@ -175,7 +183,8 @@ def main() -> None:
     for t in chosen:
         for key, _ in tables[t]:
             r = results[t][key]
-            lines.append(f"- {t} / {key} ({r['seconds']:.0f} s): `{_shown(r['cmd'])}`")
+            if r["rc"] is not None:
+                lines.append(f"- {t} / {key} ({r['seconds']:.0f} s): `{_shown(r['cmd'])}`")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         fh.write("\n".join(lines) + "\n")
