@@ -156,9 +156,8 @@ def main() -> None:
         for key, _ in tables["dp"]:
             r = res[key]
             eps = r.get("final", {}).get("epsilon")
-            lines.append(f"| {key[2:] if key != 'z=None' else 'no DP'} | "
-                         f"{'-' if r['rc'] is None else 'inf (no DP)' if eps is None else f'{eps:.2f}'}"
-                         f" | {_acc(r)} |")
+            shown = "-" if r["rc"] is None else "inf (no DP)" if eps is None else f"{eps:.2f}"
+            lines.append(f"| {key[2:] if key != 'z=None' else 'no DP'} | {shown} | {_acc(r)} |")
     if "compression" in results:
         res = results["compression"]
         lines += ["", "### Accuracy vs bytes uploaded: compression", "",
