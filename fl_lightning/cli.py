@@ -215,6 +215,13 @@ def main(args: list[str] | None = None) -> None:
     except (ConfigError, DivergenceError) as err:
         print(f"fl-lightning: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ValueError as err:
+        # jsonargparse wraps an error raised while building an optional component
+        # (``--model.privacy``: ``DPFedAvg | None``) in a multi-line "Union subtypes" message
+        if not isinstance(err.__cause__, ConfigError):
+            raise
+        print(f"fl-lightning: error: {err.__cause__}", file=sys.stderr)
+        raise SystemExit(2) from None
     except Preempted as stop:
         print(
             f"fl-lightning: stopped by SIGTERM after round {stop.rounds}; checkpoint "

@@ -38,6 +38,9 @@ class RoundResult:
         train_loss: mean over clients of their mean local training loss.
         skipped_clients: ids of clients left out because their update was not finite
             (``--model.on_nonfinite skip_client``).
+        systems: the round's systems metrics (``stragglers``, ``dropped_clients``,
+            ``malicious_clients``, ``bytes_up``, ``epsilon``); empty without
+            :mod:`fl_lightning.systems` options.
     """
 
     round: int
@@ -50,3 +53,4 @@ class RoundResult:
     global_after: Params
     train_loss: Tensor
     skipped_clients: list[int] = field(default_factory=list)
+    systems: dict[str, float] = field(default_factory=dict)

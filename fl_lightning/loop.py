@@ -49,16 +49,28 @@ class RoundLoop:
             round_idx, module.clients_per_round(dm.num_clients), module.local_epochs,
             module.batch_size,
         )
+        systems, info = module.systems, None
+        if systems.active:
+            plan, info = systems.begin_round(
+                plan, dm.seed, module.clients_per_round(dm.num_clients)
+            )
         lr = module.local_lr_at(round_idx)
         global_before = {k: p.detach().clone() for k, p in net.named_parameters()}
         buffers = {k: b.detach() for k, b in net.named_buffers()}
         data = dm.train_tensors(module.device, module.dtype)
+        if info is not None:
+            data = systems.training_data(data, dm.client_indices, dm.seed, module.num_classes)
         results = module.engine.run_round(
             module.algorithm, net, global_before, buffers, plan, data, lr,
             module.momentum, module.weight_decay,
         )
         results, skipped = self._drop_diverged(results, round_idx)
-        aggregate = module.algorithm.aggregate(global_before, results)
+        if info is not None:
+            aggregate = systems.aggregate(
+                module.algorithm, global_before, results, info, dm.num_clients
+            )
+        else:
+            aggregate = module.algorithm.aggregate(global_before, results)
         module.server_update(aggregate)
         global_after = {k: p.detach().clone() for k, p in net.named_parameters()}
         result = RoundResult(
@@ -72,6 +84,7 @@ class RoundLoop:
             global_after=global_after,
             train_loss=stack_losses(results),
             skipped_clients=skipped,
+            systems=info.metrics if info is not None else {},
         )
         trainer = module.trainer
         for callback in trainer.callbacks:

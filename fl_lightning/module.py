@@ -23,6 +23,15 @@ from fl_lightning.errors import ConfigError
 from fl_lightning.loop import RoundLoop
 from fl_lightning.models.cnn import FedAvgCNN
 from fl_lightning.optim import ServerSGD
+from fl_lightning.systems import (
+    Attack,
+    Compressor,
+    DPFedAvg,
+    Participation,
+    RobustAggregator,
+    SecureAggregation,
+    Systems,
+)
 
 __all__ = ["FederatedModule", "Preempted"]
 
@@ -38,6 +47,9 @@ class Preempted(SIGTERMException):
 NetFactory = Callable[[int, Sequence[int]], nn.Module]
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed")
+_SYSTEMS_OPTIONS = (
+    "participation", "attack", "compressor", "privacy", "secure_aggregation", "aggregator"
+)
 
 
 def _positive_int(value: Any, option: str) -> int:
@@ -79,6 +91,13 @@ class FederatedModule(pl.LightningModule):
         on_nonfinite: what to do when a client's update has NaN/inf: ``raise`` (stop with the
             client id and round; checkpoints so far are kept) or ``skip_client`` (leave it out
             of the aggregation; the count is logged as ``skipped_clients``).
+        participation: dropouts and stragglers (:class:`fl_lightning.systems.Participation`).
+        attack: malicious clients' attack (e.g. :class:`fl_lightning.systems.SignFlip`).
+        compressor: update compression (``StochasticQuantizer``, ``TopK``).
+        privacy: client-level DP (:class:`fl_lightning.systems.DPFedAvg`).
+        secure_aggregation: masked summation (:class:`fl_lightning.systems.SecureAggregation`).
+        aggregator: robust rule replacing the weighted mean (``CoordinateMedian``,
+            ``TrimmedMean``, ``Krum``, ``NormBounding``). See ``docs/systems.md``.
 
     Raises:
         ConfigError: for out-of-range values (one line naming the option and the fix).
@@ -105,9 +124,17 @@ class FederatedModule(pl.LightningModule):
         weight_decay: float = 1e-5,
         engine: SequentialEngine = lazy_instance(SequentialEngine),
         on_nonfinite: Literal["raise", "skip_client"] = "raise",
+        participation: Participation | None = None,
+        attack: Attack | None = None,
+        compressor: Compressor | None = None,
+        privacy: DPFedAvg | None = None,
+        secure_aggregation: SecureAggregation | None = None,
+        aggregator: RobustAggregator | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "algorithm", "server_optimizer", "engine"])
+        self.save_hyperparameters(ignore=[
+            "net", "algorithm", "server_optimizer", "engine", *_SYSTEMS_OPTIONS,
+        ])
         self.automatic_optimization = False
         self.sample_ratio = _number(
             sample_ratio, "--model.sample_ratio", math.ulp(0.0), 1.0,
@@ -143,6 +170,9 @@ class FederatedModule(pl.LightningModule):
         self.algorithm = algorithm
         self.server_optimizer_factory = server_optimizer
         self.engine = engine
+        self.systems = Systems(
+            participation, attack, compressor, privacy, secure_aggregation, aggregator
+        )
         self.round_loop = RoundLoop(self)
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
@@ -198,6 +228,8 @@ class FederatedModule(pl.LightningModule):
                 f"{self.input_shape} but --data.dataset={dm.dataset} has {dm.num_classes} and "
                 f"{tuple(dm.input_shape)}: leave --model.num_classes/input_shape to the CLI link"
             )
+        if self.systems.active:
+            self.systems.check(self.algorithm, self.clients_per_round(dm.num_clients))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.server_optimizer_factory(self.net.parameters())
@@ -216,6 +248,8 @@ class FederatedModule(pl.LightningModule):
         self.log("local_lr", result.lr, on_step=True, batch_size=1)
         self.log("round", float(result.round + 1), on_step=True, batch_size=1)
         self.log("skipped_clients", float(len(result.skipped_clients)), on_step=True, batch_size=1)
+        for name, value in result.systems.items():
+            self.log(name, value, on_step=True, batch_size=1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Lightning only notices SIGTERM at the end of an epoch (= the whole run here): stop at
@@ -266,7 +300,8 @@ class FederatedModule(pl.LightningModule):
     def on_train_end(self) -> None:
         if self.trainer.global_step == 0 or not self.trainer.is_global_zero:
             return
-        metrics = {"rounds": int(self.trainer.global_step), **self.evaluate()}
+        rounds = int(self.trainer.global_step)
+        metrics = {"rounds": rounds, **self.evaluate(), **self.systems.final_metrics(rounds)}
         log_dir = self.trainer.log_dir
         if log_dir is not None:
             os.makedirs(log_dir, exist_ok=True)
@@ -280,6 +315,9 @@ class FederatedModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fl_algorithm_state"] = self.algorithm.state_dict()
+        if self.systems.active:
+            checkpoint["fl_systems_state"] = self.systems.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.algorithm.load_state_dict(checkpoint.get("fl_algorithm_state", {}))
+        self.systems.load_state_dict(checkpoint.get("fl_systems_state", {}))

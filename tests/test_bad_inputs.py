@@ -8,6 +8,19 @@ from test_cli import QUICK
 from fl_lightning.cli import main
 
 FEDPROX = ["--model.algorithm", "fl_lightning.algorithms.FedProx"]
+PART = ["--model.participation", "fl_lightning.systems.Participation"]
+ATTACK = ["--model.attack", "fl_lightning.systems.SignFlip"]
+
+
+def _sys(option: str, cls: str) -> list[str]:
+    return [f"--model.{option}", f"fl_lightning.systems.{cls}"]
+
+
+DP = ["--model.privacy", "fl_lightning.systems.DPFedAvg"]
+QUANT, TOPK = _sys("compressor", "StochasticQuantizer"), _sys("compressor", "TopK")
+TRIM, KRUM = _sys("aggregator", "TrimmedMean"), _sys("aggregator", "Krum")
+NORMB, MEDIAN = _sys("aggregator", "NormBounding"), _sys("aggregator", "CoordinateMedian")
+SECAGG = ["--model.secure_aggregation", "fl_lightning.systems.SecureAggregation"]
 BAD_INPUTS = [
     # data: partitions
     (["--data.alpha", "0"], "--data.alpha"),
@@ -54,6 +67,32 @@ BAD_INPUTS = [
     (["--model.algorithm", "torch.nn.Linear"], "--model.algorithm"),
     (["--model.net", "foo.Net"], "--model.net"),
     (["--model.server_optimizer", "foo.Opt"], "--model.server_optimizer"),
+    # model: systems heterogeneity, attacks, robustness, privacy, compression
+    ([*PART, "--model.participation.dropout_ratio", "1.0"], "--model.participation.dropout_ratio"),
+    ([*PART, "--model.participation.dropout_ratio", "-0.1"],
+     "--model.participation.dropout_ratio"),
+    ([*PART, "--model.participation.straggler_ratio", "1.5"],
+     "--model.participation.straggler_ratio"),
+    ([*PART, "--model.participation.straggler_work", "0"], "--model.participation.straggler_work"),
+    ([*ATTACK, "--model.attack.share", "1.0"], "--model.attack.share"),
+    ([*ATTACK, "--model.attack.scale", "-2"], "--model.attack.scale"),
+    ([*QUANT, "--model.compressor.bits", "0"], "--model.compressor.bits"),
+    ([*QUANT, "--model.compressor.bits", "33"], "--model.compressor.bits"),
+    ([*TOPK, "--model.compressor.ratio", "0"], "--model.compressor.ratio"),
+    ([*TOPK, "--model.compressor.ratio", "1.5"], "--model.compressor.ratio"),
+    ([*TRIM, "--model.aggregator.beta", "0.5"], "--model.aggregator.beta"),
+    ([*KRUM, "--model.aggregator.num_byzantine", "2"], "--model.aggregator.num_byzantine"),
+    ([*KRUM, "--model.aggregator.multi", "0"], "--model.aggregator.multi"),
+    ([*NORMB, "--model.aggregator.max_norm", "0"], "--model.aggregator.max_norm"),
+    ([*DP, "--model.privacy.noise_multiplier", "0"], "--model.privacy.noise_multiplier"),
+    ([*DP, "--model.privacy.clip_norm", "-1"], "--model.privacy.clip_norm"),
+    ([*DP, "--model.privacy.delta", "1"], "--model.privacy.delta"),
+    ([*SECAGG, "--model.secure_aggregation.frac_bits", "60"], "--model.secure_aggregation"),
+    ([*SECAGG, *MEDIAN], "--model.aggregator"),
+    ([*SECAGG, *TOPK], "--model.compressor"),
+    (["--model.algorithm", "fl_lightning.algorithms.SCAFFOLD", *MEDIAN],
+     "--model.aggregator"),
+    (["--model.algorithm", "fl_lightning.algorithms.FedNova", *DP], "--model.privacy"),
     # trainer and run options
     (["--trainer.precision", "16-mixed"], "--trainer.precision"),
     (["--trainer.precision", "16-true"], "--trainer.precision"),

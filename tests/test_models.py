@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from fl_lightning.algorithms.base import Algorithm, LocalContext, head_parameter_names
-from fl_lightning.models import VGG11, FedAvgCNN, ResNet18, SLViT
+from fl_lightning.models import MLP2NN, VGG11, FedAvgCNN, ResNet18, SLViT
 
 CASES = [
     (FedAvgCNN, {}, (1, 28, 28), 1_664_970),
     (FedAvgCNN, {}, (3, 32, 32), 2_156_490),
+    (MLP2NN, {}, (1, 28, 28), 199_210),  # McMahan et al.'s 2NN: 784-200-200-10
+    (MLP2NN, {"hidden": 8}, (3, 8, 8), 1_706),
     (VGG11, {}, (3, 32, 32), 9_750_922),
     (VGG11, {}, (1, 28, 28), 9_750_922),
     (ResNet18, {"norm": "bn"}, (3, 32, 32), 11_173_962),
@@ -63,7 +65,7 @@ def test_batchnorm_uses_batch_statistics_in_eval():
     assert not torch.allclose(alone, together)  # no running statistics
 
 
-@pytest.mark.parametrize("cls", [VGG11, ResNet18, SLViT])
+@pytest.mark.parametrize("cls", [VGG11, ResNet18, SLViT, MLP2NN])
 def test_functional_local_step(cls):
     torch.manual_seed(0)
     shape = (3, 32, 32) if cls is VGG11 else (3, 16, 16)  # VGG11 resizes to 32x32 anyway

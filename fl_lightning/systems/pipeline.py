@@ -1,0 +1,319 @@
+"""``Systems``: applies the configured systems mechanisms to a round, in protocol order."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fl_lightning.algorithms.base import Algorithm, ClientResult, Params
+from fl_lightning.algorithms.fedsol import FedSoL
+from fl_lightning.engine import RoundPlan
+from fl_lightning.errors import ConfigError
+from fl_lightning.systems._common import (
+    STREAM_ATTACK,
+    STREAM_COMPRESSION,
+    STREAM_DP_NOISE,
+    flatten,
+    generator,
+    unflatten,
+)
+from fl_lightning.systems.attacks import Attack, flip_labels
+from fl_lightning.systems.compression import Compressor
+from fl_lightning.systems.participation import Participation
+from fl_lightning.systems.privacy import DPFedAvg
+from fl_lightning.systems.robust import RobustAggregator
+from fl_lightning.systems.secure_agg import SecureAggregation
+
+__all__ = ["RoundSystems", "Systems", "has_weighted_average"]
+
+
+def has_weighted_average(algorithm: Algorithm) -> bool:
+    """Whether the algorithm's server rule is :meth:`Algorithm.aggregate` (the data-size
+    weighted average), possibly through the algorithm it borrows its proximal term from."""
+    inner = getattr(algorithm, "proximal", None)
+    if isinstance(inner, Algorithm):
+        return has_weighted_average(inner)
+    owner = next(c for c in type(algorithm).__mro__ if "aggregate" in c.__dict__)
+    return owner in (Algorithm, FedSoL)  # FedSoL without a proximal source: the weighted mean
+
+
+@dataclass
+class RoundSystems:
+    """What the systems mechanisms decided in a round (also its logged metrics).
+
+    Attributes:
+        round: index of the round.
+        seed: the data seed (every draw is a pure function of it, the round and the client).
+        sampled: ids of all sampled clients, before dropouts (secure aggregation's participants).
+        dropped: sampled clients that dropped out before training.
+        stragglers: sampled clients that ran only part of their local steps.
+        expected_clients: clients sampled per round (DP's fixed denominator ``m``).
+        sample_rate: ``m / N`` (the DP accountant's sampling rate).
+        metrics: what is logged for the round (``stragglers``, ``dropped_clients``, ...).
+    """
+
+    round: int
+    seed: int
+    sampled: list[int]
+    dropped: list[int] = field(default_factory=list)
+    stragglers: list[int] = field(default_factory=list)
+    expected_clients: int = 1
+    sample_rate: float = 1.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Systems:
+    """Unreliable, curious and malicious participants around any algorithm's round.
+
+    Order within a round (``RoundLoop.run_round``): dropouts and stragglers change the round
+    plan (:class:`Participation`); malicious clients train on flipped labels (data-level
+    attacks); after local training, each reporting client's update ``Delta_k = w_k - w_g``
+    goes through the update-level attack (malicious clients only), then compression, then DP
+    clipping, then secure-aggregation masking; the server combines the updates with the
+    algorithm's own rule (the default), a robust aggregator, or DP-FedAvg's fixed-denominator
+    mean, adds DP noise, and hands ``w_g + update`` to the server optimizer.
+
+    Attacks and compression compose with every algorithm (they change what clients send).
+    Robust aggregators, DP and secure aggregation replace the weighted mean, so they require an
+    algorithm whose server rule is the weighted mean (not SCAFFOLD, FedNova or FedDyn).
+
+    Args:
+        participation: dropouts and stragglers.
+        attack: the malicious clients' attack.
+        compressor: client-side update compression.
+        privacy: client-level DP (DP-FedAvg).
+        secure_aggregation: pairwise-masked secure aggregation.
+        aggregator: a robust replacement of the weighted mean.
+
+    Example:
+        >>> Systems().active
+        False
+    """
+
+    def __init__(
+        self,
+        participation: Participation | None = None,
+        attack: Attack | None = None,
+        compressor: Compressor | None = None,
+        privacy: DPFedAvg | None = None,
+        secure_aggregation: SecureAggregation | None = None,
+        aggregator: RobustAggregator | None = None,
+    ) -> None:
+        self.participation = participation
+        self.attack = attack
+        self.compressor = compressor
+        self.privacy = privacy
+        self.secure_aggregation = secure_aggregation
+        self.aggregator = aggregator
+        self.bytes_up_total = 0
+        self.rounds_done = 0
+        self.sample_rate: float | None = None
+        self._labels: dict[Any, Tensor] = {}
+        self._malicious: set[int] | None = None
+        for option, value, cls in (
+            ("participation", participation, Participation),
+            ("attack", attack, Attack),
+            ("compressor", compressor, Compressor),
+            ("privacy", privacy, DPFedAvg),
+            ("secure_aggregation", secure_aggregation, SecureAggregation),
+            ("aggregator", aggregator, RobustAggregator),
+        ):
+            if value is not None and not isinstance(value, cls):
+                raise ConfigError(
+                    f"--model.{option}={type(value).__name__} is not a {cls.__name__}: use a "
+                    "class from fl_lightning.systems"
+                )
+        if secure_aggregation is not None and aggregator is not None:
+            raise ConfigError(
+                f"--model.secure_aggregation cannot be combined with --model.aggregator="
+                f"{type(aggregator).__name__}: the robust rule needs each client's update and "
+                "secure aggregation reveals only their sum; drop one of the two"
+            )
+        if secure_aggregation is not None and compressor is not None:
+            raise ConfigError(
+                f"--model.secure_aggregation cannot be combined with --model.compressor="
+                f"{type(compressor).__name__}: masked updates are dense ring elements, so "
+                "compression would save nothing; drop one of the two"
+            )
+
+    @property
+    def active(self) -> bool:
+        return any(
+            m is not None for m in (
+                self.participation, self.attack, self.compressor, self.privacy,
+                self.secure_aggregation, self.aggregator,
+            )
+        )
+
+    def check(self, algorithm: Algorithm, clients_per_round: int) -> None:
+        """Reject combinations that are not well defined (one ``ConfigError`` line)."""
+        if not has_weighted_average(algorithm):
+            for option, value in (
+                ("aggregator", self.aggregator), ("privacy", self.privacy),
+                ("secure_aggregation", self.secure_aggregation),
+            ):
+                if value is not None:
+                    raise ConfigError(
+                        f"--model.{option}={type(value).__name__} replaces the weighted mean of "
+                        f"the client updates, but --model.algorithm={type(algorithm).__name__} "
+                        "has its own server rule: use it with FedAvg, FedProx, FedSAM, FedSoL, "
+                        "MOON, FedNTD or FedBABU, or drop one of the two"
+                    )
+        if self.aggregator is not None:
+            dropped = 0
+            if self.participation is not None:
+                dropped = len(self.participation.split(0, 0, list(range(clients_per_round)))[0])
+            self.aggregator.check(clients_per_round - dropped)
+
+    # ------------------------------------------------------------------ before training
+    def begin_round(
+        self, plan: RoundPlan, seed: int, clients_per_round: int
+    ) -> tuple[RoundPlan, RoundSystems]:
+        """Apply dropouts and stragglers to ``plan``; returns the new plan and the round's
+        record."""
+        num_clients = plan.num_clients or clients_per_round
+        self.sample_rate = clients_per_round / num_clients
+        info = RoundSystems(
+            round=plan.round, seed=seed, sampled=[c.client_id for c in plan.clients],
+            expected_clients=clients_per_round, sample_rate=self.sample_rate,
+        )
+        if self.participation is not None:
+            plan, info.dropped, info.stragglers = self.participation.apply(plan, seed)
+        return plan, info
+
+    def malicious(self, seed: int, num_clients: int) -> set[int]:
+        """The fixed set of malicious clients (empty without an attack)."""
+        if self.attack is None:
+            return set()
+        if self._malicious is None:
+            self._malicious = set(self.attack.malicious(seed, num_clients))
+        return self._malicious
+
+    def training_data(
+        self, data: tuple[Tensor, Tensor], client_indices: Sequence[Tensor], seed: int,
+        num_classes: int,
+    ) -> tuple[Tensor, Tensor]:
+        """The training tensors, with labels flipped on malicious clients' samples when the
+        attack flips labels (computed once per device)."""
+        if self.attack is None or not self.attack.flips_labels:
+            return data
+        x, y = data
+        key = (y.device, y.data_ptr())
+        if key not in self._labels:
+            bad = sorted(self.malicious(seed, len(client_indices)))
+            self._labels = {key: flip_labels(y, [client_indices[c] for c in bad], num_classes)}
+        return x, self._labels[key]
+
+    # ------------------------------------------------------------------ after training
+    def aggregate(
+        self, algorithm: Algorithm, global_params: Params, results: Sequence[ClientResult],
+        info: RoundSystems, num_clients: int,
+    ) -> Params:
+        """The round's aggregate: the clients' (attacked, compressed, clipped, masked) updates
+        combined by the server rule, plus DP noise."""
+        names = list(global_params)
+        like = [global_params[k] for k in names]
+        sizes = [t.numel() for t in like]
+        g = flatten(like)
+        bad = self.malicious(info.seed, num_clients)
+        deltas: list[Tensor] = []
+        changed: list[bool] = []
+        sent_bytes = 0
+        value_bytes = (
+            self.secure_aggregation.bytes_per_value if self.secure_aggregation is not None
+            else g.element_size()
+        )
+        for r in results:
+            delta = flatten([r.params[k] for k in names]) - g
+            touched = False
+            if self.attack is not None and r.client_id in bad:
+                gen = generator(info.seed, info.round, r.client_id, STREAM_ATTACK,
+                                device=delta.device)
+                corrupted = self.attack.corrupt(delta, gen)
+                touched = corrupted is not delta
+                delta = corrupted
+            if self.compressor is not None:
+                gen = generator(info.seed, info.round, r.client_id, STREAM_COMPRESSION,
+                                device=delta.device)
+                delta, nbytes = self.compressor.compress(delta, sizes, r.client_id, gen)
+                touched = True
+            else:
+                nbytes = delta.numel() * value_bytes
+            if self.privacy is not None:
+                delta = self.privacy.clip(delta)
+            sent_bytes += nbytes
+            deltas.append(delta)
+            changed.append(touched)
+        self._log(info, results, bad, sent_bytes)
+        if self.privacy is None and self.aggregator is None and self.secure_aggregation is None:
+            if any(changed):  # the algorithm's own rule on what the clients sent
+                results = [
+                    dataclasses.replace(r, params=dict(zip(names, unflatten(g + d, like),
+                                                           strict=True)))
+                    if c else r
+                    for r, d, c in zip(results, deltas, changed, strict=True)
+                ]
+            return algorithm.aggregate(global_params, results)
+        if self.privacy is not None:
+            weights = torch.ones(len(results), dtype=torch.float64)
+        else:
+            weights = torch.tensor([float(r.num_samples) for r in results], dtype=torch.float64)
+        if self.secure_aggregation is not None:
+            total = self.secure_aggregation.secure_sum(
+                {r.client_id: d * float(w) for r, d, w in zip(results, deltas, weights,
+                                                              strict=True)},
+                info.sampled, info.seed, info.round,
+            )
+            denom = float(info.expected_clients) if self.privacy is not None else float(
+                weights.sum())
+            update = (total / denom).to(g.dtype)
+        elif self.aggregator is not None:
+            update = self.aggregator(torch.stack(deltas), weights.to(g.dtype))
+        else:  # DP-FedAvg: fixed denominator
+            update = torch.stack(deltas).sum(0) / float(info.expected_clients)
+        if self.privacy is not None:
+            std = self.privacy.noise_std(info.expected_clients)
+            gen = generator(info.seed, info.round, STREAM_DP_NOISE, device=g.device)
+            update = update + std * torch.randn(
+                update.shape, generator=gen, device=g.device, dtype=g.dtype
+            )
+        return dict(zip(names, [t.clone() for t in unflatten(g + update, like)], strict=True))
+
+    def _log(self, info: RoundSystems, results: Sequence[ClientResult], bad: set[int],
+             sent_bytes: int) -> None:
+        self.bytes_up_total += sent_bytes
+        self.rounds_done = info.round + 1
+        m = info.metrics
+        m["stragglers"] = float(len(info.stragglers))
+        m["dropped_clients"] = float(len(info.dropped))
+        m["malicious_clients"] = float(sum(r.client_id in bad for r in results))
+        m["bytes_up"] = float(sent_bytes)
+        if self.privacy is not None:
+            m["epsilon"] = self.privacy.epsilon(info.sample_rate, info.round + 1)
+
+    def final_metrics(self, rounds: int) -> dict[str, float]:
+        """What goes into ``final_metrics.json``: total bytes uploaded, and epsilon/delta."""
+        if not self.active:
+            return {}
+        out: dict[str, float] = {"bytes_up_total": float(self.bytes_up_total)}
+        if self.privacy is not None and self.sample_rate is not None:
+            out["epsilon"] = self.privacy.epsilon(self.sample_rate, rounds)
+            out["delta"] = self.privacy.delta
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"bytes_up_total": self.bytes_up_total}
+        if self.compressor is not None:
+            state["compressor"] = self.compressor.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.bytes_up_total = int(state.get("bytes_up_total", 0))
+        if self.compressor is not None:
+            self.compressor.load_state_dict(state.get("compressor", {}))
