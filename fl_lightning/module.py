@@ -191,6 +191,9 @@ class FederatedModule(pl.LightningModule):
                 f"--trainer.precision={precision} is not supported: federated local training "
                 f"runs its own optimizers, use one of {', '.join(SUPPORTED_PRECISION)}"
             )
+        check_engine = getattr(self.engine, "check", None)
+        if callable(check_engine):
+            check_engine(self.algorithm, self.net)
         dm = self.datamodule
         if (dm.num_classes, tuple(dm.input_shape)) != (self.num_classes, self.input_shape):
             raise ConfigError(

@@ -193,6 +193,12 @@ class FedSoL(Algorithm):
     def frozen(self, ctx: LocalContext) -> set[str]:
         return self.proximal.frozen(ctx) if self.proximal is not None else set()
 
+    def keeps_client_state(self) -> bool:
+        return self.proximal is not None and self.proximal.keeps_client_state()
+
+    def mean_server_rule(self) -> bool:
+        return self.proximal is None or self.proximal.mean_server_rule()
+
     def state_dict(self) -> dict[str, Any]:
         return self.proximal.state_dict() if self.proximal is not None else {}
 
