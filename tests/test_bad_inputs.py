@@ -54,6 +54,11 @@ BAD_INPUTS = [
     (["--model.algorithm", "torch.nn.Linear"], "--model.algorithm"),
     (["--model.net", "foo.Net"], "--model.net"),
     (["--model.server_optimizer", "foo.Opt"], "--model.server_optimizer"),
+    # client engines
+    (["--model.engine", "fl_lightning.engines.BatchedEngine", "--model.algorithm",
+      "fl_lightning.algorithms.SCAFFOLD"], "--model.engine"),
+    (["--model.engine", "fl_lightning.engines.BatchedEngine", "--model.engine.compile", "2"],
+     "--model.engine.compile"),
     # trainer and run options
     (["--trainer.precision", "16-mixed"], "--trainer.precision"),
     (["--trainer.precision", "16-true"], "--trainer.precision"),
