@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fl_lightning.algorithms.base import ClientResult
+from fl_lightning.distributed import allreduce_average, local_plan
 from fl_lightning.engine import stack_losses
 from fl_lightning.hooks import RoundResult
 
@@ -49,6 +50,9 @@ class RoundLoop:
             round_idx, module.clients_per_round(dm.num_clients), module.local_epochs,
             module.batch_size,
         )
+        world = module.trainer.world_size if module._trainer is not None else 1
+        if world > 1:  # DDP: this rank trains its balanced share of the clients
+            plan = local_plan(plan, module.trainer.global_rank, world)
         lr = module.local_lr_at(round_idx)
         global_before = {k: p.detach().clone() for k, p in net.named_parameters()}
         buffers = {k: b.detach() for k, b in net.named_buffers()}
@@ -58,7 +62,10 @@ class RoundLoop:
             module.momentum, module.weight_decay,
         )
         results, skipped = self._drop_diverged(results, round_idx)
-        aggregate = module.algorithm.aggregate(global_before, results)
+        if world > 1:  # one flat all-reduce gives every rank the same average
+            aggregate, train_loss = allreduce_average(global_before, results)
+        else:
+            aggregate, train_loss = module.algorithm.aggregate(global_before, results), None
         module.server_update(aggregate)
         global_after = {k: p.detach().clone() for k, p in net.named_parameters()}
         result = RoundResult(
@@ -70,7 +77,7 @@ class RoundLoop:
             global_before=global_before,
             aggregate=aggregate,
             global_after=global_after,
-            train_loss=stack_losses(results),
+            train_loss=stack_losses(results) if train_loss is None else train_loss,
             skipped_clients=skipped,
         )
         trainer = module.trainer

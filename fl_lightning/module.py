@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
+from fl_lightning.distributed import check_distributed
 from fl_lightning.engine import SequentialEngine
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import RoundLoop
@@ -191,6 +192,8 @@ class FederatedModule(pl.LightningModule):
                 f"--trainer.precision={precision} is not supported: federated local training "
                 f"runs its own optimizers, use one of {', '.join(SUPPORTED_PRECISION)}"
             )
+        if self._trainer is not None:
+            check_distributed(self.algorithm, self.trainer.world_size)
         check_engine = getattr(self.engine, "check", None)
         if callable(check_engine):
             check_engine(self.algorithm, self.net)
@@ -241,7 +244,7 @@ class FederatedModule(pl.LightningModule):
         logits = self.net(x.to(self.dtype))
         metric.update(logits, y)
         loss = F.cross_entropy(logits, y)
-        self.log(f"{prefix}_loss", loss, on_epoch=True, batch_size=len(y))
+        self.log(f"{prefix}_loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log(f"{prefix}_acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -267,10 +270,12 @@ class FederatedModule(pl.LightningModule):
         return {"test_acc": correct / max(n, 1), "test_loss": loss_sum / max(n, 1)}
 
     def on_train_end(self) -> None:
-        if self.trainer.global_step == 0 or not self.trainer.is_global_zero:
+        if self.trainer.global_step == 0:
+            return
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if not self.trainer.is_global_zero:
             return
         metrics = {"rounds": int(self.trainer.global_step), **self.evaluate()}
-        log_dir = self.trainer.log_dir
         if log_dir is not None:
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, "final_metrics.json"), "w") as fh:
