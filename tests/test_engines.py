@@ -200,3 +200,42 @@ def test_cli_batched_engine_matches_sequential_end_to_end(tmp_path, monkeypatch)
     assert 0.0 <= diff < 1e-10
     moved = max(float(v.abs().max()) for k, v in ckpts[0].items() if k.startswith("net."))
     assert moved > 0.0
+
+
+class _GeneralPathFedSoL(FedSoL):
+    """Overriding the task loss (with the same loss) turns the head-only shortcut off."""
+
+    def task_loss(self, ctx, params, x, y):
+        return super().task_loss(ctx, params, x, y)
+
+
+def test_head_only_fedsol_shortcut_equals_the_general_path():
+    from fl_lightning.algorithms.base import LocalContext
+
+    torch.manual_seed(0)
+    net = FedAvgCNN(10, (1, 8, 8)).double()
+    gp = {k: p.detach().clone() for k, p in net.named_parameters()}
+    params = {k: v + 0.01 * torch.randn_like(v) for k, v in gp.items()}
+    x, y = torch.randn(20, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (20,))
+    ctx = LocalContext(net=net, global_params=gp, buffers={}, round=0, client_id=0, lr=0.01)
+    fast = FedSoL(rho=2.0, perturb_body=False)
+    slow = _GeneralPathFedSoL(rho=2.0, perturb_body=False)
+    assert fast._head_only_fast(ctx) is not None and slow._head_only_fast(ctx) is None
+    a, loss_a = fast.direction(params, x, y, ctx)
+    b, loss_b = slow.direction(params, x, y, ctx)
+    assert list(a) == list(b)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-12
+    assert float(loss_a) == pytest.approx(float(loss_b), abs=1e-12)
+    # the perturbation matters: without it the direction is the plain CE gradient
+    plain, _ = FedAvg().direction(params, x, y, ctx)
+    assert max(float((a[k] - plain[k]).abs().max()) for k in a) > 1e-6
+
+
+def test_batched_head_only_fedsol_shortcut_on_the_paper_cnn_in_float64():
+    torch.manual_seed(0)
+    net = FedAvgCNN(10, (1, 8, 8)).double()
+    x = torch.randn(120, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (120,))
+    _, seq, bat = _both(FedSoL(rho=2.0, perturb_body=False), net, x, y,
+                        _plan(sizes=(25, 12, 40), n=120), lr=0.01)
+    assert _max_diff(seq, bat) < 1e-12
