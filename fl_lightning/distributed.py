@@ -78,32 +78,40 @@ def check_distributed(algorithm: Algorithm, world_size: int) -> None:
     )
 
 
-def allreduce_average(global_params: Params, results: Sequence[ClientResult]) -> tuple[Params,
-                                                                                         Tensor]:
-    """The weighted average ``sum_k n_k w_k / sum_k n_k`` over every rank's clients, and the
-    mean of the clients' training losses, from one all-reduce of one flat buffer.
+def allreduce_average(
+    global_params: Params, results: Sequence[ClientResult], num_diverged: int = 0
+) -> tuple[Params | None, Tensor, int, int]:
+    """The weighted average ``sum_k n_k w_k / sum_k n_k`` over every rank's clients, from one
+    all-reduce of one flat buffer; also the mean of their training losses, and the number of
+    diverged clients and of all clients over every rank (so that all ranks apply the same
+    ``on_nonfinite`` decision).
 
-    The buffer is ``[sum_k n_k w_k (all tensors, flattened), sum_k n_k, sum_k loss_k, count]``
-    over this rank's clients; after the sum-all-reduce every rank holds the same totals.
+    The buffer is ``[sum_k n_k w_k (all tensors, flattened), sum_k n_k, sum_k loss_k,
+    clients, diverged]`` over this rank's finite ``results`` (``num_diverged`` more were left
+    out); after the sum-all-reduce every rank holds the same totals. The average is ``None``
+    when no rank has a finite client.
     """
     names = list(global_params)
     ref = global_params[names[0]]
     numel = sum(global_params[k].numel() for k in names)
-    flat = torch.zeros(numel + 3, dtype=ref.dtype, device=ref.device)
+    flat = torch.zeros(numel + 4, dtype=ref.dtype, device=ref.device)
     for r in results:
-        parts = torch.cat([r.params[k].reshape(-1) for k in names])
-        flat[:numel].add_(parts, alpha=float(r.num_samples))
+        flat[:numel].add_(torch.cat([r.params[k].reshape(-1) for k in names]),
+                          alpha=float(r.num_samples))
         flat[numel] += float(r.num_samples)
         flat[numel + 1] += r.loss.to(flat.dtype)
-        flat[numel + 2] += 1.0
+    flat[numel + 2] = float(len(results))
+    flat[numel + 3] = float(num_diverged)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    total = float(flat[numel])
-    if total <= 0.0:
-        raise RuntimeError("no client reported on any rank this round")
+    total, finite = float(flat[numel]), int(flat[numel + 2])
+    diverged = int(flat[numel + 3])
+    loss = flat[numel + 1] / max(finite, 1)
+    if finite == 0 or total <= 0.0:
+        return None, loss, diverged, finite + diverged
     out: Params = {}
     offset = 0
     for k in names:
         n = global_params[k].numel()
         out[k] = (flat[offset:offset + n] / total).view_as(global_params[k])
         offset += n
-    return out, flat[numel + 1] / flat[numel + 2]
+    return out, loss, diverged, finite + diverged

@@ -10,12 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, seed_everything
 from test_cli import QUICK
 
 from fl_lightning.algorithms import SCAFFOLD, FedAvg, FedDyn, FedNova, FedProx, FedSoL
+from fl_lightning.algorithms.base import ClientResult
 from fl_lightning.cli import main
-from fl_lightning.distributed import check_distributed, local_plan, lpt_partition
+from fl_lightning.distributed import (
+    allreduce_average,
+    check_distributed,
+    local_plan,
+    lpt_partition,
+)
 from fl_lightning.engine import ClientPlan, RoundPlan
 from fl_lightning.errors import ConfigError
 from fl_lightning.models.cnn import FedAvgCNN
@@ -137,3 +144,44 @@ def test_two_gloo_processes_give_the_weights_of_one(tmp_path, monkeypatch):
     for rank in (0, 1):
         calls = json.loads((tmp_path / f"comm_calls_rank{rank}.json").read_text())
         assert calls == {"calls": 0, "world": 2}
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A one-process gloo group (all_reduce is then the identity on the buffer)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_flat_allreduce_average_matches_the_server_rule(gloo_group):
+    gen = torch.Generator().manual_seed(0)
+    gp = {"a": torch.randn(3, 4, generator=gen), "b": torch.randn(5, generator=gen)}
+    results = [
+        ClientResult(c, n, {k: v + torch.randn(v.shape, generator=gen) for k, v in gp.items()},
+                     4, torch.tensor(float(c)))
+        for c, n in [(0, 10), (1, 30), (2, 7)]
+    ]
+    aggregate, loss, diverged, clients = allreduce_average(gp, results, num_diverged=2)
+    expected = FedAvg().aggregate(gp, results)
+    for k in gp:
+        torch.testing.assert_close(aggregate[k], expected[k], rtol=0, atol=1e-6)
+        assert aggregate[k].shape == gp[k].shape
+    assert float(loss) == pytest.approx(1.0) and (diverged, clients) == (2, 5)
+    none, _, diverged, clients = allreduce_average(gp, [], num_diverged=3)
+    assert none is None and (diverged, clients) == (3, 3)
+
+
+def test_every_rank_takes_the_same_divergence_decision():
+    from fl_lightning.loop import DivergenceError
+    from fl_lightning.module import FederatedModule
+
+    module = FederatedModule(num_classes=10, input_shape=(1, 8, 8))
+    # this rank's clients are fine, another rank's client diverged: stop on every rank
+    with pytest.raises(DivergenceError, match="of another rank produced non-finite"):
+        module.round_loop._drop_diverged([], 3, num_bad=1, num_all=4)
+    module.on_nonfinite = "skip_client"
+    assert module.round_loop._drop_diverged([], 3, num_bad=1, num_all=4) == ([], [])
+    with pytest.raises(DivergenceError, match="every client diverged"):
+        module.round_loop._drop_diverged([], 3, num_bad=4, num_all=4)
