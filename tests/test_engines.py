@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import TinyNet
@@ -239,3 +241,16 @@ def test_batched_head_only_fedsol_shortcut_on_the_paper_cnn_in_float64():
     _, seq, bat = _both(FedSoL(rho=2.0, perturb_body=False), net, x, y,
                         _plan(sizes=(25, 12, 40), n=120), lr=0.01)
     assert _max_diff(seq, bat) < 1e-12
+
+
+def test_engine_config_fragment_selects_the_batched_engine(tmp_path, monkeypatch):
+    import yaml
+
+    from fl_lightning.cli import FederatedCLI
+
+    monkeypatch.chdir(tmp_path)
+    fragment = str(Path(QUICK).parent / "engines" / "batched.yaml")
+    cli = FederatedCLI(args=["--config", QUICK, "--config", fragment], run=False)
+    assert isinstance(cli.model.engine, BatchedEngine) and cli.model.engine.compile is False
+    ddp = yaml.safe_load((Path(QUICK).parent / "engines" / "ddp_cpu2.yaml").read_text())
+    assert ddp["trainer"] == {"strategy": "ddp", "accelerator": "cpu", "devices": 2}
