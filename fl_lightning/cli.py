@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fl_lightning.data.module import FederatedDataModule
@@ -213,7 +214,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         FederatedCLI(args=args)
     except (ConfigError, DivergenceError) as err:
-        print(f"fl-lightning: error: {err}", file=sys.stderr)
+        if rank_zero_only.rank == 0:  # under DDP every rank stops; one of them says why
+            print(f"fl-lightning: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as err:
         # jsonargparse wraps an error raised while building an optional component

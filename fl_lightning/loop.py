@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fl_lightning.algorithms.base import ClientResult
+from fl_lightning.distributed import allreduce_average, local_plan
 from fl_lightning.engine import stack_losses
 from fl_lightning.hooks import RoundResult
 
@@ -50,10 +51,13 @@ class RoundLoop:
             module.batch_size,
         )
         systems, info = module.systems, None
-        if systems.active:
+        if systems.active:  # (rejected under DDP at setup)
             plan, info = systems.begin_round(
                 plan, dm.seed, module.clients_per_round(dm.num_clients)
             )
+        world = module.trainer.world_size if module._trainer is not None else 1
+        if world > 1:  # DDP: this rank trains its balanced share of the clients
+            plan = local_plan(plan, module.trainer.global_rank, world)
         lr = module.local_lr_at(round_idx)
         global_before = {k: p.detach().clone() for k, p in net.named_parameters()}
         buffers = {k: b.detach() for k, b in net.named_buffers()}
@@ -64,13 +68,21 @@ class RoundLoop:
             module.algorithm, net, global_before, buffers, plan, data, lr,
             module.momentum, module.weight_decay,
         )
-        results, skipped = self._drop_diverged(results, round_idx)
-        if info is not None:
-            aggregate = systems.aggregate(
-                module.algorithm, global_before, results, info, dm.num_clients
+        train_loss = None
+        if world > 1:  # one flat all-reduce gives every rank the same average and counts
+            kept = [r for r in results if _finite(r)]
+            aggregate, train_loss, num_bad, num_all = allreduce_average(
+                global_before, kept, len(results) - len(kept)
             )
+            results, skipped = self._drop_diverged(results, round_idx, num_bad, num_all)
         else:
-            aggregate = module.algorithm.aggregate(global_before, results)
+            results, skipped = self._drop_diverged(results, round_idx)
+            if info is not None:
+                aggregate = systems.aggregate(
+                    module.algorithm, global_before, results, info, dm.num_clients
+                )
+            else:
+                aggregate = module.algorithm.aggregate(global_before, results)
         module.server_update(aggregate)
         global_after = {k: p.detach().clone() for k, p in net.named_parameters()}
         result = RoundResult(
@@ -82,7 +94,7 @@ class RoundLoop:
             global_before=global_before,
             aggregate=aggregate,
             global_after=global_after,
-            train_loss=stack_losses(results),
+            train_loss=stack_losses(results) if train_loss is None else train_loss,
             skipped_clients=skipped,
             systems=info.metrics if info is not None else {},
         )
@@ -94,19 +106,27 @@ class RoundLoop:
         return result
 
     def _drop_diverged(
-        self, results: list[ClientResult], round_idx: int
+        self, results: list[ClientResult], round_idx: int, num_bad: int | None = None,
+        num_all: int | None = None,
     ) -> tuple[list[ClientResult], list[int]]:
-        """Apply the module's ``on_nonfinite`` policy to clients with NaN/inf weights or loss."""
+        """Apply the module's ``on_nonfinite`` policy to clients with NaN/inf weights or loss.
+
+        Under DDP ``num_bad`` and ``num_all`` count the clients of every rank, so that every
+        rank takes the same decision.
+        """
         bad = [r for r in results if not _finite(r)]
-        if not bad:
+        num_bad = len(bad) if num_bad is None else num_bad
+        num_all = len(results) if num_all is None else num_all
+        if not num_bad:
             return results, []
         module = self.module
-        first = bad[0]
         where = (
-            f"client {first.client_id} produced non-finite weights in round {round_idx} "
-            f"(mean local loss {float(first.loss):.4g})"
+            f"client {bad[0].client_id} produced non-finite weights in round {round_idx} "
+            f"(mean local loss {float(bad[0].loss):.4g})" if bad
+            else f"{num_bad} client(s) of another rank produced non-finite weights in round "
+            f"{round_idx}"
         )
-        if module.on_nonfinite == "skip_client" and len(bad) < len(results):
+        if module.on_nonfinite == "skip_client" and num_bad < num_all:
             return [r for r in results if _finite(r)], [r.client_id for r in bad]
         if module.on_nonfinite == "skip_client":
             where = f"every client diverged in round {round_idx} (first: {where})"

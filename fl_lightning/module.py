@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
+from fl_lightning.distributed import check_distributed
 from fl_lightning.engine import SequentialEngine
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import RoundLoop
@@ -221,6 +222,11 @@ class FederatedModule(pl.LightningModule):
                 f"--trainer.precision={precision} is not supported: federated local training "
                 f"runs its own optimizers, use one of {', '.join(SUPPORTED_PRECISION)}"
             )
+        if self._trainer is not None:
+            check_distributed(self.algorithm, self.trainer.world_size)
+        check_engine = getattr(self.engine, "check", None)
+        if callable(check_engine):
+            check_engine(self.algorithm, self.net)
         dm = self.datamodule
         if (dm.num_classes, tuple(dm.input_shape)) != (self.num_classes, self.input_shape):
             raise ConfigError(
@@ -229,6 +235,13 @@ class FederatedModule(pl.LightningModule):
                 f"{tuple(dm.input_shape)}: leave --model.num_classes/input_shape to the CLI link"
             )
         if self.systems.active:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            if world > 1:
+                raise ConfigError(
+                    f"--model.{self.systems.first_option()} is not supported with "
+                    f"--trainer.strategy ddp ({world} processes): the systems mechanisms need "
+                    "every client's update in one process; run them with --trainer.devices 1"
+                )
             self.systems.check(self.algorithm, self.clients_per_round(dm.num_clients))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -272,7 +285,7 @@ class FederatedModule(pl.LightningModule):
         logits = self.net(x.to(self.dtype))
         metric.update(logits, y)
         loss = F.cross_entropy(logits, y)
-        self.log(f"{prefix}_loss", loss, on_epoch=True, batch_size=len(y))
+        self.log(f"{prefix}_loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log(f"{prefix}_acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -298,11 +311,13 @@ class FederatedModule(pl.LightningModule):
         return {"test_acc": correct / max(n, 1), "test_loss": loss_sum / max(n, 1)}
 
     def on_train_end(self) -> None:
-        if self.trainer.global_step == 0 or not self.trainer.is_global_zero:
+        if self.trainer.global_step == 0:
+            return
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if not self.trainer.is_global_zero:
             return
         rounds = int(self.trainer.global_step)
         metrics = {"rounds": rounds, **self.evaluate(), **self.systems.final_metrics(rounds)}
-        log_dir = self.trainer.log_dir
         if log_dir is not None:
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, "final_metrics.json"), "w") as fh:

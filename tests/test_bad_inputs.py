@@ -93,6 +93,11 @@ BAD_INPUTS = [
     (["--model.algorithm", "fl_lightning.algorithms.SCAFFOLD", *MEDIAN],
      "--model.aggregator"),
     (["--model.algorithm", "fl_lightning.algorithms.FedNova", *DP], "--model.privacy"),
+    # client engines
+    (["--model.engine", "fl_lightning.engines.BatchedEngine", "--model.algorithm",
+      "fl_lightning.algorithms.SCAFFOLD"], "--model.engine"),
+    (["--model.engine", "fl_lightning.engines.BatchedEngine", "--model.engine.compile", "2"],
+     "--model.engine.compile"),
     # trainer and run options
     (["--trainer.precision", "16-mixed"], "--trainer.precision"),
     (["--trainer.precision", "16-true"], "--trainer.precision"),

@@ -186,6 +186,21 @@ class Algorithm:
     def client_end(self, ctx: LocalContext, result: ClientResult) -> None:
         """Called after a client's last local step (e.g. to update its state)."""
 
+    def keeps_client_state(self) -> bool:
+        """Whether local training runs per-client logic (:meth:`client_begin` or
+        :meth:`client_end` overridden, e.g. SCAFFOLD's ``c_i``); such algorithms train one
+        client at a time (the batched engine and DDP reject them)."""
+        cls = type(self)
+        return (
+            cls.client_begin is not Algorithm.client_begin
+            or cls.client_end is not Algorithm.client_end
+        )
+
+    def mean_server_rule(self) -> bool:
+        """Whether the server rule is the data-size weighted average (:meth:`aggregate` not
+        overridden); DDP all-reduces such a rule as one flat weighted sum."""
+        return type(self).aggregate is Algorithm.aggregate
+
     def aggregate(self, global_params: Params, results: Sequence[ClientResult]) -> Params:
         """New global weights from the clients' results: the data-size weighted average."""
         sizes = torch.tensor([float(r.num_samples) for r in results])

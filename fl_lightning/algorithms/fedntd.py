@@ -21,8 +21,10 @@ __all__ = ["FedNTD", "not_true_logits", "ntd_loss"]
 def not_true_logits(logits: Tensor, y: Tensor) -> Tensor:
     """The ``C - 1`` logits of the classes other than the true one, in class order."""
     b, c = logits.shape
-    classes = torch.arange(c, device=logits.device).expand(b, c)
-    keep = classes[classes != y.view(-1, 1)].view(b, c - 1)
+    # column j keeps class j, or j + 1 from the true class on (no data-dependent shapes, so
+    # it also runs under torch.vmap)
+    keep = torch.arange(c - 1, device=logits.device).expand(b, c - 1)
+    keep = keep + (keep >= y.view(-1, 1)).long()
     return torch.gather(logits, 1, keep)
 
 

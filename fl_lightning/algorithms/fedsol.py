@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.func import grad, grad_and_value, vjp
 
 from fl_lightning.algorithms.base import (
     Algorithm,
@@ -24,6 +25,7 @@ from fl_lightning.algorithms.base import (
     global_norm,
     grad_of,
 )
+from fl_lightning.algorithms.features import FeatureCaller
 from fl_lightning.errors import ConfigError
 
 __all__ = ["FedSoL", "kl_to_global"]
@@ -118,6 +120,7 @@ class FedSoL(Algorithm):
             )
         self.proximal = proximal
         self.source = source
+        self._features: FeatureCaller | None = None
         self.proximal_in_update = check_nonnegative(
             "the weight of the proximal gradient in the update", proximal_in_update,
             "--model.algorithm.proximal_in_update",
@@ -155,19 +158,69 @@ class FedSoL(Algorithm):
             g, prox_loss = grad_of(lambda p: self.task_loss(ctx, p, x, y), params, names)
         else:
             g, prox_loss = self.proximal_gradient(params, x, y, ctx, names)
+        return self._scaled(g, params, ctx), prox_loss
+
+    def _scaled(self, g: Params, params: Params, ctx: LocalContext) -> Params:
+        """``eps = rho * Lambda * g / (||g||_2 + 1e-12)`` for the parameters in ``g``."""
         scale = self.rho / (global_norm(list(g.values())) + 1e-12)
         eps: Params = {}
-        for k in names:
+        for k in g:
             if self.adaptive:
                 lam = F.normalize((params[k] - ctx.global_params[k]).abs(), p=2.0, dim=0)
                 eps[k] = lam * g[k] * scale
             else:
                 eps[k] = g[k] * scale
-        return eps, prox_loss
+        return eps
+
+    def _head_only_fast(self, ctx: LocalContext) -> FeatureCaller | None:
+        """The feature caller when the head-only shortcut applies (else ``None``): only the
+        head is perturbed, by the KL to the global model, and the task is the cross-entropy."""
+        if (self.perturb_body or not self.perturb_head or self.proximal is not None
+                or self.source != "proximal" or self.proximal_in_update
+                or type(self).task_loss is not Algorithm.task_loss
+                or not callable(getattr(ctx.net, "forward_features", None))):
+            return None
+        if self._features is None or self._features.net is not ctx.net:
+            self._features = FeatureCaller(ctx.net, "FedSoL")
+        return self._features
+
+    def _head_only_direction(
+        self, caller: FeatureCaller, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
+    ) -> tuple[Params, Tensor]:
+        """Head-only FedSoL with one forward of the body instead of two.
+
+        The body is not perturbed, so its features ``z = f_body(w_body; x)`` are the same at
+        ``w`` and at ``w + eps``: the KL gradient w.r.t. the head and the cross-entropy at the
+        perturbed head both start from ``z``, and the body's gradient is the vector-Jacobian
+        product of the cross-entropy's gradient w.r.t. ``z``. The result is the same as the
+        general path's (the same operations, in another order).
+        """
+        head = set(ctx.head_names())
+        body_params = {k: v for k, v in params.items() if k not in head}
+        head_params = {k: v for k, v in params.items() if k in head}
+        buffers = ctx.buffers
+        with torch.no_grad():
+            global_logits = ctx.forward(ctx.global_params, x)
+        z, body_vjp = vjp(lambda p: caller.features(p, buffers, x), body_params)
+        z_fixed = z.detach()
+        g_head = grad(
+            lambda h: kl_to_global(caller.logits(h, buffers, z_fixed), global_logits,
+                                   self.temperature)
+        )(head_params)
+        eps = self._scaled(g_head, params, ctx)
+        perturbed = {k: v + eps[k] for k, v in head_params.items()}
+        (g_perturbed, g_z), loss = grad_and_value(
+            lambda h, feats: F.cross_entropy(caller.logits(h, buffers, feats), y), argnums=(0, 1)
+        )(perturbed, z)
+        (g_body,) = body_vjp(g_z)
+        return {k: (g_perturbed[k] if k in head else g_body[k]) for k in params}, loss
 
     def direction(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
     ) -> tuple[Params, Tensor]:
+        caller = self._head_only_fast(ctx)
+        if caller is not None:
+            return self._head_only_direction(caller, params, x, y, ctx)
         eps, _ = self.perturbation(params, x, ctx, y)
         perturbed = {k: (v + eps[k] if k in eps else v) for k, v in params.items()}
         out, loss = grad_of(lambda p: self.task_loss(ctx, p, x, y), perturbed, list(params))
@@ -192,6 +245,12 @@ class FedSoL(Algorithm):
 
     def frozen(self, ctx: LocalContext) -> set[str]:
         return self.proximal.frozen(ctx) if self.proximal is not None else set()
+
+    def keeps_client_state(self) -> bool:
+        return self.proximal is not None and self.proximal.keeps_client_state()
+
+    def mean_server_rule(self) -> bool:
+        return self.proximal is None or self.proximal.mean_server_rule()
 
     def state_dict(self) -> dict[str, Any]:
         return self.proximal.state_dict() if self.proximal is not None else {}

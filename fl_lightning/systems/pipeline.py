@@ -141,14 +141,20 @@ class Systems:
                 "compression would save nothing; drop one of the two"
             )
 
+    def _options(self) -> dict[str, Any]:
+        return {
+            "participation": self.participation, "attack": self.attack,
+            "compressor": self.compressor, "privacy": self.privacy,
+            "secure_aggregation": self.secure_aggregation, "aggregator": self.aggregator,
+        }
+
     @property
     def active(self) -> bool:
-        return any(
-            m is not None for m in (
-                self.participation, self.attack, self.compressor, self.privacy,
-                self.secure_aggregation, self.aggregator,
-            )
-        )
+        return any(m is not None for m in self._options().values())
+
+    def first_option(self) -> str:
+        """Name of the first mechanism that is on (for error messages), e.g. ``privacy``."""
+        return next(name for name, m in self._options().items() if m is not None)
 
     def check(self, algorithm: Algorithm, clients_per_round: int) -> None:
         """Reject combinations that are not well defined (one ``ConfigError`` line)."""
