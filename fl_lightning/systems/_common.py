@@ -43,6 +43,16 @@ def ratio(value: float, option: str, what: str, high_inclusive: bool = False) ->
     return v
 
 
+def positive_share(value: float, option: str, what: str, example: float) -> float:
+    """``value`` as a float in ``(0, 1]``, else a one-line ``ConfigError``."""
+    v = float(value)
+    if not (math.isfinite(v) and 0.0 < v <= 1.0):
+        raise ConfigError(
+            f"{option}={value!r} is invalid: {what} must be in (0, 1] (e.g. {example})"
+        )
+    return v
+
+
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
     """All entries of ``tensors`` as one flat vector."""
     return torch.cat([t.reshape(-1) for t in tensors])

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fl_lightning.algorithms.state import ClientStateStore, check_state_device
 from fl_lightning.errors import ConfigError
+from fl_lightning.systems._common import positive_share
 
 __all__ = ["Compressor", "StochasticQuantizer", "TopK", "stochastic_quantize", "top_k"]
 
@@ -141,13 +142,9 @@ class TopK(Compressor):
     def __init__(
         self, ratio: float = 0.1, error_feedback: bool = True, state_device: str | None = None
     ) -> None:
-        r = float(ratio)
-        if not (math.isfinite(r) and 0.0 < r <= 1.0):
-            raise ConfigError(
-                f"--model.compressor.ratio={ratio!r} is invalid: the share of entries "
-                "sent must be in (0, 1] (e.g. 0.1)"
-            )
-        self.ratio = r
+        self.ratio = positive_share(
+            ratio, "--model.compressor.ratio", "the share of entries sent", 0.1
+        )
         self.error_feedback = bool(error_feedback)
         self.residuals = ClientStateStore(check_state_device(state_device))
 

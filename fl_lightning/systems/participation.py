@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from fl_lightning.engine import RoundPlan
-from fl_lightning.errors import ConfigError
-from fl_lightning.systems._common import STREAM_PARTICIPATION, generator, ratio
+from fl_lightning.systems._common import STREAM_PARTICIPATION, generator, positive_share, ratio
 
 __all__ = ["Participation", "split_participation"]
 
@@ -75,13 +74,10 @@ class Participation:
             straggler_ratio, "--model.participation.straggler_ratio",
             "the share of straggling clients", high_inclusive=True,
         )
-        work = float(straggler_work)
-        if not (math.isfinite(work) and 0.0 < work <= 1.0):
-            raise ConfigError(
-                f"--model.participation.straggler_work={straggler_work!r} is invalid: the share "
-                "of local steps a straggler completes must be in (0, 1] (e.g. 0.5)"
-            )
-        self.straggler_work = work
+        self.straggler_work = positive_share(
+            straggler_work, "--model.participation.straggler_work",
+            "the share of local steps a straggler completes", 0.5,
+        )
 
     def split(self, seed: int, round_idx: int, client_ids: Sequence[int]):
         """``(dropped, stragglers)`` among ``client_ids`` (see :func:`split_participation`)."""
