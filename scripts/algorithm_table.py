@@ -3,7 +3,7 @@
 Usage (from the repository root; resumable, a finished run is skipped):
 
     OMP_NUM_THREADS=1 python scripts/algorithm_table.py --rounds 5 --sample-ratio 0.1 \
-        --local-epochs 5 --main --jobs 2 --runs runs/mnist20 --out docs/results_mnist_table.md
+        --local-epochs 5 --main --jobs 2 --runs runs/mnist5 --out runs/mnist5_table.md
 
 Each row is one command of the form
 
