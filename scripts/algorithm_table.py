@@ -16,13 +16,12 @@ printed in full under the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
+
+from _run import run_cached
 
 ROWS = [
     ("FedAvg", "fedavg"), ("FedProx (mu=1)", "fedprox"), ("FedSAM (rho=0.1)", "fedsam"),
@@ -71,26 +70,10 @@ def command(part: str, row: str, args: argparse.Namespace, out_dir: str) -> list
 
 def run(part: str, row: str, args: argparse.Namespace) -> dict:
     out_dir = os.path.join(args.runs, part, row)
-    done = os.path.join(out_dir, "result.json")
-    cmd = command(part, row, args, out_dir)
-    if os.path.exists(done):
-        return json.load(open(done))
-    os.makedirs(out_dir, exist_ok=True)
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()})
-    seconds = time.time() - start
-    with open(os.path.join(out_dir, "log.txt"), "w") as fh:
-        fh.write(proc.stdout + proc.stderr)
-    result: dict = {"cmd": cmd, "seconds": seconds, "rc": proc.returncode}
-    for root, _, files in os.walk(out_dir):
-        for name in ("final_metrics.json", "personalized_metrics.json"):
-            if name in files:
-                result[name] = json.load(open(os.path.join(root, name)))
-    json.dump(result, open(done, "w"), indent=2)
-    print(f"{part} {row}: rc={proc.returncode} {seconds:.0f}s "
-          f"{result.get('final_metrics.json', {}).get('test_acc')}", flush=True)
-    return result
+    return run_cached(
+        command(part, row, args, out_dir), out_dir, f"{part} {row}",
+        {name: name for name in ("final_metrics.json", "personalized_metrics.json")},
+    )
 
 
 def _shown(cmd: list[str]) -> str:

@@ -17,12 +17,11 @@ printed in full under its table, with its wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-import subprocess
 import sys
-import time
+
+from _run import run_cached
 
 BASE = "configs/mnist/systems_2nn.yaml"
 AGGREGATORS = [
@@ -93,27 +92,10 @@ def command(extra: list[str], out_dir: str, data_dir: str) -> list[str]:
 def run(key: str, extra: list[str], args: argparse.Namespace) -> dict:
     slug = "".join(c if c.isalnum() else "_" for c in key).strip("_")
     out_dir = os.path.join(args.runs, slug)
-    done = os.path.join(out_dir, "result.json")
     cmd = command(extra, out_dir, args.data_dir)
-    if os.path.exists(done):
-        return json.load(open(done))
-    if args.table_only:
+    if args.table_only and not os.path.exists(os.path.join(out_dir, "result.json")):
         return {"cmd": cmd, "seconds": 0.0, "rc": None}
-    os.makedirs(out_dir, exist_ok=True)
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()})
-    seconds = time.time() - start
-    with open(os.path.join(out_dir, "log.txt"), "w") as fh:
-        fh.write(proc.stdout + proc.stderr)
-    result: dict = {"cmd": cmd, "seconds": seconds, "rc": proc.returncode}
-    for root, _, files in os.walk(out_dir):
-        if "final_metrics.json" in files:
-            result["final"] = json.load(open(os.path.join(root, "final_metrics.json")))
-    json.dump(result, open(done, "w"), indent=2)
-    print(f"{key}: rc={proc.returncode} {seconds:.0f}s {result.get('final', {}).get('test_acc')}",
-          flush=True)
-    return result
+    return run_cached(cmd, out_dir, key, {"final_metrics.json": "final"})
 
 
 def _acc(r: dict) -> str:
