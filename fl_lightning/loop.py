@@ -46,15 +46,11 @@ class RoundLoop:
         module = self.module
         dm = module.datamodule
         net = module.net
-        plan = dm.round_plan(
-            round_idx, module.clients_per_round(dm.num_clients), module.local_epochs,
-            module.batch_size,
-        )
+        per_round = module.clients_per_round(dm.num_clients)
+        plan = dm.round_plan(round_idx, per_round, module.local_epochs, module.batch_size)
         systems, info = module.systems, None
         if systems.active:  # (rejected under DDP at setup)
-            plan, info = systems.begin_round(
-                plan, dm.seed, module.clients_per_round(dm.num_clients)
-            )
+            plan, info = systems.begin_round(plan, dm.seed, per_round)
         world = module.trainer.world_size if module._trainer is not None else 1
         if world > 1:  # DDP: this rank trains its balanced share of the clients
             plan = local_plan(plan, module.trainer.global_rank, world)
