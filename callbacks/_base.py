@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.functional import Batch
+from fl_lightning.callbacks.functional import Batch
 from fl_lightning.errors import ConfigError
 
 Criterion = Callable[[Tensor, Tensor], Tensor]

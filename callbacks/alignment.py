@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value
 
-from callbacks._base import _buffers, _client_batches, _RoundCallback
-from callbacks.functional import flatten
 from fl_lightning.algorithms.base import LocalContext
 from fl_lightning.algorithms.fedsol import kl_to_global
+from fl_lightning.callbacks._base import _buffers, _client_batches, _RoundCallback
+from fl_lightning.callbacks.functional import flatten
 from fl_lightning.hooks import RoundResult
 
 __all__ = ["GradientAlignment"]

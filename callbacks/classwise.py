@@ -8,8 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from callbacks._base import _buffers, _eval_batches, _RoundCallback
-from callbacks.functional import class_accuracy
+from fl_lightning.callbacks._base import _buffers, _eval_batches, _RoundCallback
+from fl_lightning.callbacks.functional import class_accuracy
 from fl_lightning.hooks import RoundResult
 
 __all__ = ["ClassWiseAccuracy"]

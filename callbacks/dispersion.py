@@ -8,8 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from callbacks._base import Criterion, _buffers, _client_batches, _RoundCallback
-from callbacks.functional import (
+from fl_lightning.callbacks._base import Criterion, _buffers, _client_batches, _RoundCallback
+from fl_lightning.callbacks.functional import (
     b_local_dissimilarity,
     flatten,
     loss_and_grad,

@@ -6,8 +6,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from callbacks._base import _RoundCallback
-from callbacks.functional import weight_divergence
+from fl_lightning.callbacks._base import _RoundCallback
+from fl_lightning.callbacks.functional import weight_divergence
 from fl_lightning.hooks import RoundResult
 
 __all__ = ["WeightDivergence"]

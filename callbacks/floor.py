@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from callbacks._base import _buffers, _client_batches
-from callbacks.functional import hessian_eigenvalues, loss_and_grad, normalize_weights
-from callbacks.optima import ClientOptimaProbe
+from fl_lightning.callbacks._base import _buffers, _client_batches
+from fl_lightning.callbacks.functional import hessian_eigenvalues, loss_and_grad, normalize_weights
+from fl_lightning.callbacks.optima import ClientOptimaProbe
 
 __all__ = ["HeterogeneityFloor"]
 

@@ -8,8 +8,8 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from callbacks._base import Criterion, _buffers, _fixed_batches, _RoundCallback
-from callbacks.functional import hessian_eigenvalues
+from fl_lightning.callbacks._base import Criterion, _buffers, _fixed_batches, _RoundCallback
+from fl_lightning.callbacks.functional import hessian_eigenvalues
 from fl_lightning.hooks import RoundResult
 
 __all__ = ["HessianEigenvalues"]

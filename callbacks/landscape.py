@@ -9,13 +9,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from callbacks._base import (
+from fl_lightning.callbacks._base import (
     Criterion,
     _buffers,
     _fixed_batches,
     _RoundCallback,
 )
-from callbacks.functional import (
+from fl_lightning.callbacks.functional import (
     filter_normalized_direction,
     flatten,
     hessian_eigenvalues,
@@ -102,7 +102,7 @@ class LossLandscape(_RoundCallback):
     def _shared_eigenvectors(self, trainer: Any, round_number: int) -> torch.Tensor | None:
         """Top-2 eigenvectors a HessianEigenvalues callback computed at this round on the
         same batches (it runs first when listed first), so that no second Lanczos is run."""
-        from callbacks.hessian import HessianEigenvalues
+        from fl_lightning.callbacks.hessian import HessianEigenvalues
 
         for cb in getattr(trainer, "callbacks", None) or []:
             if (isinstance(cb, HessianEigenvalues) and cb.last_round == round_number

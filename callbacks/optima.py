@@ -9,13 +9,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks._base import (
+from fl_lightning.callbacks._base import (
     Criterion,
     _buffers,
     _client_batches,
     _RoundCallback,
 )
-from callbacks.functional import flatten, normalize_weights, train_to_optimum
+from fl_lightning.callbacks.functional import flatten, normalize_weights, train_to_optimum
 from fl_lightning.hooks import RoundResult
 
 __all__ = ["ClientOptimaProbe"]

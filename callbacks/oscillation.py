@@ -9,8 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from callbacks._base import _RoundCallback
-from callbacks.functional import flatten, oscillation_stats
+from fl_lightning.callbacks._base import _RoundCallback
+from fl_lightning.callbacks.functional import flatten, oscillation_stats
 from fl_lightning.hooks import RoundResult
 
 __all__ = ["GlobalOscillation"]

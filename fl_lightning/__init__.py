@@ -1,3 +1,31 @@
 """fl-lightning: federated optimization under data heterogeneity, on PyTorch Lightning."""
 
+import importlib.abc as _abc
+import importlib.util as _util
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+# ``fl_lightning.callbacks`` lives in the repository's top-level ``callbacks/`` folder. An
+# installed wheel holds it as ``fl_lightning/callbacks/`` (setuptools ``package-dir``) and an
+# editable install maps it; a source checkout used without installing (``PYTHONPATH=.``) needs
+# this finder, which serves only that one name, from the folder beside this package.
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+_CALLBACKS = _os.path.join(_os.path.dirname(_HERE), "callbacks")
+
+
+class _CallbacksFinder(_abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):  # noqa: D102
+        if fullname != "fl_lightning.callbacks":
+            return None
+        return _util.spec_from_file_location(
+            fullname, _os.path.join(_CALLBACKS, "__init__.py"),
+            submodule_search_locations=[_CALLBACKS],
+        )
+
+
+if not _os.path.isdir(_os.path.join(_HERE, "callbacks")) and _os.path.isfile(
+    _os.path.join(_CALLBACKS, "__init__.py")
+):
+    _sys.meta_path.insert(0, _CallbacksFinder())

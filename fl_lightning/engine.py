@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
 
-__all__ = ["ClientPlan", "RoundPlan", "SequentialEngine", "sgd_step"]
+__all__ = ["ClientEngine", "ClientPlan", "RoundPlan", "SequentialEngine", "sgd_step"]
 
 
 @dataclass
@@ -85,7 +86,38 @@ def sgd_step(
     return bufs
 
 
-class SequentialEngine:
+@runtime_checkable
+class ClientEngine(Protocol):
+    """What the round loop needs from a client engine (``--model.engine``).
+
+    An engine trains the clients of a :class:`RoundPlan` from the global weights with the
+    algorithm's local update direction and returns one
+    :class:`~fl_lightning.algorithms.base.ClientResult` per client, in plan order. It may also
+    define ``check(algorithm, net)``, called at setup, raising ``ConfigError`` for what it cannot
+    run. The project's engines (:class:`SequentialEngine`,
+    :class:`fl_lightning.engines.BatchedEngine`) subclass it so that ``--model.engine`` takes
+    their short names; any class with this ``run_round`` works from Python.
+    """
+
+    name: str
+
+    def run_round(
+        self,
+        algorithm: Algorithm,
+        net: nn.Module,
+        global_params: Params,
+        buffers: Params,
+        plan: RoundPlan,
+        data: tuple[Tensor, Tensor],
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+    ) -> list[ClientResult]:
+        """Run local training for every client of ``plan``; returns one result per client."""
+        ...
+
+
+class SequentialEngine(ClientEngine):
     """Trains the sampled clients one after another (the reference engine; any model).
 
     Example:

@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.distributed import check_distributed
-from fl_lightning.engine import SequentialEngine
+from fl_lightning.engine import ClientEngine, SequentialEngine
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import RoundLoop
+from fl_lightning.models.base import FederatedNet
 from fl_lightning.models.cnn import FedAvgCNN
 from fl_lightning.optim import ServerSGD
 from fl_lightning.systems import (
@@ -45,7 +46,7 @@ class Preempted(SIGTERMException):
         self.path = path
         self.rounds = rounds
 
-NetFactory = Callable[[int, Sequence[int]], nn.Module]
+NetFactory = Callable[[int, Sequence[int]], FederatedNet]
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed")
 _SYSTEMS_OPTIONS = (
@@ -76,7 +77,8 @@ class FederatedModule(pl.LightningModule):
     ``--trainer.max_steps`` is the number of rounds.
 
     Args:
-        net: a model class (or factory) called as ``net(num_classes, input_shape)``.
+        net: a model class (a :class:`~fl_lightning.models.FederatedNet`) called as
+            ``net(num_classes, input_shape)``.
         algorithm: the federated algorithm (``fl_lightning.algorithms``).
         server_optimizer: optimizer class (or factory) for the global weights.
         num_classes: number of classes (linked from the data module by the CLI).
@@ -123,7 +125,7 @@ class FederatedModule(pl.LightningModule):
         lr_decay: float = 0.99,
         momentum: float = 0.9,
         weight_decay: float = 1e-5,
-        engine: SequentialEngine = lazy_instance(SequentialEngine),
+        engine: ClientEngine = lazy_instance(SequentialEngine),
         on_nonfinite: Literal["raise", "skip_client"] = "raise",
         participation: Participation | None = None,
         attack: Attack | None = None,

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.functional import flatten
 from fl_lightning.algorithms.base import ClientResult
+from fl_lightning.callbacks.functional import flatten
 from fl_lightning.hooks import RoundResult
 
 

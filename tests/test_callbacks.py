@@ -18,7 +18,8 @@ from analysis_helpers import (
 )
 from torch import nn
 
-from callbacks import (
+from fl_lightning.algorithms import FedProx, FedSoL
+from fl_lightning.callbacks import (
     ClassWiseAccuracy,
     GlobalOscillation,
     GradientAlignment,
@@ -26,7 +27,6 @@ from callbacks import (
     KnowledgePreservation,
     LossLandscape,
 )
-from fl_lightning.algorithms import FedProx, FedSoL
 from fl_lightning.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -196,14 +196,14 @@ def test_cli_run_on_digits_logs_the_analyses(tmp_path, monkeypatch, capsys):
         "--trainer.max_steps", "3", "--trainer.val_check_interval", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
         "--model.sample_ratio", "0.15",
-        f"{cb}+=callbacks.HessianEigenvalues", f"{cb}.every_n_rounds=1", f"{cb}.k=3",
+        f"{cb}+=HessianEigenvalues", f"{cb}.every_n_rounds=1", f"{cb}.k=3",
         f"{cb}.num_iter=6", f"{cb}.batch_size=100",
-        f"{cb}+=callbacks.LossLandscape", f"{cb}.every_n_rounds=3", f"{cb}.directions=random",
+        f"{cb}+=LossLandscape", f"{cb}.every_n_rounds=3", f"{cb}.directions=random",
         f"{cb}.resolution=3", f"{cb}.batch_size=100", f"{cb}.num_batches=1",
-        f"{cb}+=callbacks.WeightDivergence",
-        f"{cb}+=callbacks.GlobalOscillation", f"{cb}.window=3",
-        f"{cb}+=callbacks.ClientUpdateDispersion", f"{cb}.max_samples=50",
-        f"{cb}+=callbacks.KnowledgePreservation", f"{cb}.max_samples=200",
+        f"{cb}+=WeightDivergence",
+        f"{cb}+=GlobalOscillation", f"{cb}.window=3",
+        f"{cb}+=ClientUpdateDispersion", f"{cb}.max_samples=50",
+        f"{cb}+=KnowledgePreservation", f"{cb}.max_samples=200",
     ])
     log_dir = tmp_path / "lightning_logs" / "fl" / "version_0"
     rows = list(csv.DictReader(open(log_dir / "metrics.csv")))

@@ -21,7 +21,8 @@ from analysis_helpers import (
 )
 from torch import nn
 
-from callbacks import (
+from fl_lightning.algorithms.base import Algorithm
+from fl_lightning.callbacks import (
     ClientOptimaProbe,
     ClientUpdateDispersion,
     GlobalOscillation,
@@ -29,8 +30,7 @@ from callbacks import (
     HeterogeneityFloor,
     WeightDivergence,
 )
-from callbacks.functional import flatten, hessian_eigenvalues, lanczos, unflatten
-from fl_lightning.algorithms.base import Algorithm
+from fl_lightning.callbacks.functional import flatten, hessian_eigenvalues, lanczos, unflatten
 from fl_lightning.engine import ClientPlan, RoundPlan, SequentialEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -323,7 +323,7 @@ def test_client_optima_probe_reports_its_stopping_rule_and_max_steps_stop():
 def test_loss_landscape_along_hessian_eigenvectors_is_the_quadratic_closed_form(tmp_path):
     """F(w + a v1 + b v2) = F(w) + a g.v1 + b g.v2 + (l1 a^2 + l2 b^2) / 2 for a quadratic;
     the eigenvectors measured by HessianEigenvalues at the same round are reused."""
-    from callbacks import LossLandscape
+    from fl_lightning.callbacks import LossLandscape
 
     a, b = quadratic_clients(dim=4, rows=(9, 8, 12, 11))
     data = quadratic_data(a, b)

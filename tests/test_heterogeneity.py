@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from callbacks.heterogeneity import HeterogeneityReport
+from fl_lightning.callbacks.heterogeneity import HeterogeneityReport
 from fl_lightning.data.heterogeneity import heterogeneity_report, main, write_report
 from fl_lightning.data.module import FederatedDataModule
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
-from fl_lightning.engine import BatchTransform, ClientPlan, RoundPlan, SequentialEngine
+from fl_lightning.engine import BatchTransform, ClientEngine, ClientPlan, RoundPlan
 from fl_lightning.errors import ConfigError
 
 __all__ = ["BatchedEngine", "unbatchable_reason"]
@@ -32,7 +32,7 @@ def unbatchable_reason(algorithm: Algorithm, net: nn.Module) -> str | None:
     return None
 
 
-class BatchedEngine(SequentialEngine):
+class BatchedEngine(ClientEngine):
     """Trains all sampled clients of a round at once: ``torch.vmap`` over stacked weights.
 
     The clients' weights and SGD momentum buffers are stacked into tensors of shape

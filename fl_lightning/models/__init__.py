@@ -3,10 +3,11 @@
 The last child module of every model is its classifier head (FedSoL's head/body split).
 """
 
+from fl_lightning.models.base import FederatedNet
 from fl_lightning.models.cnn import FedAvgCNN
 from fl_lightning.models.mlp import MLP2NN
 from fl_lightning.models.resnet import ResNet18
 from fl_lightning.models.vgg import VGG11
 from fl_lightning.models.vit import SLViT
 
-__all__ = ["MLP2NN", "FedAvgCNN", "ResNet18", "SLViT", "VGG11"]
+__all__ = ["MLP2NN", "FedAvgCNN", "FederatedNet", "ResNet18", "SLViT", "VGG11"]

@@ -7,10 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fl_lightning.models.base import FederatedNet
+
 __all__ = ["FedAvgCNN"]
 
 
-class FedAvgCNN(nn.Module):
+class FedAvgCNN(FederatedNet):
     """FedAvg CNN: ``Conv(3,32,5,p2) ReLU MaxPool2 Conv(32,64,5,p2) ReLU MaxPool2 FC512 ReLU FC``.
 
     A 1-channel input is repeated to 3 channels, so the same network serves MNIST and CIFAR-10.

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from fl_lightning.models._common import check_input_shape
+from fl_lightning.models.base import FederatedNet
 
 __all__ = ["MLP2NN"]
 
 
-class MLP2NN(nn.Module):
+class MLP2NN(FederatedNet):
     """``Flatten -> FC(hidden) ReLU -> FC(hidden) ReLU -> FC(num_classes)``.
 
     With 28x28 grayscale inputs and ``hidden=200`` it is the paper's MNIST 2NN: 199,210

@@ -8,6 +8,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from fl_lightning.models._common import check_input_shape, to_rgb
+from fl_lightning.models.base import FederatedNet
 
 __all__ = ["ResNet18"]
 
@@ -41,7 +42,7 @@ class _BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
+class ResNet18(FederatedNet):
     """ResNet-18 for small images (He et al. 2016, CIFAR variant).
 
     A 3x3 stem convolution (64 channels, stride 1, no max-pool), four stages of two basic blocks

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fl_lightning.models._common import check_input_shape, to_rgb
+from fl_lightning.models.base import FederatedNet
 
 __all__ = ["VGG11"]
 
@@ -18,7 +19,7 @@ VGG11_LAYERS: tuple[int | str, ...] = (
 )
 
 
-class VGG11(nn.Module):
+class VGG11(FederatedNet):
     """VGG-11 (configuration "A" of Simonyan & Zisserman) without BatchNorm, for 32x32 inputs.
 
     ``features``: eight 3x3 convolutions (padding 1) with ReLU and five 2x2 max-pools, taking a

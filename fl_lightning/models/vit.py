@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fl_lightning.models._common import check_input_shape, to_rgb
+from fl_lightning.models.base import FederatedNet
 
 __all__ = ["SLViT"]
 
@@ -74,7 +75,7 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class SLViT(nn.Module):
+class SLViT(FederatedNet):
     """Vision Transformer for small datasets with shifted patch tokenization and locality
     self-attention (SL-ViT), the ViT of the FedSoL paper.
 
