@@ -29,3 +29,33 @@ if not _os.path.isdir(_os.path.join(_HERE, "callbacks")) and _os.path.isfile(
     _os.path.join(_CALLBACKS, "__init__.py")
 ):
     _sys.meta_path.insert(0, _CallbacksFinder())
+
+
+class _LegacyCallbacksFinder(_abc.MetaPathFinder, _abc.Loader):
+    """The deprecated top-level name ``callbacks`` (``class_path: callbacks.X`` in old configs),
+    served as an alias of ``fl_lightning.callbacks`` with a ``DeprecationWarning``. It is the last
+    finder on ``sys.meta_path``: a ``callbacks`` module of your own project always wins."""
+
+    def find_spec(self, fullname, path=None, target=None):  # noqa: D102
+        if fullname != "callbacks" and not fullname.startswith("callbacks."):
+            return None
+        return _util.spec_from_loader(fullname, self, is_package=fullname == "callbacks")
+
+    def create_module(self, spec):  # noqa: D102
+        import importlib
+        import warnings
+
+        if spec.name == "callbacks":
+            warnings.warn(
+                "the top-level package 'callbacks' is deprecated: use fl_lightning.callbacks "
+                "(in configs: class_path: fl_lightning.callbacks.<Name>, or just <Name>)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return importlib.import_module("fl_lightning." + spec.name)
+
+    def exec_module(self, module):  # noqa: D102
+        return None
+
+
+_sys.meta_path.append(_LegacyCallbacksFinder())

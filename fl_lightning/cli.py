@@ -13,6 +13,8 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fl_lightning import registry
+from fl_lightning.cli_help import CompactHelpFormatter
 from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import DivergenceError
@@ -87,6 +89,20 @@ class FederatedCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", FederatedArgumentParser)
         super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------ parser, subcommands
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (a federated run has no ``predict`` step)."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict", None)
+        return commands
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Every (sub)command parser gets the compact help; project classes get short names."""
+        registry.import_all()
+        kwargs.setdefault("formatter_class", CompactHelpFormatter)
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")

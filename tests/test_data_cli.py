@@ -52,7 +52,7 @@ RUNS = [
     ("cinic10", _cinic10, ["--model.net", "fl_lightning.models.ResNet18",
                            "--model.net.norm", "gn"]),
     ("pathmnist", _pathmnist, ["--model.net", "fl_lightning.models.SLViT"]),
-    ("tissuemnist", _tissuemnist, ["--trainer.callbacks+=callbacks.HeterogeneityReport"]),
+    ("tissuemnist", _tissuemnist, ["--trainer.callbacks+=HeterogeneityReport"]),
 ]
 
 
@@ -78,7 +78,7 @@ def test_two_rounds_through_the_cli(tmp_path, monkeypatch, capsys, dataset, writ
     metrics = json.loads((logs[-1] / "final_metrics.json").read_text())
     assert metrics["rounds"] == 2 and np.isfinite(metrics["test_loss"])
     assert "after 2 rounds" in capsys.readouterr().out
-    if "callbacks.HeterogeneityReport" in " ".join(extra):
+    if "HeterogeneityReport" in " ".join(extra):
         report = json.loads((logs[-1] / "heterogeneity.json").read_text())
         assert report["num_clients"] == 2 and report["num_samples"] == 14  # train + val
         assert (logs[-1] / "heterogeneity.png").is_file()

@@ -1,0 +1,91 @@
+"""``RoundCSVLogger``: a ``CSVLogger`` with one row per communication round.
+
+Lightning writes one CSV row per ``log_metrics`` call: a round's training metrics, its
+evaluation (``val_acc``/``val_loss``) and anything logged straight to the logger at the same step
+land on separate rows, with an ``epoch`` column that is always 0 in a federated run (the whole
+run is one epoch). This logger merges every call made at the same step into that step's row and
+drops ``epoch``: ``metrics.csv`` has exactly one row per round, keyed by ``step`` (= round - 1)
+and ``round``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+__all__ = ["RoundCSVLogger"]
+
+
+class _RoundWriter(ExperimentWriter):
+    """Merges the metrics logged at one step into one row."""
+
+    def log_metrics(self, metrics_dict: dict[str, Any], step: int | None = None) -> None:
+        super().log_metrics(metrics_dict, step)
+        if len(self.metrics) > 1 and self.metrics[-2].get("step") == self.metrics[-1]["step"]:
+            row = self.metrics.pop()
+            self.metrics[-1].update(row)
+
+
+class RoundCSVLogger(CSVLogger):
+    """``CSVLogger`` writing ``<save_dir>/<name>/version_N/metrics.csv`` with one row per round.
+
+    Metrics logged at the same step (the round's ``train_loss``, its ``val_acc``, the analysis
+    callbacks' quantities) share one row; ``epoch`` (always 0 here) is left out. A round's row is
+    written to disk when the next round logs (and at the end of the run), so ``metrics.csv`` can
+    be followed while training.
+
+    Args:
+        save_dir: parent folder of the run folders (relative paths are taken under
+            ``--trainer.default_root_dir`` by the CLI).
+        name: experiment name (the folder under ``save_dir``).
+        version: ``version_N`` number or a folder name; the next free number when None.
+        prefix: a string put before every metric key.
+        flush_logs_every_n_steps: write finished rows once this many are pending.
+
+    Example:
+        >>> import tempfile
+        >>> logger = RoundCSVLogger(tempfile.mkdtemp(), name="fl")
+        >>> logger.log_metrics({"train_loss": 1.0, "epoch": 0}, step=0)
+        >>> logger.log_metrics({"val_acc": 0.5}, step=0)
+        >>> logger.experiment.metrics
+        [{'train_loss': 1.0, 'step': 0, 'val_acc': 0.5}]
+    """
+
+    def __init__(
+        self,
+        save_dir: str = "lightning_logs",
+        name: str | None = "fl",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 1,
+    ) -> None:
+        super().__init__(save_dir, name=name, version=version, prefix=prefix,
+                         flush_logs_every_n_steps=flush_logs_every_n_steps)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _RoundWriter:
+        if self._experiment is not None:
+            return self._experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = _RoundWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        metrics = {k: v for k, v in metrics.items() if k != "epoch"}
+        if not metrics:
+            return
+        writer = self.experiment
+        if step is None:
+            step = len(writer.metrics)
+        new_step = not writer.metrics or writer.metrics[-1].get("step") != step
+        if new_step and len(writer.metrics) >= self._flush_logs_every_n_steps:
+            writer.save()  # every pending row belongs to an earlier step: all are finished
+        prefixed = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}" if self._prefix else k: v
+                    for k, v in metrics.items()}
+        writer.log_metrics(prefixed, step)
