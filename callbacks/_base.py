@@ -89,6 +89,9 @@ class _RoundCallback(pl.Callback):
         row = {"round": float(round_number), **{k: float(v) for k, v in metrics.items()}}
         self.history.append(row)
         logged = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}
+        # Straight to the loggers at the round's own step (fl_lightning.loggers.RoundCSVLogger
+        # merges them into the round's row). Not through LightningModule.log: Lightning would
+        # repeat a value logged at round r in every later round's row until it is logged again.
         step = round_number - 1  # the step Lightning logs this round's own metrics at
         for logger in getattr(trainer, "loggers", None) or []:
             logger.log_metrics(logged, step=step)

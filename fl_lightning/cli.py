@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -19,12 +20,13 @@ from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import DivergenceError
 from fl_lightning.module import FederatedModule, Preempted
+from fl_lightning.quiet import quiet_expected_messages
 
 __all__ = ["FederatedCLI", "main"]
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "class_path": "fl_lightning.loggers.RoundCSVLogger",
         "init_args": {"save_dir": "lightning_logs", "name": "fl"},
     },
     "log_every_n_steps": 1,
@@ -32,6 +34,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "val_check_interval": 1,
 }
 CHECKPOINT_CLASS = "fl_lightning.checkpoint.RoundCheckpoint"
+PROGRESS_BAR_CLASS = "fl_lightning.progress.RoundProgressBar"
+#: optional dependencies: module -> the extra that installs it
+OPTIONAL_EXTRAS = {"tensorboard": "tensorboard", "tensorboardX": "tensorboard", "rich": "rich"}
 
 
 def one_line(message: str) -> str:
@@ -155,6 +160,7 @@ class FederatedCLI(LightningCLI):
                 f"--resume_changes={config.get('resume_changes')!r} is unknown: use error or apply"
             )
         self._add_default_checkpointing(config)
+        self._apply_output_defaults(config)
 
     def _add_default_checkpointing(self, config: Namespace) -> None:
         trainer = config.trainer
@@ -176,6 +182,41 @@ class FederatedCLI(LightningCLI):
                 ),
             )
         )
+        trainer["callbacks"] = callbacks
+
+    # ------------------------------------------------------------------ outputs (issue #16)
+    def _apply_output_defaults(self, config: Namespace) -> None:
+        """Outputs under ``--trainer.default_root_dir``; the round progress bar by default.
+
+        - a relative ``save_dir`` of the logger(s) is taken under ``default_root_dir`` (as
+          Lightning's own default logger does), so the run folder, its checkpoints and figures
+          all move with it;
+        - a logger that needs an optional package that is missing stops with one line;
+        - unless the config has its own progress bar (or ``enable_progress_bar false``), the
+          :class:`~fl_lightning.progress.RoundProgressBar` is added.
+        """
+        trainer = config.trainer
+        root = trainer.get("default_root_dir")
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if not isinstance(logger, Namespace):
+                continue
+            _check_optional_logger(str(logger.get("class_path", "")))
+            args = logger.get("init_args")
+            save_dir = args.get("save_dir") if isinstance(args, Namespace) else None
+            if root and isinstance(save_dir, str) and not os.path.isabs(save_dir):
+                args["save_dir"] = os.path.join(str(root), save_dir)
+        callbacks = list(trainer.get("callbacks") or [])
+        for c in callbacks:
+            if isinstance(c, Namespace) and str(c.get("class_path", "")).endswith("Rich"
+                                                                                 "RoundProgressBar"):
+                _require("rich", "--trainer.callbacks RichRoundProgressBar")
+        if trainer.get("enable_progress_bar") is False:
+            return
+        if any(isinstance(c, Namespace) and "ProgressBar" in str(c.get("class_path", ""))
+               for c in callbacks):
+            return
+        callbacks.append(Namespace(class_path=PROGRESS_BAR_CLASS, init_args=Namespace()))
         trainer["callbacks"] = callbacks
 
     # ------------------------------------------------------------------ resume
@@ -225,13 +266,41 @@ class FederatedCLI(LightningCLI):
         )
 
 
+def _require(module: str, what: str) -> None:
+    """Stop with one line if the optional ``module`` is not installed."""
+    if importlib.util.find_spec(module) is None:
+        extra = OPTIONAL_EXTRAS.get(module, module)
+        raise ConfigError(
+            f"{what} needs {module}, which is not installed: pip install "
+            f"'fl-lightning[{extra}]' (or pip install {module})"
+        )
+
+
+def _check_optional_logger(class_path: str) -> None:
+    if class_path.rsplit(".", 1)[-1] == "TensorBoardLogger" and all(
+        importlib.util.find_spec(m) is None for m in ("tensorboard", "tensorboardX")
+    ):
+        _require("tensorboard", f"--trainer.logger {class_path}")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``fl-lightning`` console script."""
+    quiet_expected_messages()
     try:
         FederatedCLI(args=args)
     except (ConfigError, DivergenceError) as err:
         if rank_zero_only.rank == 0:  # under DDP every rank stops; one of them says why
             print(f"fl-lightning: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ModuleNotFoundError as err:  # an optional package a chosen component needs
+        name = (err.name or "").split(".")[0]
+        if name not in OPTIONAL_EXTRAS:
+            raise
+        print(
+            f"fl-lightning: error: {name} is not installed: pip install "
+            f"'fl-lightning[{OPTIONAL_EXTRAS[name]}]' (or pip install {name})",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     except ValueError as err:
         # jsonargparse wraps an error raised while building an optional component

@@ -29,6 +29,14 @@ class _RoundWriter(ExperimentWriter):
             row = self.metrics.pop()
             self.metrics[-1].update(row)
 
+    def save_finished_rows(self) -> None:
+        """Write every row but the newest (which later calls at its step may still extend)."""
+        if len(self.metrics) < 2:
+            return
+        newest = self.metrics.pop()
+        self.save()
+        self.metrics = [newest]
+
 
 class RoundCSVLogger(CSVLogger):
     """``CSVLogger`` writing ``<save_dir>/<name>/version_N/metrics.csv`` with one row per round.
@@ -89,3 +97,15 @@ class RoundCSVLogger(CSVLogger):
         prefixed = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}" if self._prefix else k: v
                     for k, v in metrics.items()}
         writer.log_metrics(prefixed, step)
+
+    @rank_zero_only
+    def save(self) -> None:
+        """Write the finished rows (Lightning calls this after every logging call)."""
+        if self._experiment is not None:
+            self._experiment.save_finished_rows()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._experiment is None:
+            return
+        self._experiment.save()
