@@ -160,23 +160,16 @@ class _RoundCallback(pl.Callback):
 
     def _plot_series(self, trainer: Any, keys: Sequence[str], name: str, title: str,
                      logy: bool = False) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """One panel per key against integer rounds (:mod:`fl_lightning.plotting` style)."""
+        from fl_lightning import plotting
 
         keys = [k for k in keys if self.series(k)[0]]
         if not keys:
             return
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
-        for ax, key in zip(axes[0], keys, strict=True):
+        fig, axes = plotting.subplots(len(keys), width=3.8, height=3.1)
+        for ax, key in zip(axes, keys, strict=True):
             x, y = self.series(key)
-            ax.plot(x, y, marker="o", ms=3)
-            ax.set_xlabel("round")
-            ax.set_title(key)
-            if logy and all(v > 0 for v in y):
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
+            plotting.plot_rounds(ax, x, y, key=key, logy=logy)
         fig.suptitle(title)
         fig.tight_layout()
         self._save_figure(trainer, fig, name)

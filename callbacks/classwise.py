@@ -87,6 +87,9 @@ class ClassWiseAccuracy(_RoundCallback):
                        origin="lower", interpolation="nearest",
                        extent=(rounds[0] - 0.5, rounds[-1] + 0.5, -0.5, len(classes) - 0.5))
         ax.set_yticks(range(len(classes)), [str(c) for c in classes])
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel("class")
         ax.set_title("class-wise test accuracy of the global model")

@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from fl_lightning.callbacks._base import Criterion, _buffers, _fixed_batches, _RoundCallback
 from fl_lightning.callbacks.functional import hessian_eigenvalues
 from fl_lightning.hooks import RoundResult
 
-__all__ = ["HessianEigenvalues"]
+__all__ = ["HessianEigenvalues", "condition_ratio"]
+
+#: ``lambda_k`` at or below this share of ``|lambda_1|`` is Lanczos noise, not a curvature
+RATIO_TOLERANCE = 1e-4
+
+
+def condition_ratio(lambda_1: float, lambda_k: float) -> float:
+    """``lambda_1 / lambda_k``, or NaN (a gap in the plot) when it has no meaning.
+
+    The ratio describes the conditioning of a positive curvature; with ``lambda_k <= 1e-4 *
+    |lambda_1|`` (about 0, or negative) it is a division by rounding noise (e.g. -19,548) and is
+    reported as NaN, with a warning.
+
+    Example:
+        >>> condition_ratio(10.0, 2.0)
+        5.0
+        >>> condition_ratio(10.0, -5e-4)
+        nan
+    """
+    if not (math.isfinite(lambda_1) and math.isfinite(lambda_k)) or (
+        lambda_k <= RATIO_TOLERANCE * abs(lambda_1)
+    ):
+        rank_zero_warn(
+            f"hessian: lambda_k={lambda_k:.3g} is about 0 or negative (lambda_1={lambda_1:.3g}): "
+            "lambda_1/lambda_k is not meaningful and is logged as NaN (a gap in the plot)"
+        )
+        return math.nan
+    return lambda_1 / lambda_k
 
 
 class HessianEigenvalues(_RoundCallback):
@@ -26,10 +55,11 @@ class HessianEigenvalues(_RoundCallback):
 
     computed by Lanczos with full reorthogonalization (``num_iter`` steps) on Hessian-vector
     products ``H v = jvp(grad L)(w; v)`` (``torch.func``), on the module's device. Logs
-    ``hessian/lambda_1 .. lambda_k``, ``hessian/ratio_1_k`` = ``lambda_1 / lambda_k`` (the
-    FedSoL paper's ``lambda_1 / lambda_5`` with the default ``k=5``) and ``hessian/trace_k``
-    (their sum). A sharp (large ``lambda_1``) and ill-conditioned (large ratio) global model is
-    what the paper links to client drift.
+    ``hessian/lambda_1 .. lambda_k``, ``hessian/ratio_1_k`` = ``lambda_1 / lambda_k`` (NaN
+    when ``lambda_k`` is about 0 or negative, see :func:`condition_ratio`; the FedSoL paper's
+    ``lambda_1 / lambda_5`` with the default ``k=5``) and ``hessian/trace_k`` (their sum).
+    A sharp (large ``lambda_1``) and ill-conditioned (large ratio) global model is what the
+    paper links to client drift.
 
     Cost: ``num_iter`` Hessian-vector products on ``num_batches * batch_size`` samples (each about
     2-3 forward+backward passes) and ``num_iter`` vectors of the model's size in memory. For
@@ -107,7 +137,7 @@ class HessianEigenvalues(_RoundCallback):
         self.eigenvectors = evecs.detach()
         vals = [float(v) for v in evals]
         out = {f"lambda_{i + 1}": v for i, v in enumerate(vals)}
-        out[f"ratio_1_{len(vals)}"] = vals[0] / vals[-1] if vals[-1] != 0 else float("inf")
+        out[f"ratio_1_{len(vals)}"] = condition_ratio(vals[0], vals[-1])
         out["trace_k"] = sum(vals)
         out["seconds"] = seconds
         return out
@@ -123,5 +153,5 @@ class HessianEigenvalues(_RoundCallback):
     def _plot(self, trainer: Any) -> None:
         self._plot_series(
             trainer, ["lambda_1", f"ratio_1_{self.k}"], "hessian",
-            "top Hessian eigenvalue and lambda_1/lambda_k of the global model", logy=False,
+            "Hessian spectrum of the global model", logy=False,
         )
