@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
+from torchmetrics.functional.classification import multiclass_stat_scores
 
 __all__ = [
     "Batch",
@@ -432,9 +433,9 @@ def class_accuracy(
     loss_sum = 0.0
     for x, y in batches:
         logits = functional_call(net, (dict(params), dict(buffers)), (x,))
-        hit = (logits.argmax(1) == y).double().cpu()
-        yc = y.cpu()
-        correct.index_add_(0, yc, hit)
-        count.index_add_(0, yc, torch.ones_like(hit))
+        # torchmetrics' per-class [tp, fp, tn, fn, support]: correct = tp, count = support
+        stats = multiclass_stat_scores(logits.argmax(1), y, num_classes, average=None)
+        correct += stats[:, 0].double().cpu()
+        count += stats[:, 4].double().cpu()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
     return correct, count, torch.tensor(loss_sum / max(float(count.sum()), 1.0))

@@ -41,6 +41,10 @@ class RoundResult:
         systems: the round's systems metrics (``stragglers``, ``dropped_clients``,
             ``malicious_clients``, ``bytes_up``, ``epsilon``); empty without
             :mod:`fl_lightning.systems` options.
+        sampled: ``(client_id, num_samples)`` of every client sampled in the round (all ranks,
+            before dropouts).
+        stragglers: ids of sampled clients that ran only part of their local steps.
+        dropped: ids of sampled clients that dropped out before training.
     """
 
     round: int
@@ -54,3 +58,6 @@ class RoundResult:
     train_loss: Tensor
     skipped_clients: list[int] = field(default_factory=list)
     systems: dict[str, float] = field(default_factory=dict)
+    sampled: list[tuple[int, int]] = field(default_factory=list)
+    stragglers: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)

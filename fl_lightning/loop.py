@@ -48,6 +48,7 @@ class RoundLoop:
         net = module.net
         per_round = module.clients_per_round(dm.num_clients)
         plan = dm.round_plan(round_idx, per_round, module.local_epochs, module.batch_size)
+        sampled = [(c.client_id, c.num_samples) for c in plan.clients]
         systems, info = module.systems, None
         if systems.active:  # (rejected under DDP at setup)
             plan, info = systems.begin_round(plan, dm.seed, per_round)
@@ -93,6 +94,9 @@ class RoundLoop:
             train_loss=stack_losses(results) if train_loss is None else train_loss,
             skipped_clients=skipped,
             systems=info.metrics if info is not None else {},
+            sampled=sampled,
+            stragglers=list(info.stragglers) if info is not None else [],
+            dropped=list(info.dropped) if info is not None else [],
         )
         trainer = module.trainer
         for callback in trainer.callbacks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from fl_lightning import plotting
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.distributed import check_distributed
@@ -177,6 +179,10 @@ class FederatedModule(pl.LightningModule):
             participation, attack, compressor, privacy, secure_aggregation, aggregator
         )
         self.round_loop = RoundLoop(self)
+        self.curves: dict[str, list[tuple[int, float]]] = {
+            "train_loss": [], "val_loss": [], "val_acc": [],
+        }  # per round, for curves.png (kept in checkpoints)
+        self._out_dir: str | None = None
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self._datamodule = None
@@ -265,6 +271,47 @@ class FederatedModule(pl.LightningModule):
         self.log("skipped_clients", float(len(result.skipped_clients)), on_step=True, batch_size=1)
         for name, value in result.systems.items():
             self.log(name, value, on_step=True, batch_size=1)
+        self.curves["train_loss"].append((result.round + 1, float(result.train_loss)))
+        self._log_clients(result)
+
+    # ------------------------------------------------------------------ run outputs
+    def on_train_start(self) -> None:
+        # trainer.log_dir is a broadcast under DDP: every rank asks once, here
+        self._out_dir = self.trainer.log_dir or self.trainer.default_root_dir
+
+    def _log_clients(self, result: Any) -> None:
+        """Append the round's sampled clients to ``<log_dir>/clients.csv``.
+
+        One row per sampled client: ``round`` (from 1), ``client_id``, ``num_samples`` and
+        ``status``: ``trained``, ``straggler`` (ran part of its local steps), ``skipped``
+        (non-finite update, left out) or ``dropped`` (dropped out before training).
+        """
+        if self._out_dir is None or self._trainer is None or not self.trainer.is_global_zero:
+            return
+        path = os.path.join(self._out_dir, "clients.csv")
+        status = {c: "dropped" for c in result.dropped}
+        status.update({c: "straggler" for c in result.stragglers})
+        status.update({c: "skipped" for c in result.skipped_clients})
+        sampled = result.sampled or list(zip(result.client_ids, result.client_sizes,
+                                             strict=True))
+        new = not os.path.isfile(path)
+        os.makedirs(self._out_dir, exist_ok=True)
+        with open(path, "a", newline="") as fh:
+            writer = csv.writer(fh)
+            if new:
+                writer.writerow(["round", "client_id", "num_samples", "status"])
+            for client_id, size in sampled:
+                writer.writerow([result.round + 1, client_id, size,
+                                 status.get(client_id, "trained")])
+
+    def on_validation_end(self) -> None:
+        trainer = self._trainer
+        if trainer is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        metrics = trainer.callback_metrics
+        for key in ("val_acc", "val_loss"):
+            if key in metrics:
+                self.curves[key].append((int(trainer.global_step), float(metrics[key])))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Lightning only notices SIGTERM at the end of an epoch (= the whole run here): stop at
@@ -302,15 +349,18 @@ class FederatedModule(pl.LightningModule):
         dm = self.datamodule
         was_training = self.net.training
         self.net.eval()
-        correct, loss_sum, n = 0, 0.0, 0
+        accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        accuracy = accuracy.to(self.device)
+        loss_sum, n = 0.0, 0
         for x, y in dm.test_dataloader():
             x, y = x.to(self.device, self.dtype), y.to(self.device)
             logits = self.net(x)
-            correct += int((logits.argmax(1) == y).sum())
+            accuracy.update(logits, y)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             n += len(y)
         self.net.train(was_training)
-        return {"test_acc": correct / max(n, 1), "test_loss": loss_sum / max(n, 1)}
+        acc = float(accuracy.compute()) if n else 0.0
+        return {"test_acc": acc, "test_loss": loss_sum / max(n, 1)}
 
     def on_train_end(self) -> None:
         if self.trainer.global_step == 0:
@@ -324,6 +374,13 @@ class FederatedModule(pl.LightningModule):
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, "final_metrics.json"), "w") as fh:
                 json.dump(metrics, fh, indent=2)
+        if log_dir is not None:
+            curves = plotting.curves(
+                self.curves, os.path.join(log_dir, "curves.png"),
+                title=f"{type(self.algorithm).__name__}, {rounds} rounds",
+            )
+            if curves is not None:
+                print(f"fl-lightning: learning curves saved to {curves}")
         print(
             f"fl-lightning: final global test accuracy {metrics['test_acc']:.4f} "
             f"(loss {metrics['test_loss']:.4f}) after {metrics['rounds']} rounds"
@@ -331,10 +388,13 @@ class FederatedModule(pl.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fl_curves"] = {k: [list(p) for p in v] for k, v in self.curves.items()}
         checkpoint["fl_algorithm_state"] = self.algorithm.state_dict()
         if self.systems.active:
             checkpoint["fl_systems_state"] = self.systems.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for key, points in checkpoint.get("fl_curves", {}).items():
+            self.curves[key] = [(int(r), float(v)) for r, v in points]
         self.algorithm.load_state_dict(checkpoint.get("fl_algorithm_state", {}))
         self.systems.load_state_dict(checkpoint.get("fl_systems_state", {}))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.features import FeatureCaller
@@ -93,7 +94,7 @@ def _accuracy(net: nn.Module, params: Params, buffers: Params, x: Tensor, y: Ten
     logits = functional_call(net, (params, buffers), (x,))
     if extra is not None:
         logits = weight * extra + (1.0 - weight) * logits
-    return float((logits.argmax(1) == y).float().mean())
+    return float(multiclass_accuracy(logits, y, logits.shape[1], average="micro"))
 
 
 def personalize(
