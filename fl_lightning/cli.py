@@ -160,7 +160,6 @@ class FederatedCLI(LightningCLI):
                 f"--resume_changes={config.get('resume_changes')!r} is unknown: use error or apply"
             )
         self._add_default_checkpointing(config)
-        self._apply_output_defaults(config)
 
     def _add_default_checkpointing(self, config: Namespace) -> None:
         trainer = config.trainer
@@ -185,6 +184,14 @@ class FederatedCLI(LightningCLI):
         trainer["callbacks"] = callbacks
 
     # ------------------------------------------------------------------ outputs (issue #16)
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then apply the output defaults (before Lightning seeds and logs anything)."""
+        super().parse_arguments(parser, args)
+        command = self.config.get("subcommand")
+        config = self.config[command] if command else self.config
+        if config.get("trainer") is not None:
+            self._apply_output_defaults(config)
+
     def _apply_output_defaults(self, config: Namespace) -> None:
         """Outputs under ``--trainer.default_root_dir``; the round progress bar by default.
 

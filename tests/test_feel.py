@@ -1,0 +1,205 @@
+"""What a Lightning user meets first: outputs, terminal, --help, short names, failures (#16)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import tomllib
+import warnings
+from pathlib import Path
+
+import pytest
+
+from fl_lightning import plotting, registry
+from fl_lightning.callbacks.hessian import condition_ratio
+from fl_lightning.cli import main
+from fl_lightning.loggers import RoundCSVLogger
+from fl_lightning.progress import format_round_line
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = str(REPO / "configs" / "quickstart.yaml")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def test_quickstart_writes_only_under_default_root_dir(tmp_path):
+    """The README's quick start, 3 rounds, output not a terminal: everything lands under
+    --trainer.default_root_dir (nothing in the working directory), one metrics row per round,
+    clients.csv and curves.png, and one log line per round with its round and accuracy."""
+    cwd, root = tmp_path / "cwd", tmp_path / "root"
+    cwd.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fl_lightning.cli", "fit", "--config", QUICK,
+         "--trainer.max_steps", "3", "--trainer.val_check_interval", "1",
+         "--model.local_epochs", "1", "--trainer.default_root_dir", str(root)],
+        cwd=cwd, env=_env(MPLCONFIGDIR=str(tmp_path / "mpl")), capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(cwd.iterdir()) == []  # nothing written outside the root
+    run = root / "lightning_logs" / "fl" / "version_0"
+    assert (run / "curves.png").stat().st_size > 10_000
+    assert (run / "checkpoints" / "round=3.ckpt").is_file()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]  # one row per round
+    assert [float(r["round"]) for r in rows] == [1.0, 2.0, 3.0]
+    assert all(r["train_loss"] and r["val_acc"] for r in rows) and "epoch" not in rows[0]
+    clients = list(csv.DictReader(open(run / "clients.csv")))
+    assert len(clients) == 3 * 5  # 5 of the 20 clients per round
+    assert {c["status"] for c in clients} == {"trained"}
+    assert all(int(c["num_samples"]) > 0 for c in clients)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("round ")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["round 1/3", "round 2/3", "round 3/3"]
+    accs = [float(r["val_acc"]) for r in rows]
+    for line, acc in zip(lines, accs, strict=True):
+        assert "clients 5 (skipped 0, straggling 0)" in line
+        assert f"val_acc {acc:.4f}" in line
+    noise = proc.stdout + proc.stderr
+    for unwanted in ("Validation DataLoader", "Tip:", "manual optimization", "v_num", "LeafSpec"):
+        assert unwanted not in noise
+
+
+def test_fit_help_is_short_and_lists_only_project_models(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 300
+    assert "torch.nn" not in out and "Bilinear" not in out
+    net = out[out.index("--model.net VALUE"):out.index("--model.algorithm VALUE")]
+    for name in ("FedAvgCNN", "MLP2NN", "ResNet18", "VGG11", "SLViT"):
+        assert name in net
+    engine = out[out.index("--model.engine VALUE"):out.index("--model.on_nonfinite")]
+    assert "BatchedEngine" in engine and "SequentialEngine" in engine
+    assert "HessianEigenvalues" in out and "RoundProgressBar" in out
+
+
+def test_short_names_resolve(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", QUICK, "--model.engine", "BatchedEngine",
+              "--model.algorithm", "FedProx", "--model.net", "MLP2NN",
+              "--model.aggregator", "Krum", "--model.server_optimizer", "FedYogi",
+              "--trainer.callbacks+=HessianEigenvalues", "--trainer.callbacks+=RoundProgressBar",
+              "--trainer.logger", "RoundCSVLogger", "--print_config"])
+    out = capsys.readouterr().out
+    for path in ("fl_lightning.engines.BatchedEngine", "fl_lightning.algorithms.FedProx",
+                 "fl_lightning.models.MLP2NN", "fl_lightning.systems.Krum",
+                 "fl_lightning.optim.FedYogi", "fl_lightning.callbacks.HessianEigenvalues",
+                 "fl_lightning.progress.RoundProgressBar", "fl_lightning.loggers.RoundCSVLogger"):
+        assert f"class_path: {path}" in out
+    names = registry.short_names()
+    assert names["BatchedEngine"] == "fl_lightning.engines.BatchedEngine"
+    assert names["FedSoL"] == "fl_lightning.algorithms.FedSoL"
+    assert names["ClassWiseAccuracy"] == "fl_lightning.callbacks.ClassWiseAccuracy"
+
+
+def test_missing_tensorboard_is_one_line_exit_2(tmp_path):
+    shim = (  # tensorboard made unimportable, whether installed or not
+        "import sys; sys.modules['tensorboard'] = None; sys.modules['tensorboardX'] = None; "
+        "from fl_lightning.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", shim, "fit", "--config", QUICK, "--trainer.logger",
+         "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir",
+         "lightning_logs"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "tensorboard" in lines[0] and "fl-lightning[tensorboard]" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["predict", "tune"])
+def test_unsupported_subcommand_is_one_line_exit_2(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--config", QUICK])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and command in err[0] and "fit" in err[0]
+
+
+def test_missing_rich_is_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rich", None)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", QUICK, "--trainer.callbacks+=RichRoundProgressBar"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fl-lightning[rich]" in err[0]
+
+
+# ---------------------------------------------------------------------- units
+def test_round_csv_logger_merges_a_step_into_one_row(tmp_path):
+    logger = RoundCSVLogger(str(tmp_path), name="fl")
+    logger.log_metrics({"train_loss": 1.0, "round": 1.0, "epoch": 0}, step=0)
+    logger.save()  # Lightning saves after every call: the open row stays pending
+    logger.log_metrics({"hessian/lambda_1": 3.0}, step=0)
+    logger.log_metrics({"val_acc": 0.5}, step=0)
+    logger.log_metrics({"train_loss": 0.8, "round": 2.0}, step=1)
+    logger.finalize("success")
+    rows = list(csv.DictReader(open(tmp_path / "fl" / "version_0" / "metrics.csv")))
+    assert len(rows) == 2 and "epoch" not in rows[0]
+    assert rows[0]["hessian/lambda_1"] == "3.0" and rows[0]["val_acc"] == "0.5"
+    assert rows[1]["train_loss"] == "0.8" and rows[1]["val_acc"] == ""
+
+
+def test_round_line_has_round_clients_accuracy_and_eta():
+    line = format_round_line({"round": 4, "total": 10, "clients": 5, "skipped": 1,
+                              "straggling": 2, "train_loss": 0.5, "val_acc": 0.875,
+                              "seconds": 2.0})
+    assert line == ("round 4/10 | clients 5 (skipped 1, straggling 2) | train_loss 0.5000 | "
+                    "val_acc 0.8750 | 2.00 s/round | ETA 12s")
+
+
+def test_hessian_ratio_is_a_gap_when_lambda_k_is_about_zero(tmp_path):
+    assert condition_ratio(10.0, 2.5) == 4.0
+    with pytest.warns(UserWarning, match="not meaningful"):
+        assert math.isnan(condition_ratio(0.97, -4.96e-5))  # was printed as -19,548
+    fig, axes = plotting.subplots(1)
+    with pytest.warns(UserWarning, match="1 of 3 values"):
+        plotting.plot_rounds(axes[0], [10, 20, 30], [3.1, math.nan, 2.9], key="hessian/ratio_1_5")
+    assert axes[0].get_title() == "Hessian condition: lambda_1 / lambda_5"
+    assert axes[0].get_xlabel() == "round"
+    assert all(float(t).is_integer() for t in axes[0].get_xticks())
+    plotting.save(fig, str(tmp_path / "r.png"))
+
+
+def test_old_callbacks_name_warns_and_is_the_same_package():
+    code = ("import warnings, sys; warnings.simplefilter('error', DeprecationWarning)\n"
+            "try:\n    import callbacks\nexcept DeprecationWarning as w:\n    print('warned', w)\n"
+            "warnings.simplefilter('ignore')\nimport callbacks, fl_lightning.callbacks as new\n"
+            "from callbacks.hessian import HessianEigenvalues as H\n"
+            "print(callbacks is new, H is new.HessianEigenvalues)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "warned" in proc.stdout and "fl_lightning.callbacks" in proc.stdout
+    assert proc.stdout.strip().endswith("True True")
+
+
+def test_every_subpackage_is_packaged():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {str(p.parent.relative_to(REPO)).replace(os.sep, ".")
+             for p in (REPO / "fl_lightning").rglob("__init__.py")}
+    assert found | {"fl_lightning.callbacks"} == set(config["packages"])
+    assert config["package-dir"] == {"fl_lightning.callbacks": "callbacks"}
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert {"tensorboard", "rich"} <= set(extras["optional-dependencies"])
+
+
+def test_plotting_warns_only_for_non_finite(recwarn):
+    fig, axes = plotting.subplots(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plotting.plot_rounds(axes[0], [1, 2], [0.1, 0.2], key="val_acc")
+    assert axes[0].get_ylabel() == "accuracy"
