@@ -7,11 +7,11 @@ import math
 import os
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fl_lightning import plotting, registry
 from fl_lightning.callbacks.hessian import condition_ratio
