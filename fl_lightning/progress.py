@@ -91,7 +91,7 @@ class _RoundStats:
         s = self.stats
         if not s:
             return {}
-        out = {"clients": f"{s['clients']}/{s['skipped']}/{s['straggling']}",
+        out = {"clients": s["clients"], "skipped": s["skipped"], "straggling": s["straggling"],
                "loss": f"{s['train_loss']:.4f}"}
         if s.get("val_acc") is not None:
             out["val_acc"] = f"{s['val_acc']:.4f}"
@@ -102,9 +102,9 @@ class _RoundStats:
 class RoundProgressBar(TQDMProgressBar):
     """A tqdm bar that counts rounds, or one log line per round when not on a terminal.
 
-    The bar reads ``round r/R`` with ``clients`` as trained/skipped/straggling in the round, the
-    round's mean train loss, the last validation accuracy and seconds per round (tqdm adds the
-    ETA). Validation draws no bar of its own. Without a terminal on stderr (or with
+    The bar reads ``round r/R`` with the round's ``clients`` trained, ``skipped`` (non-finite)
+    and ``straggling``, its mean train loss, the last validation accuracy and seconds per round
+    (tqdm adds the ETA). Validation draws no bar of its own. Without a terminal on stderr (or with
     ``lines=True``) it prints :func:`format_round_line` after every round instead.
 
     Args:
@@ -138,7 +138,8 @@ class RoundProgressBar(TQDMProgressBar):
         )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:  # noqa: D102
-        super().on_train_epoch_start(trainer, *args)
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         self.train_progress_bar.reset(total)
         self.train_progress_bar.n = trainer.global_step

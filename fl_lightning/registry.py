@@ -28,6 +28,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "model": ("fl_lightning.models", "--model.net"),
     "callback": ("fl_lightning.callbacks", "--trainer.callbacks"),
     "system": ("fl_lightning.systems", "--model.participation/attack/compressor/..."),
+    "progress_bar": ("fl_lightning.progress", "--trainer.callbacks"),
+    "checkpoint": ("fl_lightning.checkpoint", "--trainer.callbacks"),
     "logger": ("fl_lightning.loggers", "--trainer.logger"),
     "server_optimizer": ("fl_lightning.optim", "--model.server_optimizer"),
 }

@@ -40,7 +40,8 @@ def test_quickstart_writes_only_under_default_root_dir(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fl_lightning.cli", "fit", "--config", QUICK,
          "--trainer.max_steps", "3", "--trainer.val_check_interval", "1",
-         "--model.local_epochs", "1", "--trainer.default_root_dir", str(root)],
+         "--model.local_epochs", "1", "--trainer.default_root_dir", str(root),
+         "--trainer.callbacks+=RoundProgressBar", "--trainer.callbacks.lines=true"],
         cwd=cwd, env=_env(MPLCONFIGDIR=str(tmp_path / "mpl")), capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -174,17 +175,16 @@ def test_hessian_ratio_is_a_gap_when_lambda_k_is_about_zero(tmp_path):
     plotting.save(fig, str(tmp_path / "r.png"))
 
 
-def test_old_callbacks_name_warns_and_is_the_same_package():
-    code = ("import warnings, sys; warnings.simplefilter('error', DeprecationWarning)\n"
-            "try:\n    import callbacks\nexcept DeprecationWarning as w:\n    print('warned', w)\n"
-            "warnings.simplefilter('ignore')\nimport callbacks, fl_lightning.callbacks as new\n"
-            "from callbacks.hessian import HessianEigenvalues as H\n"
-            "print(callbacks is new, H is new.HessianEigenvalues)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "warned" in proc.stdout and "fl_lightning.callbacks" in proc.stdout
-    assert proc.stdout.strip().endswith("True True")
+def test_old_callbacks_name_warns_and_is_the_same_package(monkeypatch):
+    import fl_lightning.callbacks as new
+
+    for name in [n for n in sys.modules if n == "callbacks" or n.startswith("callbacks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.warns(DeprecationWarning, match="fl_lightning.callbacks"):
+        import callbacks
+    from callbacks.hessian import HessianEigenvalues
+
+    assert callbacks is new and HessianEigenvalues is new.HessianEigenvalues
 
 
 def test_every_subpackage_is_packaged():
