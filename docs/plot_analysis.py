@@ -14,11 +14,9 @@ import csv
 import json
 import os
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from fl_lightning import plotting  # the package's plotting style (also sets the Agg backend)
 
 
 def _history(run: str, name: str) -> list[dict]:
@@ -46,21 +44,14 @@ def _val(run: str) -> tuple[list[float], list[float]]:
 
 def _panel(runs: dict[str, str], panels: list[tuple[str, str, str]], out: str, title: str,
            logy: tuple[str, ...] = ()) -> None:
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.1), squeeze=False)
-    for ax, (source, key, label) in zip(axes[0], panels, strict=True):
+    fig, axes = plotting.subplots(len(panels))
+    for ax, (source, key, label) in zip(axes, panels, strict=True):
         for name, run in runs.items():
             x, y = _val(run) if source == "val" else _series(_history(run, source), key)
-            ax.plot(x, y, marker="o", ms=3, label=name)
-        ax.set_title(label)
-        ax.set_xlabel("round")
-        if key in logy:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
+            plotting.plot_rounds(ax, x, y, key=key, name=name, title=label, logy=key in logy)
+    axes[0].legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    plotting.save(fig, out, dpi=100)
 
 
 def _landscapes(runs: dict[str, str], out: str) -> None:
@@ -72,9 +63,9 @@ def _landscapes(runs: dict[str, str], out: str) -> None:
             grids[name] = torch.load(os.path.join(run, "analysis", files[-1]))
     if not grids:
         return
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.3 * len(grids), 3.6), squeeze=False)
+    fig, axes = plotting.subplots(len(grids), width=4.3, height=3.6)
     vmax = max(float(g["loss"].max()) for g in grids.values())
-    for ax, (name, g) in zip(axes[0], grids.items(), strict=True):
+    for ax, (name, g) in zip(axes, grids.items(), strict=True):
         a, b, z = g["a"].numpy(), g["b"].numpy(), g["loss"].numpy()
         levels = torch.linspace(0, vmax, 21).numpy()
         cs = ax.contourf(a, b, z, levels=levels, cmap="viridis")
@@ -84,9 +75,7 @@ def _landscapes(runs: dict[str, str], out: str) -> None:
         ax.set_xlabel("top eigenvector d1" if g["directions"] == "hessian" else "d1")
         ax.set_ylabel("second eigenvector d2" if g["directions"] == "hessian" else "d2")
         fig.colorbar(cs, ax=ax, label="train loss")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    plotting.save(fig, out, dpi=100)
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ Usage (from the repository root; resumable, a finished run is skipped):
 
 Each row is one command of the form
 
-    python -m fl_lightning.cli fit --config configs/mnist/fedavg_<lda|shard>.yaml \
-        --config configs/algorithms/<row>.yaml --data.data_dir /work/shared/data <budget flags>
+    fl-lightning fit --config configs/mnist/fedavg_<lda|shard>.yaml \
+        --config configs/algorithms/<row>.yaml --data.data_dir DATA_DIR <budget flags>
 
 printed in full under the table.
 """
@@ -77,7 +77,12 @@ def run(part: str, row: str, args: argparse.Namespace) -> dict:
 
 
 def _shown(cmd: list[str]) -> str:
-    return shlex.join(["python", *cmd[1:]])
+    """The command as a user types it: ``fl-lightning fit ...`` with the data folder as
+    ``DATA_DIR``."""
+    args = cmd[3:] if cmd[1:3] == ["-m", "fl_lightning.cli"] else cmd[1:]
+    args = ["DATA_DIR" if i and args[i - 1] == "--data.data_dir" else a
+            for i, a in enumerate(args)]
+    return shlex.join(["fl-lightning", *args])
 
 
 def main() -> None:

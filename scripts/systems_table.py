@@ -7,9 +7,9 @@ Usage (from the repository root; resumable, a finished run is skipped; one run a
 
 Every row is one command of the form
 
-    python -m fl_lightning.cli fit --config configs/mnist/systems_2nn.yaml \
+    fl-lightning fit --config configs/mnist/systems_2nn.yaml \
         [--config configs/algorithms/<algorithm>.yaml] [--config configs/systems/<x>.yaml ...] \
-        --data.data_dir /work/shared/data [overrides]
+        --data.data_dir DATA_DIR [overrides]
 
 printed in full under its table, with its wall time.
 """
@@ -105,7 +105,12 @@ def _acc(r: dict) -> str:
 
 
 def _shown(cmd: list[str]) -> str:
-    return shlex.join(["python", *cmd[1:]])
+    """The command as a user types it: ``fl-lightning fit ...`` with the data folder as
+    ``DATA_DIR``."""
+    args = cmd[3:] if cmd[1:3] == ["-m", "fl_lightning.cli"] else cmd[1:]
+    args = ["DATA_DIR" if i and args[i - 1] == "--data.data_dir" else a
+            for i, a in enumerate(args)]
+    return shlex.join(["fl-lightning", *args])
 
 
 def main() -> None:
