@@ -276,5 +276,6 @@ class RichRoundProgressBar(RichProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict[str, Any]:  # noqa: D102
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        items.update(self._round.postfix())
+        extra = {k: str(v) for k, v in self._round.postfix().items() if k != "loss"}
+        items.update(extra)
         return items
