@@ -8,7 +8,8 @@
   (Lightning's own code, not ours).
 - the "Tip: ... try installing litlogger / litmodels" banners.
 
-Every other warning is still shown.
+Every other warning is still shown, and the ``DeprecationWarning`` of the old top-level name
+``callbacks`` (``class_path: callbacks.X`` in an old config) is made visible.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def quiet_expected_messages() -> None:
     """Install the filters (idempotent)."""
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    # the deprecated ``callbacks`` name in a config: say so (Python hides DeprecationWarning)
+    warnings.filterwarnings("default", message="the top-level package 'callbacks' is deprecated",
+                            category=DeprecationWarning)
     for name in _BANNER_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropBanners) for f in logger.filters):
