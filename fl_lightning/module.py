@@ -349,8 +349,9 @@ class FederatedModule(pl.LightningModule):
         dm = self.datamodule
         was_training = self.net.training
         self.net.eval()
-        accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-        accuracy = accuracy.to(self.device)
+        # this process's own evaluation (rank 0 only under DDP): no cross-process sync
+        accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro",
+                                      sync_on_compute=False).to(self.device)
         loss_sum, n = 0.0, 0
         for x, y in dm.test_dataloader():
             x, y = x.to(self.device, self.dtype), y.to(self.device)
