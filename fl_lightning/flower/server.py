@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,11 @@ def build_run(config_path: str, args: str, rounds: int):
     argv = ["--config", config_path, *shlex.split(args), "--trainer.max_steps", str(rounds),
             "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
             "--trainer.enable_progress_bar", "false"]
-    cli = FederatedCLI(args=argv, run=False)
+    saved_argv, sys.argv = sys.argv, sys.argv[:1]  # flwr-serverapp's own flags are not ours
+    try:
+        cli = FederatedCLI(args=argv, run=False)
+    finally:
+        sys.argv = saved_argv
     module, dm, cfg = cli.model, cli.datamodule, cli.config
     precision = str(cfg.trainer.get("precision") or "32-true")
     if precision not in SUPPORTED_PRECISION:
