@@ -44,11 +44,11 @@ class _RecordedDrops(Participation):
         return [c for c in client_ids if c in self.dropped.get(round_idx, [])], []
 
 
-def _simulate(tmp_path: Path, args: str, rounds: int, dropped=None) -> dict[str, torch.Tensor]:
+def _simulate(root: Path, args: str, rounds: int, dropped=None) -> dict[str, torch.Tensor]:
     argv = ["--config", str(CONFIG), *args.split(), "--trainer.max_steps", str(rounds),
             "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)]
+            "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root)]
     cli = FederatedCLI(args=argv, run=False)
     if dropped:
         cli.model.systems.participation = _RecordedDrops(dropped)
@@ -88,7 +88,7 @@ def test_flower_federation_matches_simulation_and_drops_a_killed_supernode(tmp_p
             _wait(proc, f"the {name} run")
         # 2. a FedAvg run in which one sampled SuperNode is killed after the first round
         kill_dir = tmp_path / "killed"
-        proc = fed.submit(APP, {"rounds": 3, "args": ALGORITHMS["fedavg"],
+        proc = fed.submit(APP, {"rounds": ROUNDS, "args": ALGORITHMS["fedavg"],
                                 "save-dir": str(kill_dir), "round-timeout": 300.0},
                           log_name="run-killed.log")
         progress = kill_dir / "progress.jsonl"
@@ -101,10 +101,11 @@ def test_flower_federation_matches_simulation_and_drops_a_killed_supernode(tmp_p
         fed.kill(victim)
         _wait(proc, "the run with a killed SuperNode")
     for name, args in ALGORITHMS.items():
-        _assert_same(_final(tmp_path / name), _simulate(tmp_path, args, ROUNDS), name)
+        sim = _simulate(tmp_path / f"sim-{name}", args, ROUNDS)
+        _assert_same(_final(tmp_path / name), sim, name)
     summary = json.loads((kill_dir / "summary.json").read_text())
     history = summary["history"]
-    assert [h["round"] for h in history] == [0, 1, 2]  # the run finished every round
+    assert [h["round"] for h in history] == list(range(ROUNDS))  # it finished every round
     assert history[0]["dropped"] == []
     dropped = {h["round"]: h["dropped"] for h in history if h["dropped"]}
     assert victim in dropped.get(1, []), history[1]
@@ -112,5 +113,5 @@ def test_flower_federation_matches_simulation_and_drops_a_killed_supernode(tmp_p
         assert set(h["dropped"]) == ({victim} & set(h["sampled"]))
         assert set(h["reported"]) == set(h["sampled"]) - {victim}
     # nothing lost: exactly the simulation in which the victim drops out of those rounds
-    _assert_same(_final(kill_dir), _simulate(tmp_path, ALGORITHMS["fedavg"], 3, dropped),
-                 "killed SuperNode")
+    sim = _simulate(tmp_path / "sim-killed", ALGORITHMS["fedavg"], ROUNDS, dropped)
+    _assert_same(_final(kill_dir), sim, "killed SuperNode")
