@@ -17,6 +17,7 @@ pytest.importorskip("flwr")
 
 import torch  # noqa: E402
 
+from fl_lightning.algorithms.base import ClientResult  # noqa: E402
 from fl_lightning.cli import FederatedCLI  # noqa: E402
 from fl_lightning.flower.federation import LocalFederation  # noqa: E402
 from fl_lightning.systems.participation import Participation  # noqa: E402
@@ -31,6 +32,8 @@ ALGORITHMS = {
 }
 ROUNDS = 2
 RUN_LIMIT_S = 900  # bounds a hung run only
+#: SCAFFOLD's delta_c travels as ClientResult.extras (the algorithms' capability API)
+HAS_EXTRAS = "extras" in getattr(ClientResult, "__dataclass_fields__", {})
 
 
 class _RecordedDrops(Participation):
@@ -77,41 +80,38 @@ def _assert_same(flower: dict, sim: dict, what: str) -> None:
 
 
 def test_flower_federation_matches_simulation_and_drops_a_killed_supernode(tmp_path):
+    # FedAvg, FedSoL and SCAFFOLD as three concurrent runs on one federation of 3 SuperNodes;
+    # once FedAvg's first round is done, a SuperNode that every run samples is killed
     with LocalFederation(3, tmp_path / "fed") as fed:
-        # 1. FedAvg, FedSoL and SCAFFOLD as three concurrent runs on one federation
         runs = {}
         for name, args in ALGORITHMS.items():
             cfg = {"rounds": ROUNDS, "args": args, "save-dir": str(tmp_path / name),
                    "round-timeout": 300.0}
             runs[name] = fed.submit(APP, cfg, log_name=f"run-{name}.log")
-        for name, proc in runs.items():
-            _wait(proc, f"the {name} run")
-        # 2. a FedAvg run in which one sampled SuperNode is killed after the first round
-        kill_dir = tmp_path / "killed"
-        proc = fed.submit(APP, {"rounds": ROUNDS, "args": ALGORITHMS["fedavg"],
-                                "save-dir": str(kill_dir), "round-timeout": 300.0},
-                          log_name="run-killed.log")
-        progress = kill_dir / "progress.jsonl"
+        progress = tmp_path / "fedavg" / "progress.jsonl"
         deadline = time.monotonic() + RUN_LIMIT_S
         while not (progress.is_file() and progress.read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, "round 1 never ended"
+            assert runs["fedavg"].poll() is None, "the fedavg run stopped before its round 1"
+            assert time.monotonic() < deadline, "round 1 never ended"
             time.sleep(0.1)
         first = json.loads(progress.read_text().splitlines()[0])
-        victim = first["reported"][0]  # the seeded sampler picks it again in round 2
+        assert first["dropped"] == [] and len(first["reported"]) == 2
+        victim = first["reported"][0]  # the seeded sampler picks it in every round
         fed.kill(victim)
-        _wait(proc, "the run with a killed SuperNode")
+        for name, proc in runs.items():
+            _wait(proc, f"the {name} run")
     for name, args in ALGORITHMS.items():
-        sim = _simulate(tmp_path / f"sim-{name}", args, ROUNDS)
+        history = json.loads((tmp_path / name / "summary.json").read_text())["history"]
+        assert [h["round"] for h in history] == list(range(ROUNDS))  # it finished every round
+        for h in history:  # only the killed node is ever missing, the others always report
+            assert set(h["reported"]) | set(h["dropped"]) == set(h["sampled"])
+            assert set(h["dropped"]) <= {victim}
+        dropped = {h["round"]: h["dropped"] for h in history if h["dropped"]}
+        if name == "fedavg":
+            assert dropped == {r: [victim] for r in range(1, ROUNDS)}, history
+        # nothing lost: exactly the simulation with the same seed, the same sampled clients
+        # and the killed client dropped from the same rounds
+        if name == "scaffold" and not HAS_EXTRAS:
+            pytest.skip("SCAFFOLD over Flower needs ClientResult.extras/state (capability API)")
+        sim = _simulate(tmp_path / f"sim-{name}", args, ROUNDS, dropped)
         _assert_same(_final(tmp_path / name), sim, name)
-    summary = json.loads((kill_dir / "summary.json").read_text())
-    history = summary["history"]
-    assert [h["round"] for h in history] == list(range(ROUNDS))  # it finished every round
-    assert history[0]["dropped"] == []
-    dropped = {h["round"]: h["dropped"] for h in history if h["dropped"]}
-    assert victim in dropped.get(1, []), history[1]
-    for h in history[1:]:  # dropped whenever sampled, the others always kept
-        assert set(h["dropped"]) == ({victim} & set(h["sampled"]))
-        assert set(h["reported"]) == set(h["sampled"]) - {victim}
-    # nothing lost: exactly the simulation in which the victim drops out of those rounds
-    sim = _simulate(tmp_path / "sim-killed", ALGORITHMS["fedavg"], ROUNDS, dropped)
-    _assert_same(_final(kill_dir), sim, "killed SuperNode")
