@@ -17,7 +17,6 @@ pytest.importorskip("flwr")
 
 import torch  # noqa: E402
 
-from fl_lightning.algorithms.base import ClientResult  # noqa: E402
 from fl_lightning.cli import FederatedCLI  # noqa: E402
 from fl_lightning.flower.federation import LocalFederation  # noqa: E402
 from fl_lightning.systems.participation import Participation  # noqa: E402
@@ -32,8 +31,6 @@ ALGORITHMS = {
 }
 ROUNDS = 2
 RUN_LIMIT_S = 900  # bounds a hung run only
-#: SCAFFOLD's delta_c travels as ClientResult.extras (the algorithms' capability API)
-HAS_EXTRAS = "extras" in getattr(ClientResult, "__dataclass_fields__", {})
 
 
 class _RecordedDrops(Participation):
@@ -111,7 +108,5 @@ def test_flower_federation_matches_simulation_and_drops_a_killed_supernode(tmp_p
             assert dropped == {r: [victim] for r in range(1, ROUNDS)}, history
         # nothing lost: exactly the simulation with the same seed, the same sampled clients
         # and the killed client dropped from the same rounds
-        if name == "scaffold" and not HAS_EXTRAS:
-            pytest.skip("SCAFFOLD over Flower needs ClientResult.extras/state (capability API)")
         sim = _simulate(tmp_path / f"sim-{name}", args, ROUNDS, dropped)
         _assert_same(_final(tmp_path / name), sim, name)

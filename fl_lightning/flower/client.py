@@ -144,7 +144,7 @@ def _train(msg: Message, context: Context) -> Message:
         bool(torch.isfinite(v).all()) for v in result.params.values()
     )
     if finite:  # as the round loop: only a kept client's new state is stored
-        for entry, value in getattr(result, "state", {}).items():
+        for entry, value in result.state.items():
             context.state[STATE_PREFIX + entry] = params_to_record(value)
     content = RecordDict({
         "params": params_to_record(result.params),
@@ -153,7 +153,7 @@ def _train(msg: Message, context: Context) -> Message:
             "num_steps": result.num_steps, "loss": float(result.loss),
         }),
     })
-    extras_to_content(getattr(result, "extras", {}), content)
+    extras_to_content(result.extras, content)
     return Message(content, reply_to=msg)
 
 

@@ -274,19 +274,15 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
             result = ClientResult(
                 client_id=int(m["client_id"]), num_samples=int(m["num_samples"]),
                 params=params_from_record(rc["params"]), num_steps=int(m["num_steps"]),
-                loss=torch.tensor(float(m["loss"])),
+                loss=torch.tensor(float(m["loss"])), extras=extras_from_content(rc),
             )
-            result.extras = extras_from_content(rc)
             results.append(result)
         results, skipped = loop._drop_diverged(results, r) if results else ([], [])
         if results:
-            try:  # TEMP until the capabilities API lands
-                aggregate = algorithm.aggregate(
-                    global_before, results, num_clients=num_clients,
-                    total_samples=total_samples,
-                )
-            except TypeError:
-                aggregate = algorithm.aggregate(global_before, results)
+            # the clients committed their own state on their nodes: only the server rule here
+            aggregate = algorithm.aggregate(
+                global_before, results, num_clients=num_clients, total_samples=total_samples
+            )
             module.server_update(aggregate, optimizer)
         record = {
             "round": r, "sampled": sampled, "planned_dropouts": planned, "stragglers": slow,
