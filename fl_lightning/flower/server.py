@@ -202,7 +202,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
     """Run the configured experiment over the grid; returns the summary (also saved)."""
     import torch
 
-    from fl_lightning.algorithms.base import ClientResult
+    from fl_lightning.algorithms.base import ClientResult, LocalContext
     from fl_lightning.flower.records import (
         extras_from_content,
         params_from_record,
@@ -238,8 +238,16 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
         planned, slow = participation.split(dm.seed, r, sampled) if participation else ([], [])
         asked = [c for c in sampled if c not in set(planned)]
         global_before = {k: p.detach().clone() for k, p in net.named_parameters()}
-        content = RecordDict({"global": params_to_record(global_before)})
         buffers = dict(net.named_buffers())
+        if asked:  # as the simulation's engine does on the object that aggregates: lets the
+            # algorithm create its server state lazily (SCAFFOLD's c = 0); the server holds no
+            # client state, so this reads none
+            algorithm.client_begin(LocalContext(
+                net=net, global_params=global_before, buffers=buffers, round=r,
+                client_id=asked[0], lr=module.local_lr_at(r), momentum=module.momentum,
+                num_clients=num_clients, total_samples=total_samples,
+            ))
+        content = RecordDict({"global": params_to_record(global_before)})
         if buffers:
             content["buffers"] = params_to_record(buffers)
         for key, value in _server_state(algorithm).items():
