@@ -255,9 +255,13 @@ class FederatedModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.server_optimizer_factory(self.net.parameters())
 
-    def server_update(self, aggregate: Params) -> None:
-        """Step the server optimizer on the pseudo-gradient ``w - aggregate``."""
-        opt = self.optimizers()
+    def server_update(
+        self, aggregate: Params, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Step the server optimizer on the pseudo-gradient ``w - aggregate`` (``optimizer``:
+        the one from :meth:`configure_optimizers` when no trainer runs the module, as in
+        ``fl_lightning.flower``)."""
+        opt = self.optimizers() if optimizer is None else optimizer
         for name, p in self.net.named_parameters():
             p.grad = (p.detach() - aggregate[name]).to(p.dtype)
         opt.step()

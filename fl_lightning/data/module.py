@@ -7,7 +7,6 @@ import os
 from typing import Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fl_lightning.data.augment import BatchAugment, paper_augmentation
 from fl_lightning.data.datasets import dataset_info, load_dataset
 from fl_lightning.data.partition import partition_indices
+from fl_lightning.data.plans import augment_batch, client_batches, sample_clients
 from fl_lightning.data.ticker import RoundTicker
 from fl_lightning.engine import ClientPlan, RoundPlan
 from fl_lightning.errors import ConfigError
@@ -23,13 +23,6 @@ __all__ = ["FederatedDataModule"]
 
 PARTITIONS = ("iid", "shard", "lda")
 AUGMENTATIONS = ("paper", "none")
-#: Extra key of the augmentation seed, so it never equals a batch-order seed.
-_AUGMENT_STREAM = 1
-
-
-def _sub_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of the integer keys."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -240,13 +233,9 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def sample_clients(self, round_idx: int, clients_per_round: int) -> list[int]:
         """The ids of the clients that train in round ``round_idx`` (without replacement)."""
-        if self.sampling == "official":
-            rng = np.random.RandomState(round_idx)
-            chosen = rng.choice(self.num_clients, clients_per_round, replace=False)
-        else:
-            rng = np.random.default_rng([self.seed, round_idx])
-            chosen = rng.choice(self.num_clients, clients_per_round, replace=False)
-        return [int(c) for c in chosen]
+        return sample_clients(
+            self.num_clients, clients_per_round, self.seed, round_idx, self.sampling
+        )
 
     def client_batches(
         self, round_idx: int, client_id: int, local_epochs: int, batch_size: int
@@ -256,21 +245,14 @@ class FederatedDataModule(pl.LightningDataModule):
         Each epoch is a fresh random permutation of the client's samples cut into batches of
         ``batch_size`` (the last one may be smaller), as a shuffling ``DataLoader`` would give.
         """
-        indices = self.client_indices[client_id]
-        gen = torch.Generator().manual_seed(_sub_seed(self.seed, round_idx, client_id))
-        batches: list[Tensor] = []
-        for _ in range(local_epochs):
-            order = indices[torch.randperm(len(indices), generator=gen)]
-            batches.extend(order.split(batch_size))
-        return batches
+        return client_batches(
+            self.client_indices[client_id], self.seed, round_idx, client_id, local_epochs,
+            batch_size,
+        )
 
     def augment_batch(self, x: Tensor, round_idx: int, client_id: int, step: int) -> Tensor:
         """``x`` augmented with random draws seeded by ``(seed, round, client, step)``."""
-        if self.augmentation is None:
-            return x
-        gen = torch.Generator(device=x.device)
-        gen.manual_seed(_sub_seed(self.seed, round_idx, client_id, step, _AUGMENT_STREAM))
-        return self.augmentation(x, gen)
+        return augment_batch(self.augmentation, x, self.seed, round_idx, client_id, step)
 
     def round_plan(
         self, round_idx: int, clients_per_round: int, local_epochs: int, batch_size: int

@@ -1,0 +1,211 @@
+"""A real Flower federation on this machine: one SuperLink and N SuperNodes on 127.0.0.1.
+
+:class:`LocalFederation` starts Flower's own executables (``flower-superlink``,
+``flower-supernode``) as separate processes on free local ports, each SuperNode with its own
+``FLWR_HOME`` and ``--node-config "partition-id=K num-partitions=N"``, and submits runs with
+Flower's ``flwr run``. Every process it starts is stopped by :meth:`stop` (also on exit of a
+``with`` block). ``python -m fl_lightning.flower`` is its command line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LocalFederation", "free_port"]
+
+HOST = "127.0.0.1"
+CONNECTION = "fl-lightning-local"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _executable(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(
+            f"{name} was not found next to {sys.executable} or on PATH: install the extra "
+            "with pip install -e \".[flower]\""
+        )
+    return found
+
+
+class LocalFederation:
+    """A SuperLink and ``num_supernodes`` SuperNodes on 127.0.0.1.
+
+    Args:
+        num_supernodes: how many SuperNodes; node ``K`` holds partition ``K``.
+        workdir: where the Flower homes and the logs go (a new temporary folder if ``None``).
+        data_dir: passed to every SuperNode as ``--node-config data-dir=...`` (optional).
+        start_timeout: seconds to wait for the SuperLink's port.
+
+    Example (not run here: it starts processes)::
+
+        with LocalFederation(3) as fed:
+            fed.run("flower_app", {"rounds": 5})
+    """
+
+    def __init__(
+        self, num_supernodes: int, workdir: str | os.PathLike | None = None,
+        data_dir: str | None = None, start_timeout: float = 60.0,
+    ) -> None:
+        if num_supernodes < 1:
+            raise ValueError(f"num_supernodes={num_supernodes} must be >= 1")
+        self.num_supernodes = num_supernodes
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fl-lightning-flower-"))
+        self.data_dir = data_dir
+        self.start_timeout = start_timeout
+        self.port: int | None = None
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: list[subprocess.Popen | None] = []
+        self._logs: list[Any] = []
+
+    # ------------------------------------------------------------------ processes
+    def _env(self, home: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(home)
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+    def _spawn(self, args: list[str], home: Path, log_name: str) -> subprocess.Popen:
+        home.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / log_name, "w")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        return subprocess.Popen(
+            args, env=self._env(home), stdout=log, stderr=subprocess.STDOUT,
+            cwd=self.workdir, start_new_session=True,
+        )
+
+    def start(self) -> LocalFederation:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.superlink = self._spawn(
+            [_executable("flower-superlink"), "--insecure",
+             "--disable-runtime-dependency-installation", "--host", HOST,
+             "--port", str(self.port)],
+            self.workdir / "home-superlink", "superlink.log",
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.superlink.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited: see {self.workdir}/superlink.log")
+            try:
+                socket.create_connection((HOST, self.port), timeout=1.0).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the SuperLink did not listen on {HOST}:{self.port} within "
+                        f"{self.start_timeout:g} s; see {self.workdir}/superlink.log"
+                    ) from None
+                time.sleep(0.2)
+        for k in range(self.num_supernodes):
+            node_config = f"partition-id={k} num-partitions={self.num_supernodes}"
+            if self.data_dir:
+                node_config += f' data-dir="{self.data_dir}"'
+            self.supernodes.append(self._spawn(
+                [_executable("flower-supernode"), "--insecure", "--superlink",
+                 f"{HOST}:{self.port}", "--host", HOST, "--port", str(free_port()),
+                 "--node-config", node_config],
+                self.workdir / f"home-supernode-{k}", f"supernode-{k}.log",
+            ))
+        self._write_connection()
+        return self
+
+    def _write_connection(self) -> None:
+        home = self.workdir / "home-cli"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{HOST}:{self.port}"\ninsecure = true\n'
+        )
+
+    def kill(self, k: int, sig: int = signal.SIGTERM) -> None:
+        """Stop SuperNode ``k`` (``SIGTERM``: it leaves the federation at once; ``SIGKILL``:
+        the SuperLink notices after Flower's heartbeat patience)."""
+        proc = self.supernodes[k]
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=30)
+        self.supernodes[k] = None
+
+    def stop(self) -> None:
+        """Stop every process this federation started (SIGTERM, then SIGKILL after 15 s)."""
+        procs = [p for p in [*self.supernodes, self.superlink] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=15)
+        self.supernodes = [None] * len(self.supernodes)
+        self.superlink = None
+        for log in self._logs:
+            log.close()
+        self._logs = []
+
+    def __enter__(self) -> LocalFederation:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ runs
+    def run_command(self, app: str | os.PathLike, run_config: dict[str, Any]) -> list[str]:
+        """The ``flwr run`` command line for ``app`` with ``run_config`` overrides (written to
+        a TOML file, so values may contain spaces)."""
+        overrides = self.workdir / f"run-config-{time.monotonic_ns()}.toml"
+        overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+        return [_executable("flwr"), "run", str(Path(app).resolve()), CONNECTION, "--stream",
+                "--run-config", str(overrides)]
+
+    def submit(
+        self, app: str | os.PathLike, run_config: dict[str, Any], log_name: str = "run.log"
+    ) -> subprocess.Popen:
+        """Start ``flwr run ... --stream`` for ``app``; its output goes to ``log_name``."""
+        log = open(self.workdir / log_name, "w")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        return subprocess.Popen(
+            self.run_command(app, run_config), env=self._env(self.workdir / "home-cli"),
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True,
+        )
+
+    def run(self, app: str | os.PathLike, run_config: dict[str, Any],
+            timeout: float = 1800.0) -> subprocess.CompletedProcess:
+        """Run ``app`` to the end, streaming Flower's log to this process's stdout."""
+        return subprocess.run(
+            self.run_command(app, run_config), env=self._env(self.workdir / "home-cli"),
+            cwd=self.workdir, timeout=timeout, check=False,
+        )
