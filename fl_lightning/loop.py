@@ -47,7 +47,9 @@ class RoundLoop:
         dm = module.datamodule
         net = module.net
         per_round = module.clients_per_round(dm.num_clients)
-        plan = dm.round_plan(round_idx, per_round, module.local_epochs, module.batch_size)
+        plan = dm.round_plan(
+            round_idx, per_round, module.local_epochs, module.batch_size, module.device
+        )
         systems, info = module.systems, None
         if systems.active:  # (rejected under DDP at setup)
             plan, info = systems.begin_round(plan, dm.seed, per_round)

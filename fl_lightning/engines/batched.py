@@ -6,7 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
-from fl_lightning.engine import BatchTransform, ClientPlan, RoundPlan, SequentialEngine
+from fl_lightning.engine import (
+    BatchTransform,
+    ClientPlan,
+    RoundPlan,
+    SequentialEngine,
+    sgd_step,
+)
 from fl_lightning.errors import ConfigError
 
 __all__ = ["BatchedEngine", "unbatchable_reason"]
@@ -37,11 +43,11 @@ class BatchedEngine(SequentialEngine):
 
     The clients' weights and SGD momentum buffers are stacked into tensors of shape
     ``(K, ...)``; at local step ``s`` the algorithm's ``direction(w_k, x_k, y_k, ctx)`` runs for
-    every client ``k`` that still has a step ``s`` in one vmapped call, followed by the same SGD
-    update as :func:`fl_lightning.engine.sgd_step`:
+    every client ``k`` that still has a step ``s`` in one vmapped call, followed by
+    :func:`fl_lightning.engine.sgd_step` on the stacked rows (the one SGD update of both engines):
 
-    ``d_k = g_k + wd * w_k``,  ``b_k = m * b_k + d_k`` (``b_k = 0`` before the first step, so
-    the first step gives ``b_k = d_k`` exactly),  ``w_k = w_k - lr * b_k``.
+    ``d_k = g_k + wd * w_k``,  ``b_k = d_k`` at step 0, then ``b_k = m * b_k + d_k``,
+    ``w_k = w_k - lr * b_k``.
 
     Clients with fewer steps are masked: at steps they do not have, their weights and buffers
     are not touched (only the active rows are gathered, updated and written back). Clients whose
@@ -126,7 +132,7 @@ class BatchedEngine(SequentialEngine):
                 x, y = _stack_batches(clients, members, step, x_all, y_all, plan)
                 self._update(
                     step_fn, stacked, bufs, names, members, count, x, y, lr, momentum,
-                    weight_decay, losses,
+                    weight_decay, losses, step,
                 )
         results = []
         for i, client in enumerate(clients):
@@ -158,7 +164,7 @@ class BatchedEngine(SequentialEngine):
     def _update(
         step_fn, stacked: Params, bufs: list[Tensor] | None, names: list[str],
         members: list[int], count: int, x: Tensor, y: Tensor, lr: float, momentum: float,
-        weight_decay: float, losses: list[list[Tensor]],
+        weight_decay: float, losses: list[list[Tensor]], step: int = 0,
     ) -> None:
         everyone = len(members) == count
         sel = None if everyone else torch.tensor(members, device=x.device)
@@ -166,21 +172,20 @@ class BatchedEngine(SequentialEngine):
         with torch.enable_grad():
             direction, loss = step_fn(params, x, y)
         values = [params[k] for k in names]
-        grads = [direction[k] for k in names]
-        if weight_decay != 0.0:
-            grads = torch._foreach_add(grads, values, alpha=weight_decay)
-        if bufs is not None:
+        active = None
+        if bufs is not None and step > 0:  # every client takes its first step at step 0
             active = bufs if everyone else [b[sel] for b in bufs]
-            torch._foreach_mul_(active, momentum)
-            torch._foreach_add_(active, grads)
-            grads = active
-            if not everyone:
-                for b, new in zip(bufs, active, strict=True):
-                    b[sel] = new
-        torch._foreach_add_(values, grads, alpha=-lr)
+        new = sgd_step(values, [direction[k] for k in names], active, lr, momentum,
+                       weight_decay)
+        if bufs is not None and (step == 0 or not everyone):
+            for b, rows in zip(bufs, new, strict=True):
+                if everyone:
+                    b.copy_(rows)
+                else:
+                    b[sel] = rows
         if not everyone:
-            for k, new in zip(names, values, strict=True):
-                stacked[k][sel] = new
+            for k, rows in zip(names, values, strict=True):
+                stacked[k][sel] = rows
         loss = loss.detach()
         for j, i in enumerate(members):
             losses[i].append(loss[j])
@@ -201,13 +206,13 @@ def _stack_batches(
 ) -> tuple[Tensor, Tensor]:
     """The group's batches at ``step`` as ``(K, B, ...)`` inputs and ``(K, B)`` labels."""
     transform: BatchTransform | None = plan.transform
-    xs, ys = [], []
-    for i in members:
-        client = clients[i]
-        idx = client.batches[step].to(x_all.device, non_blocking=True)
-        x = x_all[idx]
-        if transform is not None:
-            x = transform(x, plan.round, client.client_id, step)
-        xs.append(x)
-        ys.append(y_all[idx])
-    return torch.stack(xs), torch.stack(ys)
+    idx = torch.stack([clients[i].batches[step] for i in members]).to(x_all.device)
+    x, y = x_all[idx], y_all[idx]
+    if transform is not None:
+        ids = [clients[i].client_id for i in members]
+        many = getattr(transform, "many", None)
+        if callable(many):  # the data module's: one call for the whole group
+            x = many(x, plan.round, ids, step)
+        else:
+            x = torch.stack([transform(x[j], plan.round, c, step) for j, c in enumerate(ids)])
+    return x, y
