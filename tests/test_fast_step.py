@@ -136,3 +136,24 @@ def test_batched_task_gradient_path_matches_sequential_and_returns_contiguous_we
         assert all(b.params[k].is_contiguous() for k in b.params)
         assert max(float((a.params[k] - b.params[k]).abs().max()) for k in gp) < 1e-12
         assert float(a.loss) == pytest.approx(float(b.loss), abs=1e-12)
+
+
+def test_fedsol_skips_the_proximal_pass_where_the_adaptive_radius_is_zero(monkeypatch):
+    global_net, _, x, y = make_problem(seed=4)
+    gp = _params(global_net)
+    params = {k: v.clone() for k, v in gp.items()}  # the first local step: w = w_g
+    algo = FedSoL(rho=2.0)
+    ctx = context(global_net, gp, step=0)
+    assert algo._radius_is_zero(params, ctx)
+    calls = []
+    monkeypatch.setattr(algo, "perturbation", lambda *a: calls.append(1) or FedSoL.perturbation(
+        algo, *a))
+    fast, fast_loss = algo.direction(params, x, y, ctx)
+    assert calls == []  # the KL pass was skipped
+    monkeypatch.setattr(algo, "_radius_is_zero", lambda *a: False)
+    full, full_loss = algo.direction(params, x, y, ctx)
+    assert calls == [1]
+    assert all(torch.equal(fast[k], full[k]) for k in gp) and torch.equal(fast_loss, full_loss)
+    moved = {k: v + 1e-3 for k, v in gp.items()}
+    assert not FedSoL(rho=2.0)._radius_is_zero(moved, ctx)
+    assert not FedSoL(rho=2.0, adaptive=False)._radius_is_zero(params, ctx)

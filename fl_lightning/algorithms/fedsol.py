@@ -27,6 +27,7 @@ from fl_lightning.algorithms.base import (
     foreach_mul,
     global_norm,
     grad_of,
+    in_transform,
 )
 from fl_lightning.algorithms.features import FeatureCaller
 from fl_lightning.errors import ConfigError
@@ -174,6 +175,15 @@ class FedSoL(Algorithm):
             grads = foreach_mul(lam, grads)
         return dict(zip(names, foreach_mul(grads, scale), strict=True))
 
+    def _radius_is_zero(self, params: Params, ctx: LocalContext) -> bool:
+        """Whether the adaptive radius ``Lambda = |w - w_g| / ||.||`` is exactly 0 (the first
+        local step, where ``w = w_g``): then ``eps = 0`` and the proximal pass is skipped (the
+        result is the same). Checked only outside ``vmap`` (a data-dependent branch)."""
+        if not self.adaptive or ctx.step != 0 or in_transform():
+            return False
+        names = ctx.select(params, self.perturb_head, self.perturb_body)
+        return all(torch.equal(params[k], ctx.global_params[k]) for k in names)
+
     def _head_only_fast(self, ctx: LocalContext) -> FeatureCaller | None:
         """The feature caller when the head-only shortcut applies (else ``None``): only the
         head is perturbed, by the KL to the global model, and the task is the cross-entropy."""
@@ -223,7 +233,7 @@ class FedSoL(Algorithm):
         caller = self._head_only_fast(ctx)
         if caller is not None:
             return self._head_only_direction(caller, params, x, y, ctx)
-        eps, _ = self.perturbation(params, x, ctx, y)
+        eps = {} if self._radius_is_zero(params, ctx) else self.perturbation(params, x, ctx, y)[0]
         perturbed = dict(params)
         if eps:
             names = list(eps)
