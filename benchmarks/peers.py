@@ -24,10 +24,13 @@ Frameworks:
 
 Each (framework, workload) is one fresh process; the processes run in turn and the sequence is
 repeated (``--repeats``), so a drifting machine affects all alike. Reported per framework:
-s/round (min and median over the rounds after the first of every repeat; a round is training
-plus aggregation plus the central evaluation), start-up (process start to the first round),
-peak memory (the largest sum of the resident sets of the process and all its descendants,
-sampled every 0.1 s) and the test accuracy after the last round.
+s/round, wall clock (min and median over the rounds after the first of every repeat; a round
+is training plus aggregation plus the central evaluation) and CPU seconds per round of the
+whole process tree (Ray's processes included; robust to other jobs on a shared machine),
+start-up (process start to the first round), peak memory (the largest sum of the resident
+sets of the process and all its descendants, sampled every 0.1 s; pages shared between
+processes, e.g. Ray's object store, count once per process) and the test accuracy after the
+last round.
 
 Flower and pfl are not dependencies of fl-lightning: install them into a separate environment
 (``pip install ".[peers]"``) and pass its interpreter with ``--peer-python``.
@@ -118,6 +121,37 @@ def _local_train(net, x, y, w: dict, seed: int) -> None:
         opt.step()
 
 
+def _proc_tree(pid: int) -> tuple[int, float]:
+    """Resident bytes and CPU seconds (user + system) of ``pid`` and all its descendants
+    (Linux ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, tuple[int, float]] = {}
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            stats[int(entry)] = (int(fields[21]) * page,
+                                 (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, IndexError, ValueError):
+            continue
+    rss, cpu, todo = 0, 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        r, c = stats.get(p, (0, 0.0))
+        rss, cpu = rss + r, cpu + c
+        todo.extend(children.get(p, []))
+    return rss, cpu
+
+
+def _mark() -> list[float]:
+    """``[wall time, CPU seconds of the child's process tree]`` at a round boundary."""
+    return [time.time(), _proc_tree(int(os.environ["PEERS_ROOT_PID"]))[1]]
+
+
 def _emit(**result) -> None:
     print(MARK + json.dumps(result), flush=True)
 
@@ -131,17 +165,17 @@ if os.environ.get("PEERS_CHILD") == "fl_lightning":  # Lightning only where it i
 
         def __init__(self) -> None:
             self.start = None
-            self.ends: list[float] = []
+            self.ends: list[list[float]] = []
             self.acc: float | None = None
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
             if self.start is None:
-                self.start = time.time()
+                self.start = _mark()
 
         def on_validation_end(self, trainer, module) -> None:
             if trainer.sanity_checking:
                 return
-            self.ends.append(time.time())
+            self.ends.append(_mark())
             self.acc = float(trainer.callback_metrics["val_acc"])
 
         def on_train_end(self, trainer, module) -> None:
@@ -211,7 +245,7 @@ def child_flower(w: dict, args) -> None:
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             net.load_state_dict(arrays.to_torch_state_dict())
             acc = _accuracy(net, x_test, y_test)
-            clock["ends"].append(time.time())
+            clock["ends"].append(_mark())
             clock["acc"] = acc
             return MetricRecord({"accuracy": acc})
 
@@ -278,12 +312,12 @@ def child_pfl(w: dict, args) -> None:
 
     class Clock(TrainingProcessCallback):
         def on_train_begin(self, *, model):
-            clock["start"] = time.time()
+            clock["start"] = _mark()
             return Metrics()
 
         def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
             clock["acc"] = _accuracy(module.net, x_test, y_test)
-            clock["ends"].append(time.time())
+            clock["ends"].append(_mark())
             return False, Metrics()
 
     FederatedAveraging().run(
@@ -307,28 +341,6 @@ CHILDREN = {
 
 
 # ---------------------------------------------------------------------------- the parent
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (Linux ``/proc``)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        total += rss.get(p, 0)
-        todo.extend(children.get(p, []))
-    return total
-
-
 def run_one(framework: str, workload: str, args) -> dict:
     python = sys.executable if framework.startswith("fl_lightning") else args.peer_python
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
@@ -344,7 +356,7 @@ def run_one(framework: str, workload: str, args) -> dict:
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            peak[0] = max(peak[0], _proc_tree(proc.pid)[0])
             done.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -359,8 +371,9 @@ def run_one(framework: str, workload: str, args) -> dict:
     res = json.loads(lines[-1][len(MARK):])
     marks = [res["start"], *res["ends"]]
     return {
-        "round_s": [b - a for a, b in zip(marks, marks[1:], strict=False)],
-        "startup_s": res["start"] - t0,
+        "round_s": [b[0] - a[0] for a, b in zip(marks, marks[1:], strict=False)],
+        "round_cpu_s": [b[1] - a[1] for a, b in zip(marks, marks[1:], strict=False)],
+        "startup_s": res["start"][0] - t0,
         "peak_mib": peak[0] / 2**20,
         "accuracy": res["accuracy"],
         "total_s": time.time() - t0,
@@ -369,9 +382,13 @@ def run_one(framework: str, workload: str, args) -> dict:
 
 def summarize(runs: list[dict]) -> dict:
     later = [s for r in runs for s in r["round_s"][1:]] or [s for r in runs for s in r["round_s"]]
+    cpu = [s for r in runs for s in r["round_cpu_s"][1:]] or [
+        s for r in runs for s in r["round_cpu_s"]]
     return {
         "s_per_round_min": min(later),
         "s_per_round_median": statistics.median(later),
+        "cpu_s_per_round_min": min(cpu),
+        "cpu_s_per_round_median": statistics.median(cpu),
         "first_round_s_median": statistics.median(r["round_s"][0] for r in runs),
         "startup_s_median": statistics.median(r["startup_s"] for r in runs),
         "peak_mib_max": max(r["peak_mib"] for r in runs),
@@ -395,6 +412,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     args.data_dir = os.path.abspath(args.data_dir)
     if args.child:
+        os.environ["PEERS_ROOT_PID"] = str(os.getpid())
         # run from the importable module, not __main__: Ray then pickles the client functions
         # by reference and every actor keeps one copy of the data (_DATA) across clients
         sys.path.insert(0, HERE)
@@ -412,7 +430,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 res = run_one(framework, workload, args)
                 raw[framework].append(res)
                 print(f"{workload} {framework:12s} repeat {r}: s/round "
-                      f"{[round(s, 3) for s in res['round_s']]} start-up "
+                      f"{[round(s, 3) for s in res['round_s']]} CPU s/round "
+                      f"{[round(s, 3) for s in res['round_cpu_s']]} start-up "
                       f"{res['startup_s']:.1f} s peak {res['peak_mib']:.0f} MiB acc "
                       f"{res['accuracy']:.4f}", flush=True)
         out["raw"][workload] = raw
