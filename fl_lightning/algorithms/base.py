@@ -249,15 +249,18 @@ def in_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _slot(net: nn.Module, name: str, cache: dict) -> tuple[dict, str]:
-    if name not in cache:
-        owner, _, leaf = name.rpartition(".")
-        module = net.get_submodule(owner) if owner else net
-        table = module._parameters if leaf in module._parameters else module._buffers
-        if leaf not in table:
-            raise KeyError(f"{type(net).__name__} has no parameter or buffer {name!r}")
-        cache[name] = (table, leaf)
-    return cache[name]
+def _slot(net: nn.Module, name: str) -> tuple[dict, str]:
+    """The dict (``_parameters`` or ``_buffers`` of the owning submodule) and key of ``name``.
+
+    Resolved on every call (a few attribute lookups), so a module whose submodules were
+    replaced since the last call is never written through a stale table."""
+    owner, _, leaf = name.rpartition(".")
+    module = net.get_submodule(owner) if owner else net
+    if leaf in module._parameters:
+        return module._parameters, leaf
+    if leaf in module._buffers:
+        return module._buffers, leaf
+    raise KeyError(f"{type(net).__name__} has no parameter or buffer {name!r}")
 
 
 def swapped_call(
@@ -269,12 +272,11 @@ def swapped_call(
     without tied weights, at the cost of one dict write per tensor (no transform may be active:
     see :func:`in_transform`). The module's own tensors are put back afterwards.
     """
-    cache = net.__dict__.setdefault("_fl_slots", {})
     saved = []
     try:
         for group in (params, buffers):
             for name, value in group.items():
-                table, leaf = _slot(net, name, cache)
+                table, leaf = _slot(net, name)
                 saved.append((table, leaf, table[leaf]))
                 table[leaf] = value
         return net(x)
