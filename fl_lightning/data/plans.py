@@ -1,9 +1,12 @@
 """Who trains in a round and on which samples: pure functions of ``(seed, round, client)``.
 
-:class:`~fl_lightning.data.module.FederatedDataModule` calls these for the simulation; a real
-client that holds only its own samples (``fl_lightning.flower``) calls the same functions with
-its local indices, so both see the same batches in the same order. This module imports neither
-Lightning nor the data module (a client process starts faster without them).
+:class:`~fl_lightning.data.module.FederatedDataModule` plans a whole round at once for the
+simulation; a real client that holds only its own samples (``fl_lightning.flower``) calls the
+per-client functions here with its own indices and gets the same batches in the same order and
+the same augmentation draws. The orders and draws come from counter-based random bits
+(:mod:`fl_lightning.data.counters`), keyed ``(seed, round, client, epoch, sample)`` and
+``(seed, round, client, step, position in batch)``. This module imports neither Lightning nor
+the data module (a client process starts faster without them).
 """
 
 from __future__ import annotations
@@ -12,20 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["AUGMENT_STREAM", "augment_batch", "client_batches", "sample_clients", "sub_seed"]
+from fl_lightning.data.counters import AUGMENT_STREAM, ORDER_STREAM, counter_bits
 
-#: Extra key of the augmentation seed, so it never equals a batch-order seed.
-AUGMENT_STREAM = 1
-
-
-def sub_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of the integer keys.
-
-    Example:
-        >>> sub_seed(0, 1, 2) == sub_seed(0, 1, 2) != sub_seed(0, 2, 1)
-        True
-    """
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+__all__ = ["augment_batch", "augment_draws", "client_batches", "epoch_keys", "sample_clients"]
 
 
 def sample_clients(
@@ -47,37 +39,56 @@ def sample_clients(
     return [int(c) for c in rng.choice(num_clients, clients_per_round, replace=False)]
 
 
-def client_batches(
-    indices: Tensor, seed: int, round_idx: int, client_id: int, local_epochs: int,
-    batch_size: int,
-) -> list[Tensor]:
-    """Mini-batches of ``indices`` for one client's local epochs in round ``round_idx``.
+def epoch_keys(seed: int, round_idx: int, client, epoch, index) -> np.ndarray:
+    """The sort keys of the per-epoch sample order: sample ``index`` (its position in the whole
+    training set) of ``client`` in ``epoch`` of ``round_idx``; arrays broadcast."""
+    return counter_bits(seed, ORDER_STREAM, round_idx, client, epoch, index)
 
-    Each epoch is a fresh random permutation of the client's samples (drawn from
-    ``sub_seed(seed, round, client)``) cut into batches of ``batch_size`` (the last one may be
-    smaller), as a shuffling ``DataLoader`` would give. ``indices`` may be the client's
-    positions in the whole training set (simulation) or ``arange(n_k)`` on a client that holds
-    only its own samples: the permutation depends only on ``len(indices)``.
+
+def client_batches(
+    indices: Tensor | np.ndarray, seed: int, round_idx: int, client_id: int, local_epochs: int,
+    batch_size: int, positions: bool = False,
+) -> list[Tensor]:
+    """Mini-batches of one client's samples for its local epochs in round ``round_idx``.
+
+    Each epoch is a permutation of the client's samples (sorted by :func:`epoch_keys` of their
+    training-set indices ``indices``) cut into batches of ``batch_size`` (the last one may be
+    smaller), as a shuffling ``DataLoader`` would give. The batches hold training-set indices,
+    or with ``positions=True`` positions into ``indices`` (for a client that holds only
+    ``x[indices]``); the order is the one the data module's round plan gives.
 
     Example:
         >>> [len(b) for b in client_batches(torch.arange(5), 0, 0, 0, 2, 2)]
         [2, 2, 1, 2, 2, 1]
     """
-    gen = torch.Generator().manual_seed(sub_seed(seed, round_idx, client_id))
+    own = np.asarray(indices, dtype=np.int64)
     batches: list[Tensor] = []
-    for _ in range(local_epochs):
-        order = indices[torch.randperm(len(indices), generator=gen)]
-        batches.extend(order.split(batch_size))
+    for epoch in range(local_epochs):
+        order = np.argsort(epoch_keys(seed, round_idx, client_id, epoch, own), kind="stable")
+        chosen = order if positions else own[order]
+        batches.extend(torch.from_numpy(np.ascontiguousarray(chosen)).split(batch_size))
     return batches
+
+
+def augment_draws(
+    augmentation, seed: int, round_idx: int, client, step, sample, height: int, width: int
+) -> np.ndarray:
+    """Augmentation draws ``(..., 5)`` of the samples keyed ``(seed, round, client, step,
+    sample)`` (``sample``: position in the batch); arrays broadcast."""
+    bits = counter_bits(
+        seed, AUGMENT_STREAM, round_idx, np.asarray(client)[..., None],
+        np.asarray(step)[..., None], np.asarray(sample)[..., None], np.arange(5),
+    )
+    return augmentation.draw(bits, height, width)
 
 
 def augment_batch(
     augmentation, x: Tensor, seed: int, round_idx: int, client_id: int, step: int
 ) -> Tensor:
-    """``augmentation(x, generator)`` with the generator seeded by ``(seed, round, client,
-    step)``; ``x`` unchanged when ``augmentation`` is ``None``."""
+    """``x`` augmented with the draws keyed ``(seed, round, client, step, sample)``; ``x``
+    unchanged when ``augmentation`` is ``None``."""
     if augmentation is None:
         return x
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(sub_seed(seed, round_idx, client_id, step, AUGMENT_STREAM))
-    return augmentation(x, gen)
+    draws = augment_draws(augmentation, seed, round_idx, client_id, step, np.arange(len(x)),
+                          x.shape[-2], x.shape[-1])
+    return augmentation(x, torch.from_numpy(draws).to(x.device))

@@ -6,7 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
-from fl_lightning.engine import BatchTransform, ClientEngine, ClientPlan, RoundPlan
+from fl_lightning.engine import (
+    BatchTransform,
+    ClientEngine,
+    ClientPlan,
+    RoundPlan,
+    sgd_step,
+)
 from fl_lightning.errors import ConfigError
 
 __all__ = ["BatchedEngine", "unbatchable_reason"]
@@ -39,11 +45,11 @@ class BatchedEngine(ClientEngine):
 
     The clients' weights and SGD momentum buffers are stacked into tensors of shape
     ``(K, ...)``; at local step ``s`` the algorithm's ``direction(w_k, x_k, y_k, ctx)`` runs for
-    every client ``k`` that still has a step ``s`` in one vmapped call, followed by the same SGD
-    update as :func:`fl_lightning.engine.sgd_step`:
+    every client ``k`` that still has a step ``s`` in one vmapped call, followed by
+    :func:`fl_lightning.engine.sgd_step` on the stacked rows (the one SGD update of both engines):
 
-    ``d_k = g_k + wd * w_k``,  ``b_k = m * b_k + d_k`` (``b_k = 0`` before the first step, so
-    the first step gives ``b_k = d_k`` exactly),  ``w_k = w_k - lr * b_k``.
+    ``d_k = g_k + wd * w_k``,  ``b_k = d_k`` at step 0, then ``b_k = m * b_k + d_k``,
+    ``w_k = w_k - lr * b_k``.
 
     Clients with fewer steps are masked: at steps they do not have, their weights and buffers
     are not touched (only the active rows are gathered, updated and written back). Clients whose
@@ -121,25 +127,28 @@ class BatchedEngine(ClientEngine):
         }
         bufs = [torch.zeros_like(stacked[k]) for k in names] if momentum != 0.0 else None
         step_fn = self._step_fn(algorithm, ctx)
-        losses: list[list[Tensor]] = [[] for _ in clients]
+        losses: list[Tensor | None] = [None]  # the running sum of every client's batch losses
         for step in range(max(len(c.batches) for c in clients)):
             ctx.step = step
             for members in _groups(clients, step):
                 x, y = _stack_batches(clients, members, step, x_all, y_all, plan)
                 self._update(
                     step_fn, stacked, bufs, names, members, count, x, y, lr, momentum,
-                    weight_decay, losses,
+                    weight_decay, losses, step,
                 )
+        steps = [len(c.batches) for c in clients]
+        if losses[0] is None:
+            mean_losses = [torch.full((), float("nan"))] * count
+        else:
+            mean_losses = list((losses[0] / losses[0].new_tensor(steps)).unbind())
         results = []
         for i, client in enumerate(clients):
-            mean_loss = (
-                torch.stack(losses[i]).mean() if losses[i] else torch.full((), float("nan"))
-            )
+            mean_loss = mean_losses[i] if steps[i] else torch.full((), float("nan"))
             results.append(
                 ClientResult(
                     client_id=client.client_id,
                     num_samples=client.num_samples,
-                    params={k: v[i] for k, v in stacked.items()},
+                    params={k: v[i].contiguous() for k, v in stacked.items()},
                     num_steps=len(client.batches),
                     loss=mean_loss,
                 )
@@ -147,6 +156,26 @@ class BatchedEngine(ClientEngine):
         return results
 
     def _step_fn(self, algorithm: Algorithm, ctx: LocalContext):
+        cls = type(algorithm)
+        if (cls.direction is Algorithm.direction and cls.task_grad is Algorithm.task_grad
+                and not self.compile):
+            # The direction is the task gradient: vmap only the loss and take every client's
+            # gradient with one ordinary backward of the sum of the K losses (client k's
+            # weights reach only loss k, so the gradient w.r.t. them is that of loss k).
+            losses = torch.vmap(lambda p, x, y: algorithm.task_loss(ctx, p, x, y))
+
+            def task_gradients(params: Params, x: Tensor, y: Tensor) -> tuple[Params, Tensor]:
+                names = list(params)
+                leaves = [params[k].detach().requires_grad_(True) for k in names]
+                loss = losses(dict(zip(names, leaves, strict=True)), x, y)
+                grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+                return {
+                    k: (g if g is not None else torch.zeros_like(v))
+                    for k, g, v in zip(names, grads, leaves, strict=True)
+                }, loss.detach()
+
+            return task_gradients
+
         def one(params: Params, x: Tensor, y: Tensor) -> tuple[Params, Tensor]:
             return algorithm.direction(params, x, y, ctx)
 
@@ -160,32 +189,57 @@ class BatchedEngine(ClientEngine):
     def _update(
         step_fn, stacked: Params, bufs: list[Tensor] | None, names: list[str],
         members: list[int], count: int, x: Tensor, y: Tensor, lr: float, momentum: float,
-        weight_decay: float, losses: list[list[Tensor]],
+        weight_decay: float, losses: list[Tensor | None], step: int = 0,
     ) -> None:
         everyone = len(members) == count
         sel = None if everyone else torch.tensor(members, device=x.device)
         params = stacked if everyone else {k: v[sel] for k, v in stacked.items()}
         with torch.enable_grad():
             direction, loss = step_fn(params, x, y)
+        if everyone:
+            _match_layout(stacked, bufs, names, direction)
+            params = stacked
         values = [params[k] for k in names]
-        grads = [direction[k] for k in names]
-        if weight_decay != 0.0:
-            grads = torch._foreach_add(grads, values, alpha=weight_decay)
-        if bufs is not None:
+        active = None
+        if bufs is not None and step > 0:  # every client takes its first step at step 0
             active = bufs if everyone else [b[sel] for b in bufs]
-            torch._foreach_mul_(active, momentum)
-            torch._foreach_add_(active, grads)
-            grads = active
-            if not everyone:
-                for b, new in zip(bufs, active, strict=True):
-                    b[sel] = new
-        torch._foreach_add_(values, grads, alpha=-lr)
+        new = sgd_step(values, [direction[k] for k in names], active, lr, momentum,
+                       weight_decay)
+        if bufs is not None and (step == 0 or not everyone):
+            for b, rows in zip(bufs, new, strict=True):
+                if everyone:
+                    b.copy_(rows)
+                else:
+                    b[sel] = rows
         if not everyone:
-            for k, new in zip(names, values, strict=True):
-                stacked[k][sel] = new
+            for k, rows in zip(names, values, strict=True):
+                stacked[k][sel] = rows
         loss = loss.detach()
-        for j, i in enumerate(members):
-            losses[i].append(loss[j])
+        if losses[0] is None:
+            losses[0] = loss.new_zeros(count)
+        if everyone:
+            losses[0].add_(loss)
+        else:
+            losses[0].index_add_(0, sel, loss)
+
+
+def _match_layout(
+    stacked: Params, bufs: list[Tensor] | None, names: list[str], direction: Params
+) -> None:
+    """Store each stacked weight (and its momentum buffer) in the memory layout of its
+    direction, once per round: a gradient taken through a vmapped ``linear`` comes out
+    transposed, and an update of a contiguous tensor by a transposed one is a slow strided
+    pass (about 10x the contiguous one for MLP2NN on a CPU). The values do not change."""
+    for j, k in enumerate(names):
+        d, w = direction[k], stacked[k]
+        if d.shape != w.shape or d.stride() == w.stride():
+            continue
+        stacked[k] = torch.empty_strided(d.shape, d.stride(), dtype=w.dtype,
+                                         device=w.device).copy_(w)
+        if bufs is not None:
+            b = bufs[j]
+            bufs[j] = torch.empty_strided(d.shape, d.stride(), dtype=b.dtype,
+                                          device=b.device).copy_(b)
 
 
 def _groups(clients: list[ClientPlan], step: int) -> list[list[int]]:
@@ -203,13 +257,13 @@ def _stack_batches(
 ) -> tuple[Tensor, Tensor]:
     """The group's batches at ``step`` as ``(K, B, ...)`` inputs and ``(K, B)`` labels."""
     transform: BatchTransform | None = plan.transform
-    xs, ys = [], []
-    for i in members:
-        client = clients[i]
-        idx = client.batches[step].to(x_all.device, non_blocking=True)
-        x = x_all[idx]
-        if transform is not None:
-            x = transform(x, plan.round, client.client_id, step)
-        xs.append(x)
-        ys.append(y_all[idx])
-    return torch.stack(xs), torch.stack(ys)
+    idx = torch.stack([clients[i].batches[step] for i in members]).to(x_all.device)
+    x, y = x_all[idx], y_all[idx]
+    if transform is not None:
+        ids = [clients[i].client_id for i in members]
+        many = getattr(transform, "many", None)
+        if callable(many):  # the data module's: one call for the whole group
+            x = many(x, plan.round, ids, step)
+        else:
+            x = torch.stack([transform(x[j], plan.round, c, step) for j, c in enumerate(ids)])
+    return x, y

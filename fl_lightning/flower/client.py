@@ -81,8 +81,9 @@ def _node_partition(context: Context, num_clients: int) -> int:
 def local_partition(
     data: dict[str, Any], client_id: int, data_dir: str | None = None,
     dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
-    """This client's training samples ``(x, y)`` (in partition order), nothing else kept."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """This client's training samples ``(x, y)`` (in partition order), nothing else kept, and
+    their indices in the whole training set (the keys of their per-epoch order)."""
     x, y = load_dataset(
         data["dataset"], data_dir or data["data_dir"], False, "train", data["verify_checksums"]
     )
@@ -94,7 +95,7 @@ def local_partition(
     own = torch.as_tensor(parts[client_id], dtype=torch.long)
     x_own, y_own = x[own].clone(), y[own].clone()
     del x, y
-    return (x_own.to(dtype) if dtype is not None else x_own), y_own
+    return (x_own.to(dtype) if dtype is not None else x_own), y_own, own
 
 
 def _train(msg: Message, context: Context) -> Message:
@@ -104,7 +105,7 @@ def _train(msg: Message, context: Context) -> Message:
     client_id = _node_partition(context, int(data["num_clients"]))
     algorithm, net = build_components(recipe)
     dtype = getattr(torch, recipe["dtype"])
-    x, y = local_partition(data, client_id, context.node_config.get("data-dir"), dtype)
+    x, y, own = local_partition(data, client_id, context.node_config.get("data-dir"), dtype)
     global_params = params_from_record(msg.content["global"])
     buffers = params_from_record(msg.content["buffers"]) if "buffers" in msg.content else {}
     server_state = {
@@ -120,9 +121,9 @@ def _train(msg: Message, context: Context) -> Message:
     if own_state:
         algorithm.clients.put(client_id, own_state)
     round_idx = int(cfg["round"])
-    batches = client_batches(
-        torch.arange(len(y)), int(data["seed"]), round_idx, client_id,
-        int(recipe["local_epochs"]), int(recipe["batch_size"]),
+    batches = client_batches(  # positions into x: the simulation's order of these samples
+        own, int(data["seed"]), round_idx, client_id, int(recipe["local_epochs"]),
+        int(recipe["batch_size"]), positions=True,
     )
     if "max_steps" in cfg:  # a straggler of the participation policy
         batches = batches[: int(cfg["max_steps"])]
@@ -161,7 +162,7 @@ def _query(msg: Message, context: Context) -> Message:
     recipe = json.loads(str(msg.content["config"]["recipe"]))
     data = recipe["data"]
     client_id = _node_partition(context, int(data["num_clients"]))
-    _, y = local_partition(data, client_id, context.node_config.get("data-dir"))
+    _, y, _ = local_partition(data, client_id, context.node_config.get("data-dir"))
     reply = ConfigRecord({"client_id": client_id, "num_samples": len(y)})
     return Message(RecordDict({"info": reply}), reply_to=msg)
 
