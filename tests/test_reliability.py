@@ -3,6 +3,7 @@ atomic checkpoints, and nothing written outside the run's folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,9 +97,18 @@ def test_a_changed_setting_on_resume_stops_or_applies(tmp_path, monkeypatch, cap
     assert "--resume_changes apply" in err
     main(["fit", *TINY, "--trainer.max_steps", "3", "--ckpt_path", ckpt,
           "--model.local_lr", "0.5", "--resume_changes", "apply"])
-    assert "resuming with changed settings" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming from round 3" in out and "--model.local_lr=0.5 (checkpoint: 0.05)" in out
     lrs = [float(r["local_lr"]) for r in _metrics(tmp_path, 1) if r["local_lr"]]
     assert lrs == [pytest.approx(0.5 * 0.99**2)]  # the override applied to round 3
+    final = json.loads((tmp_path / "lightning_logs/fl/version_1/final_metrics.json").read_text())
+    assert final["settings_changed"] == [{
+        "from_round": 3, "checkpoint": str(Path(ckpt).resolve()),
+        "changes": [{"option": "--model.local_lr", "checkpoint": 0.05, "now": 0.5}],
+    }]
+    # the mark travels with the run's checkpoints: a further resume still carries it
+    stored = torch.load(_ckpts(tmp_path, 1)["round=3.ckpt"], weights_only=True)
+    assert stored["fl_settings_changed"] == final["settings_changed"]
 
 
 def test_divergence_raises_with_client_and_round(tmp_path, monkeypatch, capsys):
