@@ -15,6 +15,7 @@ from jsonargparse import ArgumentParser, Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fl_lightning.argcheck import check_config_files, explain_parser_error, finite_spellings
 from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import DivergenceError
@@ -61,7 +62,12 @@ class FederatedArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:
             super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {one_line(message)} (see {prog} --help)\n")
+        options = list(self._option_string_actions)
+        sub = self._subcommands_action
+        for parser in (sub._name_parser_map.values() if sub is not None else ()):
+            options.extend(parser._option_string_actions)
+        explained = explain_parser_error(message, options, getattr(self, "fl_config_files", ()))
+        sys.stderr.write(f"{prog}: error: {explained or one_line(message)} (see {prog} --help)\n")
         self.exit(2)
 
 
@@ -105,6 +111,22 @@ class FederatedCLI(LightningCLI):
             help="On fit --ckpt_path, settings that differ from the checkpoint's: 'error' stops "
             "with a message, 'apply' uses the command line's.",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Check the ``--config`` files and spell ``nan``/``inf`` so options' own checks see
+        them (:mod:`fl_lightning.argcheck`), then parse."""
+        if args is None or isinstance(args, (list, tuple)):
+            raw = [str(a) for a in (sys.argv[1:] if args is None else args)]
+            files = check_config_files(raw)
+            for p in (parser, *self._subcommand_parsers.values()):
+                p.fl_config_files = files
+            fixed = finite_spellings(raw)
+            if fixed != raw:
+                if args is None:
+                    sys.argv[1:] = fixed
+                else:
+                    args = fixed
+        super().parse_arguments(parser, args)
 
     # ------------------------------------------------------------------ checks before building
     def _sub(self) -> Namespace:

@@ -75,7 +75,7 @@ def test_sigterm_mid_round_then_resume_is_bit_identical(tmp_path):
     )
     assert killed.returncode == 143, killed.stderr[-2000:]
     assert "stopped by SIGTERM after round 3" in killed.stderr
-    ckpt = _ckpts(tmp_path, 0)["preempted-step=3.ckpt"]
+    ckpt = _ckpts(tmp_path, 0)["preempted-round=3.ckpt"]
     resumed = subprocess.run([*cmd, "--ckpt_path", str(ckpt)], cwd=tmp_path, env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -118,7 +118,7 @@ def test_divergence_raises_with_client_and_round(tmp_path, monkeypatch, capsys):
               "--model.algorithm", "helpers.NaNForClient", "--model.algorithm.client_id", "-1"])
     assert exit_info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(err) == 1 and "non-finite weights in round 0" in err[0]
+    assert len(err) == 1 and "non-finite weights in round 1" in err[0]
     assert "--model.on_nonfinite skip_client" in err[0]
 
 
