@@ -36,17 +36,17 @@ _NONFINITE = {
 def finite_spellings(args: Sequence[str]) -> list[str]:
     """``args`` with option values ``nan``, ``inf``, ``-inf`` (any case) spelt ``.nan``,
     ``.inf``, ``-.inf``, which jsonargparse reads as floats."""
-    out = list(args)
-    for i, arg in enumerate(out):
+    out: list[str] = []
+    for arg in args:
         if arg.startswith("--") and "=" in arg:
             key, value = arg.split("=", 1)
             if value.lower() in _NONFINITE:
-                out[i] = f"{key}={_NONFINITE[value.lower()]}"
-        elif (
-            i > 0 and arg.lower() in _NONFINITE and out[i - 1].startswith("--")
-            and "=" not in out[i - 1]
-        ):
-            out[i] = _NONFINITE[arg.lower()]
+                arg = f"{key}={_NONFINITE[value.lower()]}"
+        elif arg.lower() in _NONFINITE and out and out[-1].startswith("--") and "=" not in out[-1]:
+            # one token: argparse would take "-.inf" for an option
+            out[-1] = f"{out[-1]}={_NONFINITE[arg.lower()]}"
+            continue
+        out.append(arg)
     return out
 
 
