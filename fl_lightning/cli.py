@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 import yaml
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -194,10 +194,9 @@ class FederatedCLI(LightningCLI):
             return
         sub = self.config.subcommand
         config = self.config[sub]
+        version = tuple(int(v) for v in metadata.version("jsonargparse").split(".")[:2])
         keep_none = (  # jsonargparse 4.49 renamed skip_none to skip_unset
-            {"skip_unset": False}
-            if "skip_unset" in inspect.signature(ArgumentParser.dump).parameters
-            else {"skip_none": False}
+            {"skip_unset": False} if version >= (4, 49) else {"skip_none": False}
         )
         given = yaml.safe_load(
             self.parser.dump(self.config, skip_link_targets=False, format="yaml", **keep_none)

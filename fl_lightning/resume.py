@@ -374,10 +374,11 @@ def check_resume(
                              "config.yaml")
         hint = f"--config {saved}" if os.path.isfile(saved) else "the run's original config"
         head = f"--ckpt_path={path}: "
+        plural = "s" if len(changes) > 1 else ""
         tail = (
-            f"; resume with {hint}, or add --resume_changes apply to use the new "
-            f"value{'s' if len(changes) > 1 else ''} (the run is then marked as changed from "
-            f"round {from_round})"
+            f"; resume with {hint}, or add --resume_changes apply to use the new value{plural} "
+            f"(the run is then marked as changed from round {from_round})" if full else
+            f"; evaluate with {hint}, or add --resume_changes apply to use the new value{plural}"
         )
         if full and not complete:
             tail += (
