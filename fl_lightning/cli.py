@@ -118,7 +118,7 @@ class FederatedCLI(LightningCLI):
         if args is None or isinstance(args, (list, tuple)):
             raw = [str(a) for a in (sys.argv[1:] if args is None else args)]
             files = check_config_files(raw)
-            for p in (parser, *self._subcommand_parsers.values()):
+            for p in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
                 p.fl_config_files = files
             fixed = finite_spellings(raw)
             if fixed != raw:
@@ -194,13 +194,7 @@ class FederatedCLI(LightningCLI):
             return
         sub = self.config.subcommand
         config = self.config[sub]
-        version = tuple(int(v) for v in metadata.version("jsonargparse").split(".")[:2])
-        keep_none = (  # jsonargparse 4.49 renamed skip_none to skip_unset
-            {"skip_unset": False} if version >= (4, 49) else {"skip_none": False}
-        )
-        given = yaml.safe_load(
-            self.parser.dump(self.config, skip_link_targets=False, format="yaml", **keep_none)
-        )[sub]
+        given = self._resolved_config(sub)
         self._run_config = yaml.safe_dump(given, sort_keys=False)
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
@@ -236,6 +230,15 @@ class FederatedCLI(LightningCLI):
                 "stored its whole config; only its model and data settings were compared",
                 file=sys.stderr,
             )
+
+    def _resolved_config(self, sub: str) -> dict[str, Any]:
+        """The subcommand's resolved config as plain data (what ``config.yaml`` holds)."""
+        version = tuple(int(v) for v in metadata.version("jsonargparse").split(".")[:2])
+        keep_none = (  # jsonargparse 4.49 renamed skip_none to skip_unset
+            {"skip_unset": False} if version >= (4, 49) else {"skip_none": False}
+        )
+        dumped = self.parser.dump(self.config, skip_link_targets=False, format="yaml", **keep_none)
+        return yaml.safe_load(dumped)[sub]
 
     def _check_checkpoint_fits(self) -> None:
         """Refuse a checkpoint whose weights do not fit the model, before loading any."""

@@ -21,13 +21,13 @@ __all__ = ["RUN_FILES", "check_run_dir", "run_files_in"]
 # What a run writes into its folder.
 RUN_FILES = (
     "metrics.csv", "config.yaml", "hparams.yaml", "final_metrics.json", "settings_changed.json",
-    "checkpoints",
+    "personalized_metrics.json", "checkpoints", "analysis",
 )
 
 
 def run_files_in(folder: str) -> list[str]:
     """The files of a run (see :data:`RUN_FILES`) present in ``folder``; an empty
-    ``checkpoints`` folder does not count."""
+    ``checkpoints`` or ``analysis`` folder does not count."""
     found = []
     for name in RUN_FILES:
         path = os.path.join(folder, name)
@@ -55,9 +55,9 @@ def check_run_dir(trainer: pl.Trainer) -> None:
         folder = _local(getattr(logger, "log_dir", None))
         if folder is None or not os.path.isdir(folder):
             continue
-        found = run_files_in(folder)
+        found = run_files_in(folder) or sorted(os.listdir(folder))[:4]
         if not found:
-            continue
+            continue  # an empty folder made beforehand is fine
         version = getattr(logger, "_version", None)
         option = "--trainer.logger" + (f"[{index}]" if len(loggers) > 1 else "")
         what = (
