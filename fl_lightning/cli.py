@@ -27,6 +27,7 @@ from fl_lightning.resume import (
     check_resume,
     flatten,
     shape_mismatch,
+    stored_config,
 )
 from fl_lightning.rundir import check_run_dir
 from fl_lightning.trainer_options import check_trainer_options
@@ -189,6 +190,7 @@ class FederatedCLI(LightningCLI):
         """
         self._resume: Resume | None = None
         self._weight_shapes: dict[str, tuple[int, ...]] | None = None
+        self._stored_config: dict[str, Any] = {}
         self._run_config = ""
         if not self.config.get("subcommand"):
             return
@@ -219,6 +221,7 @@ class FederatedCLI(LightningCLI):
                 "fl-lightning"
             )
         self._weight_shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+        self._stored_config = stored_config(ckpt)[0]
         resume = check_resume(
             ckpt, given, path=ckpt_path, apply=config.get("resume_changes") == "apply",
             full=sub == "fit",
@@ -249,7 +252,7 @@ class FederatedCLI(LightningCLI):
         if problem is None:
             return
         config = self._sub()
-        stored = flatten(self._resume.stored) if self._resume is not None else {}
+        stored = flatten(self._stored_config)
         now = flatten(yaml.safe_load(self._run_config) or {})
         parts = []
         for key in ("model.net", "data.dataset"):
@@ -258,7 +261,7 @@ class FederatedCLI(LightningCLI):
         why = f" because {' and '.join(parts)}" if parts else ""
         raise ConfigError(
             f"--ckpt_path={config.get('ckpt_path')} does not fit this model{why}: {problem}; "
-            "a checkpoint resumes only the same network on data of the same input shape and "
+            "a checkpoint fits only the same network on data of the same input shape and "
             "number of classes"
         )
 

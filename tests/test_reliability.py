@@ -359,3 +359,15 @@ def test_without_a_logger_a_used_root_dir_is_refused(tmp_path, monkeypatch, caps
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and "--trainer.default_root_dir=out" in err[0]
     assert (tmp_path / "out/final_metrics.json").read_bytes() == before
+
+
+def test_evaluating_a_checkpoint_of_another_shape_is_refused(fedsol_ckpt, tmp_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", QUICK, *FAST, "--model.sample_ratio", "0.1",
+              "--model.local_epochs", "1", "--ckpt_path", str(fedsol_ckpt),
+              "--model.net", "fl_lightning.models.MLP2NN"])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "does not fit this model" in err[0] and "MLP2NN" in err[0]
