@@ -6,21 +6,35 @@ import importlib.util
 import os
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fl_lightning import registry
 from fl_lightning.cli_help import CompactHelpFormatter
+from fl_lightning.argcheck import check_config_files, explain_parser_error, finite_spellings
 from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import DivergenceError
 from fl_lightning.module import FederatedModule, Preempted
 from fl_lightning.quiet import quiet_expected_messages
+from fl_lightning.resume import (
+    AdaptingCheckpointIO,
+    Resume,
+    RunRecord,
+    check_resume,
+    flatten,
+    shape_mismatch,
+    stored_config,
+)
+from fl_lightning.rundir import check_run_dir
+from fl_lightning.trainer_options import check_trainer_options
 
 __all__ = ["FederatedCLI", "main"]
 
@@ -56,19 +70,13 @@ class FederatedArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:
             super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {one_line(message)} (see {prog} --help)\n")
+        options = list(self._option_string_actions)
+        sub = self._subcommands_action
+        for parser in (sub._name_parser_map.values() if sub is not None else ()):
+            options.extend(parser._option_string_actions)
+        explained = explain_parser_error(message, options, getattr(self, "fl_config_files", ()))
+        sys.stderr.write(f"{prog}: error: {explained or one_line(message)} (see {prog} --help)\n")
         self.exit(2)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) or isinstance(b, float):
-        try:
-            return float(a) == float(b)
-        except (TypeError, ValueError):
-            return False
-    return a == b
 
 
 class FederatedCLI(LightningCLI):
@@ -126,6 +134,28 @@ class FederatedCLI(LightningCLI):
             "with a message, 'apply' uses the command line's.",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Check the ``--config`` files and spell ``nan``/``inf`` so options' own checks see
+        them (:mod:`fl_lightning.argcheck`), parse, then apply the output defaults
+        (:meth:`_apply_output_defaults`)."""
+        if args is None or isinstance(args, (list, tuple)):
+            raw = [str(a) for a in (sys.argv[1:] if args is None else args)]
+            files = check_config_files(raw)
+            for p in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+                p.fl_config_files = files
+            fixed = finite_spellings(raw)
+            if fixed != raw:
+                if args is None:
+                    sys.argv[1:] = fixed
+                else:
+                    args = fixed
+        super().parse_arguments(parser, args)
+        # the output defaults, before Lightning seeds and logs anything
+        command = self.config.get("subcommand")
+        config = self.config[command] if command else self.config
+        if config.get("trainer") is not None:
+            self._apply_output_defaults(config)
+
     # ------------------------------------------------------------------ checks before building
     def _sub(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -141,12 +171,7 @@ class FederatedCLI(LightningCLI):
                 "optimizers gives NaN clients and silently skipped server steps; use 32-true "
                 "or bf16-mixed"
             )
-        clip = trainer.get("gradient_clip_val")
-        if clip not in (None, 0, 0.0):
-            raise ConfigError(
-                f"--trainer.gradient_clip_val={clip} is not supported: rounds use manual "
-                "optimization, so Lightning cannot clip; remove the option"
-            )
+        check_trainer_options(trainer)
         rounds, every = trainer.get("max_steps"), trainer.get("val_check_interval")
         if isinstance(every, int) and isinstance(rounds, int) and 0 < rounds < every:
             # Evaluate at least once, at the last round, instead of failing in Lightning.
@@ -183,15 +208,7 @@ class FederatedCLI(LightningCLI):
         )
         trainer["callbacks"] = callbacks
 
-    # ------------------------------------------------------------------ outputs (issue #16)
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then apply the output defaults (before Lightning seeds and logs anything)."""
-        super().parse_arguments(parser, args)
-        command = self.config.get("subcommand")
-        config = self.config[command] if command else self.config
-        if config.get("trainer") is not None:
-            self._apply_output_defaults(config)
-
+    # ------------------------------------------------------------------ outputs
     def _apply_output_defaults(self, config: Namespace) -> None:
         """Outputs under ``--trainer.default_root_dir``; the round progress bar by default.
 
@@ -228,13 +245,26 @@ class FederatedCLI(LightningCLI):
 
     # ------------------------------------------------------------------ resume
     def _parse_ckpt_path(self) -> None:
-        """Resume with the command line's settings; never restore stored ones silently."""
+        """Resume with the command line's settings; never restore stored ones silently.
+
+        Replaces LightningCLI's version, which re-applies the hyper-parameters stored in the
+        checkpoint over the command line. See :mod:`fl_lightning.resume`.
+        """
+        self._resume: Resume | None = None
+        self._weight_shapes: dict[str, tuple[int, ...]] | None = None
+        self._stored_config: dict[str, Any] = {}
+        self._run_config = ""
         if not self.config.get("subcommand"):
             return
-        config = self.config[self.config.subcommand]
+        sub = self.config.subcommand
+        config = self.config[sub]
+        given = self._resolved_config(sub)
+        self._run_config = yaml.safe_dump(given, sort_keys=False)
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
+        if config.get("resume_changes") not in ("error", "apply"):
+            return  # refused with one line in before_instantiate_classes
         if not Path(ckpt_path).is_file():
             raise ConfigError(
                 f"--ckpt_path={ckpt_path} does not exist: pass the path of a .ckpt file, e.g. "
@@ -247,30 +277,88 @@ class FederatedCLI(LightningCLI):
                 f"--ckpt_path={ckpt_path} is not a readable checkpoint ({type(err).__name__}): "
                 "pass a .ckpt written by fl-lightning"
             ) from None
-        diffs = []
-        for key, stored in (
-            ("model", ckpt.get("hyper_parameters", {})),
-            ("data", ckpt.get("datamodule_hyper_parameters", {})),
-        ):
-            given = config.get(key)
-            for name, value in stored.items():
-                if name.startswith("_") or name in ("num_classes", "input_shape"):
-                    continue
-                now = given.get(name) if given is not None else None
-                if now is not None and not _same(now, value):
-                    diffs.append(f"--{key}.{name}={now} (checkpoint: {value})")
-        if not diffs:
-            return
-        if config.get("resume_changes") == "apply":
-            print(f"fl-lightning: resuming with changed settings: {', '.join(diffs)}")
-            return
-        saved = Path(ckpt_path).resolve().parent.parent / "config.yaml"
-        hint = f"--config {saved}" if saved.is_file() else "the run's original config"
-        raise ConfigError(
-            f"--ckpt_path={ckpt_path}: {diffs[0]} differs from the checkpoint"
-            + (f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else "")
-            + f"; resume with {hint}, or add --resume_changes apply to use the new values"
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise ConfigError(
+                f"--ckpt_path={ckpt_path} holds no model weights: pass a .ckpt written by "
+                "fl-lightning"
+            )
+        self._weight_shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+        self._stored_config = stored_config(ckpt)[0]
+        resume = check_resume(
+            ckpt, given, path=ckpt_path, apply=config.get("resume_changes") == "apply",
+            full=sub == "fit",
         )
+        self._resume = resume
+        if sub == "fit" and not resume.complete and rank_zero_only.rank == 0:
+            print(
+                f"fl-lightning: note: --ckpt_path={ckpt_path} was written before fl-lightning "
+                "stored its whole config; only its model and data settings were compared",
+                file=sys.stderr,
+            )
+
+    def _resolved_config(self, sub: str) -> dict[str, Any]:
+        """The subcommand's resolved config as plain data (what ``config.yaml`` holds)."""
+        version = tuple(int(v) for v in metadata.version("jsonargparse").split(".")[:2])
+        keep_none = (  # jsonargparse 4.49 renamed skip_none to skip_unset
+            {"skip_unset": False} if version >= (4, 49) else {"skip_none": False}
+        )
+        dumped = self.parser.dump(self.config, skip_link_targets=False, format="yaml", **keep_none)
+        return yaml.safe_load(dumped)[sub]
+
+    def _check_checkpoint_fits(self) -> None:
+        """Refuse a checkpoint whose weights do not fit the model, before loading any."""
+        if self._weight_shapes is None:
+            return
+        current = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        problem = shape_mismatch(self._weight_shapes, current)
+        if problem is None:
+            return
+        config = self._sub()
+        stored = flatten(self._stored_config)
+        now = flatten(yaml.safe_load(self._run_config) or {})
+        parts = []
+        for key in ("model.net", "data.dataset"):
+            if key in stored and key in now and stored[key] != now[key]:
+                parts.append(f"--{key}={now[key]} (checkpoint: {stored[key]})")
+        why = f" because {' and '.join(parts)}" if parts else ""
+        raise ConfigError(
+            f"--ckpt_path={config.get('ckpt_path')} does not fit this model{why}: {problem}; "
+            "a checkpoint fits only the same network on data of the same input shape and "
+            "number of classes"
+        )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        if self.subcommand == "fit":
+            history = self._resume.history if self._resume is not None else []
+            callbacks = [*callbacks, RunRecord(self._run_config, history)]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _prepare_resume(self) -> None:
+        self._check_checkpoint_fits()
+        resume = self._resume
+        if resume is not None and resume.changes and rank_zero_only.rank == 0:
+            lines = [c.line() for c in resume.changes] + resume.notes()
+            print(
+                f"fl-lightning: resuming from round {resume.from_round} of {resume.path} with "
+                f"{len(resume.changes)} changed setting(s) (--resume_changes apply; recorded in "
+                "the run's settings_changed.json, final_metrics.json and checkpoints):\n"
+                + "\n".join(f"  {line}" for line in lines)
+            )
+        if resume is not None and (resume.replaced or resume.optimizer_changed):
+            strategy = self.trainer.strategy
+            strategy.checkpoint_io = AdaptingCheckpointIO(
+                strategy.checkpoint_io, self.model, resume.replaced, resume.optimizer_changed
+            )
+
+    def before_fit(self) -> None:
+        check_run_dir(self.trainer)
+        self._prepare_resume()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint_fits()
+
+    def before_test(self) -> None:
+        self._check_checkpoint_fits()
 
 
 def _require(module: str, what: str) -> None:

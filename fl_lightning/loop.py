@@ -143,17 +143,18 @@ class RoundLoop:
         if not num_bad:
             return results, []
         module = self.module
+        shown = round_idx + 1  # rounds are counted from 1 in messages, metrics and checkpoints
         where = (
-            f"client {bad[0].client_id} produced non-finite weights in round {round_idx} "
+            f"client {bad[0].client_id} produced non-finite weights in round {shown} "
             f"(mean local loss {float(bad[0].loss):.4g})" if bad
             else f"{num_bad} client(s) of another rank produced non-finite weights in round "
-            f"{round_idx}"
+            f"{shown}"
         )
         if module.on_nonfinite == "skip_client" and num_bad < num_all:
             kept = [r for r, ok in zip(results, finite, strict=True) if ok]
             return kept, [r.client_id for r in bad]
         if module.on_nonfinite == "skip_client":
-            where = f"every client diverged in round {round_idx} (first: {where})"
+            where = f"every client diverged in round {shown} (first: {where})"
         raise DivergenceError(
             f"{where}: lower --model.local_lr (now {module.local_lr}) or the algorithm's "
             "strength, or set --model.on_nonfinite skip_client to leave such clients out; "

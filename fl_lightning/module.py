@@ -88,8 +88,9 @@ class FederatedModule(pl.LightningModule):
         sample_ratio: share of clients sampled per round; ``max(int(N * ratio), 1)`` clients.
         local_epochs: ``E``, passes over its data that each sampled client makes.
         batch_size: ``B``, the local mini-batch size.
-        local_lr: the local learning rate at round 0.
-        lr_decay: per-round decay of the local learning rate (``lr_r = lr * decay^r``).
+        local_lr: the local learning rate of the first round.
+        lr_decay: per-round decay of the local learning rate: round ``r`` (counted from 1)
+            uses ``local_lr * lr_decay^(r-1)``.
         momentum: local SGD momentum.
         weight_decay: local SGD weight decay.
         engine: the client engine.
@@ -329,7 +330,7 @@ class FederatedModule(pl.LightningModule):
         folder = getattr(ckpt, "dirpath", None) or os.path.join(
             trainer.log_dir or trainer.default_root_dir, "checkpoints"
         )
-        path = os.path.join(folder, f"preempted-step={self.global_step}.ckpt")
+        path = os.path.join(folder, f"preempted-round={self.global_step}.ckpt")
         trainer.save_checkpoint(path)
         return path
 

@@ -125,3 +125,86 @@ def test_bad_input_gives_one_clear_line(args, option, tmp_path, monkeypatch, cap
 
 def test_there_are_at_least_forty_bad_inputs():
     assert len(BAD_INPUTS) >= 40
+
+
+# Inputs that once ended in a traceback, a vague message or a silent change (issue #17): each
+# must give one line that names the option and states the rule or the closest valid name.
+CONFIG_FILES = {
+    "ok.yaml": "trainer:\n  max_steps: 3\n",
+    "list.yaml": "- trainer\n- model\n",
+    "scalar.yaml": "just a string\n",
+    "tab.yaml": "trainer:\n\tmax_steps: 3\n",
+    "typo.yaml": "trainer:\n  max_stepz: 3\n",
+    "badclass.yaml": "model:\n  algorithm:\n    class_path: fl_lightning.algorithms.FedSAMM\n",
+}
+CLEAR_MESSAGES = [
+    # the rule that failed, not the type
+    (["--data.alpha", "nan"], ["--data.alpha=nan", "finite number > 0"]),
+    (["--data.alpha", "-inf"], ["--data.alpha=-inf", "finite number > 0"]),
+    (["--model.local_lr", "NaN"], ["--model.local_lr=nan", "finite number >= 0"]),
+    (["--model.algorithm.rho=inf"], ["--model.algorithm.rho=inf", "finite number >= 0"]),
+    # closest names
+    (["--model.algorithm.rh", "2"],
+     ["--model.algorithm.rh", "did you mean --model.algorithm.rho?"]),
+    ([*FEDPROX, "--model.algorithm.muu", "1"], ["did you mean --model.algorithm.mu?"]),
+    (["--model.algorithm", "fl_lightning.algorithms.FedAv"],
+     ["--model.algorithm=fl_lightning.algorithms.FedAv",
+      "did you mean fl_lightning.algorithms.FedAvg?"]),
+    (["--model.algorithm", "Scafold"], ["did you mean fl_lightning.algorithms.SCAFFOLD?"]),
+    (["--model.algorithm", "foo.Bar"], ["no module foo", "FedSoL"]),
+    (["--model.net", "fl_lightning.models.VGG1"], ["did you mean fl_lightning.models.VGG11?"]),
+    (["--model.server_optimizer", "torch.optim.Adamm"], ["did you mean torch.optim.Adam?"]),
+    (["--trainer.callbacks+=callbacks.HessianEigenvalue"],
+     ["--trainer.callbacks", "did you mean callbacks.HessianEigenvalues?"]),
+    (["--trainer.callbacks+=LearningRateMonitr"],
+     ["did you mean lightning.pytorch.callbacks.LearningRateMonitor?"]),
+    (["--data.dataset", "mnst"], ["--data.dataset='mnst'", "did you mean --data.dataset mnist?"]),
+    (["--data.dataset", "pathmnst"], ["did you mean --data.dataset pathmnist?"]),
+    (["--data.partitoin", "iid"], ["--data.partitoin", "did you mean --data.partition?"]),
+    (["--data.partition", "shrd"],
+     ["--data.partition=shrd", "did you mean --data.partition shard?"]),
+    # YAML files: the file, the line, the rule; with two files, the one at fault
+    (["--config", "list.yaml"], ["--config=list.yaml", "must be a mapping", "not a list"]),
+    (["--config", "scalar.yaml"], ["--config=scalar.yaml", "must be a mapping", "not a str"]),
+    (["--config", "ok.yaml", "--config", "tab.yaml"],
+     ["--config=tab.yaml", "line 2, column 1", "spaces, not tabs"]),
+    (["--config", "ok.yaml", "--config", "typo.yaml"],
+     ["trainer.max_stepz", "--config typo.yaml", "did you mean trainer.max_steps?"]),
+    (["--config", "badclass.yaml"],
+     ["--config badclass.yaml", "did you mean fl_lightning.algorithms.FedSAM?"]),
+    (["--config", "absent.yaml"], ["--config=absent.yaml", "no such file"]),
+    # Trainer options the federated loop cannot honour, with what to use instead
+    (["--trainer.val_check_interval", "0"],
+     ["--trainer.val_check_interval=0", "positive integer number of rounds"]),
+    (["--trainer.val_check_interval", "0.5"],
+     ["--trainer.val_check_interval=0.5", "positive integer number of rounds"]),
+    (["--trainer.val_check_interval", "-1"], ["positive integer number of rounds"]),
+    (["--trainer.accumulate_grad_batches", "4"],
+     ["--trainer.accumulate_grad_batches=4", "--model.local_epochs"]),
+    (["--trainer.gradient_clip_algorithm", "norm"], ["--trainer.gradient_clip_algorithm=norm"]),
+    (["--trainer.limit_train_batches", "0"],
+     ["--trainer.limit_train_batches=0", "--trainer.max_steps"]),
+    (["--trainer.overfit_batches", "1"], ["--trainer.overfit_batches=1", "--trainer.max_steps"]),
+    (["--trainer.check_val_every_n_epoch", "2"],
+     ["--trainer.check_val_every_n_epoch=2", "--trainer.val_check_interval"]),
+]
+
+
+@pytest.mark.parametrize(
+    "args,expected", CLEAR_MESSAGES, ids=[" ".join(a) for a, _ in CLEAR_MESSAGES]
+)
+def test_bad_input_states_the_rule_or_the_closest_name(args, expected, tmp_path, monkeypatch,
+                                                       capsys):
+    monkeypatch.chdir(tmp_path)
+    for name, text in CONFIG_FILES.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICK, *args, "--trainer.enable_progress_bar", "false"])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = [line for line in lines if "error:" in line]
+    assert len(err) == 1, lines
+    assert "Traceback" not in "\n".join(lines)
+    for part in expected:
+        assert part in err[0], err[0]
+    assert not (tmp_path / "lightning_logs").exists()

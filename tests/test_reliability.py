@@ -3,6 +3,7 @@ atomic checkpoints, and nothing written outside the run's folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def test_sigterm_mid_round_then_resume_is_bit_identical(tmp_path):
     )
     assert killed.returncode == 143, killed.stderr[-2000:]
     assert "stopped by SIGTERM after round 3" in killed.stderr
-    ckpt = _ckpts(tmp_path, 0)["preempted-step=3.ckpt"]
+    ckpt = _ckpts(tmp_path, 0)["preempted-round=3.ckpt"]
     resumed = subprocess.run([*cmd, "--ckpt_path", str(ckpt)], cwd=tmp_path, env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -96,9 +97,18 @@ def test_a_changed_setting_on_resume_stops_or_applies(tmp_path, monkeypatch, cap
     assert "--resume_changes apply" in err
     main(["fit", *TINY, "--trainer.max_steps", "3", "--ckpt_path", ckpt,
           "--model.local_lr", "0.5", "--resume_changes", "apply"])
-    assert "resuming with changed settings" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming from round 3" in out and "--model.local_lr=0.5 (checkpoint: 0.05)" in out
     lrs = [float(r["local_lr"]) for r in _metrics(tmp_path, 1) if r["local_lr"]]
     assert lrs == [pytest.approx(0.5 * 0.99**2)]  # the override applied to round 3
+    final = json.loads((tmp_path / "lightning_logs/fl/version_1/final_metrics.json").read_text())
+    assert final["settings_changed"] == [{
+        "from_round": 3, "checkpoint": str(Path(ckpt).resolve()),
+        "changes": [{"option": "--model.local_lr", "checkpoint": 0.05, "now": 0.5}],
+    }]
+    # the mark travels with the run's checkpoints: a further resume still carries it
+    stored = torch.load(_ckpts(tmp_path, 1)["round=3.ckpt"], weights_only=True)
+    assert stored["fl_settings_changed"] == final["settings_changed"]
 
 
 def test_divergence_raises_with_client_and_round(tmp_path, monkeypatch, capsys):
@@ -108,7 +118,7 @@ def test_divergence_raises_with_client_and_round(tmp_path, monkeypatch, capsys):
               "--model.algorithm", "helpers.NaNForClient", "--model.algorithm.client_id", "-1"])
     assert exit_info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(err) == 1 and "non-finite weights in round 0" in err[0]
+    assert len(err) == 1 and "non-finite weights in round 1" in err[0]
     assert "--model.on_nonfinite skip_client" in err[0]
 
 
@@ -148,7 +158,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ckpt"]
 
 
-def test_nothing_is_written_outside_the_run_folder(tmp_path, monkeypatch):
+def test_nothing_is_written_outside_the_run_folder(tmp_path):
+    """A fresh process (so that matplotlib, imported by torchmetrics, starts cold) with an
+    empty $HOME and no MPLCONFIGDIR: only lightning_logs/ is created."""
     from test_cli import _tiny_mnist
     from test_datasets import snapshot
 
@@ -158,12 +170,204 @@ def test_nothing_is_written_outside_the_run_folder(tmp_path, monkeypatch):
     home.mkdir()
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(work)
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME",
+                                                          "XDG_CONFIG_HOME")}
+    env.update(HOME=str(home), PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}")
     before = snapshot(data)
-    main(["fit", "--config", str(REPO / "configs/mnist/fedavg_shard.yaml"), *FAST,
-          "--data.data_dir", str(data), "--data.num_clients", "6", "--model.sample_ratio", "0.5",
-          "--trainer.max_steps", "2", "--data.verify_checksums", "false"])
+    done = subprocess.run(
+        [sys.executable, "-m", "fl_lightning.cli", "fit", "--config",
+         str(REPO / "configs/mnist/fedavg_shard.yaml"), *FAST, "--data.data_dir", str(data),
+         "--data.num_clients", "6", "--model.sample_ratio", "0.5", "--trainer.max_steps", "2",
+         "--data.verify_checksums", "false"],
+        cwd=work, env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
     assert snapshot(data) == before
-    assert list(home.iterdir()) == []
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
     assert sorted(p.name for p in work.iterdir()) == ["lightning_logs"]
+
+
+# ---------------------------------------------------------------- resume compares the whole config
+@pytest.fixture(scope="module")
+def fedsol_ckpt(tmp_path_factory) -> Path:
+    """Two rounds of the quick start's FedSoL, written once for the resume tests."""
+    root = tmp_path_factory.mktemp("fedsol_run")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        main(["fit", *TINY, "--trainer.max_steps", "2"])
+    finally:
+        os.chdir(cwd)
+    return root / "lightning_logs/fl/version_0/checkpoints/round=2.ckpt"
+
+
+RESUME_CHANGES = [
+    (["--model.algorithm", "fl_lightning.algorithms.FedAvg"],
+     ["--model.algorithm=fl_lightning.algorithms.FedAvg (checkpoint: "
+      "fl_lightning.algorithms.FedSoL)"]),
+    (["--model.algorithm", "fl_lightning.algorithms.SCAFFOLD"],
+     ["--model.algorithm=fl_lightning.algorithms.SCAFFOLD"]),
+    (["--model.algorithm.rho", "1.0"], ["--model.algorithm.rho=1.0 (checkpoint: 2.0)"]),
+    (["--model.algorithm.proximal", "fl_lightning.algorithms.SCAFFOLD"],
+     ["--model.algorithm.proximal=fl_lightning.algorithms.SCAFFOLD (checkpoint: null)"]),
+    (["--model.net", "fl_lightning.models.MLP2NN"],
+     ["--model.net=fl_lightning.models.MLP2NN (checkpoint: fl_lightning.models.FedAvgCNN)"]),
+    (["--model.engine", "fl_lightning.engines.BatchedEngine"], ["--model.engine="]),
+    (["--model.server_optimizer.momentum", "0.9"],
+     ["--model.server_optimizer.momentum=0.9 (checkpoint: 0.0)"]),
+    (["--model.server_optimizer", "torch.optim.Adam"],
+     ["--model.server_optimizer=torch.optim.Adam"]),
+    (["--model.compressor", "fl_lightning.systems.TopK"],
+     ["--model.compressor=fl_lightning.systems.TopK (checkpoint: null)"]),
+    (["--model.on_nonfinite", "skip_client"], ["--model.on_nonfinite=skip_client"]),
+    (["--data.alpha", "0.5"], ["--data.alpha=0.5 (checkpoint: 0.1)"]),
+    (["--seed_everything", "1"], ["--seed_everything=1 (checkpoint: 0)"]),
+    (["--trainer.precision", "64-true"], ["--trainer.precision=64-true (checkpoint: null)"]),
+    (["--model.algorithm.rho", "1.0", "--model.local_lr", "0.5", "--data.num_clients", "10"],
+     ["3 settings differ", "\n  --data.num_clients=10 (checkpoint: 20)",
+      "\n  --model.algorithm.rho=1.0 (checkpoint: 2.0)",
+      "\n  --model.local_lr=0.5 (checkpoint: 0.05)"]),
+]
+
+
+@pytest.mark.parametrize("extra,expected", RESUME_CHANGES,
+                         ids=[" ".join(a) for a, _ in RESUME_CHANGES])
+def test_resume_refuses_every_result_shaping_change(extra, expected, fedsol_ckpt, tmp_path,
+                                                    monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *TINY, "--trainer.max_steps", "3", "--ckpt_path", str(fedsol_ckpt),
+              *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+    for part in expected:
+        assert part in err, err
+    assert "--resume_changes apply" in err and "marked as changed from round 3" in err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_resume_ignores_harmless_changes(fedsol_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *TINY, "--trainer.max_steps", "3", "--ckpt_path", str(fedsol_ckpt),
+          "--trainer.val_check_interval", "1", "--checkpoint_every_n_rounds", "5",
+          "--keep_last_checkpoints", "1", "--trainer.log_every_n_steps", "5",
+          "--data.verify_checksums", "false"])
+    final = json.loads((tmp_path / "lightning_logs/fl/version_0/final_metrics.json").read_text())
+    assert "settings_changed" not in final and final["rounds"] == 3
+
+
+def test_resume_with_another_algorithm_applied_is_marked_and_starts_its_state(
+        fedsol_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *TINY, "--trainer.max_steps", "3", "--ckpt_path", str(fedsol_ckpt),
+          "--model.algorithm", "fl_lightning.algorithms.SCAFFOLD",
+          "--model.server_optimizer.lr", "0.5", "--resume_changes", "apply"])
+    out = capsys.readouterr().out
+    assert "resuming from round 3" in out
+    assert "--model.algorithm=fl_lightning.algorithms.SCAFFOLD (checkpoint: " in out
+    assert "the new algorithm starts with empty state" in out
+    run = tmp_path / "lightning_logs/fl/version_0"
+    marked = json.loads((run / "settings_changed.json").read_text())
+    assert [c["option"] for c in marked[0]["changes"]] == [
+        "--model.algorithm", "--model.server_optimizer.lr"]
+    assert marked[0]["from_round"] == 3
+    assert json.loads((run / "final_metrics.json").read_text())["settings_changed"] == marked
+    ckpt = torch.load(run / "checkpoints/round=3.ckpt", weights_only=True)
+    assert ckpt["fl_settings_changed"] == marked
+    assert "SCAFFOLD" in ckpt["fl_config"]
+    assert set(ckpt["fl_algorithm_state"]) >= {"c"}  # SCAFFOLD's own state, from round 3
+    # the server optimizer took the new learning rate (torch would restore the stored 1.0)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 0.5
+
+
+def test_resume_with_another_server_optimizer_starts_it_fresh(fedsol_ckpt, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *TINY, "--trainer.max_steps", "3", "--ckpt_path", str(fedsol_ckpt),
+          "--model.server_optimizer", "torch.optim.Adam", "--model.server_optimizer.lr", "0.01",
+          "--resume_changes", "apply"])
+    ckpt = torch.load(_ckpts(tmp_path, 0)["round=3.ckpt"], weights_only=True)
+    state = ckpt["optimizer_states"][0]
+    group = state["param_groups"][0]
+    assert "betas" in group and "nesterov" not in group and group["lr"] == 0.01
+    assert all(s["step"] == 1 for s in state["state"].values())  # one Adam step: round 3
+
+
+@pytest.mark.parametrize("extra,cause", [
+    (["--model.net", "fl_lightning.models.MLP2NN"],
+     "--model.net=fl_lightning.models.MLP2NN (checkpoint: fl_lightning.models.FedAvgCNN)"),
+    (["--data.dataset", "bloodmnist", "--data.data_dir", "data", "--data.partition", "iid",
+      "--data.num_clients", "4", "--data.verify_checksums", "false"],
+     "--data.dataset=bloodmnist (checkpoint: digits)"),
+], ids=["net", "dataset"])
+def test_resume_with_another_shape_is_refused_before_loading(extra, cause, fedsol_ckpt,
+                                                             tmp_path, monkeypatch, capsys):
+    from test_datasets import write_medmnist
+
+    write_medmnist(tmp_path / "data/medmnist/bloodmnist.npz", channels=3, sizes=(40, 4, 16),
+                   num_classes=8)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *TINY, "--trainer.max_steps", "3", "--ckpt_path", str(fedsol_ckpt),
+              *extra, "--resume_changes", "apply"])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "does not fit this model because" in err[0] and cause in err[0]
+    assert not list(tmp_path.glob("lightning_logs/fl/*/*"))  # nothing written, nothing loaded
+
+
+def test_a_checkpoint_without_a_stored_config_still_compares_model_and_data(
+        fedsol_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    old = torch.load(fedsol_ckpt, weights_only=True)
+    del old["fl_config"], old["fl_settings_changed"]
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.raises(SystemExit):
+        main(["fit", *TINY, "--trainer.max_steps", "3", "--ckpt_path", "old.ckpt",
+              "--model.local_lr", "0.5"])
+    err = capsys.readouterr().err
+    assert "--model.local_lr=0.5 (checkpoint: 0.05)" in err
+    assert "only its model and data settings were compared" in err
+
+
+# ---------------------------------------------------------------- no run touches another's files
+def test_an_existing_explicit_version_is_refused_and_left_intact(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", *TINY, "--trainer.max_steps", "1", "--trainer.logger.init_args.version", "0"]
+    main(args)
+    run = tmp_path / "lightning_logs/fl/version_0"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "--trainer.logger.init_args.version=0" in err[0]
+    assert "metrics.csv" in err[0]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_without_a_logger_a_used_root_dir_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", *TINY, "--trainer.max_steps", "1", "--trainer.logger", "false",
+            "--trainer.default_root_dir", "out"]
+    main(args)
+    before = (tmp_path / "out/final_metrics.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "--trainer.default_root_dir=out" in err[0]
+    assert (tmp_path / "out/final_metrics.json").read_bytes() == before
+
+
+def test_evaluating_a_checkpoint_of_another_shape_is_refused(fedsol_ckpt, tmp_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", QUICK, *FAST, "--model.sample_ratio", "0.1",
+              "--model.local_epochs", "1", "--ckpt_path", str(fedsol_ckpt),
+              "--model.net", "fl_lightning.models.MLP2NN"])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "does not fit this model" in err[0] and "MLP2NN" in err[0]

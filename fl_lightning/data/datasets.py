@@ -35,6 +35,7 @@ import torch
 
 from fl_lightning.data.checksums import MNIST_RAW_MD5, check_file
 from fl_lightning.errors import ConfigError, DataNotFoundError
+from fl_lightning.suggest import did_you_mean
 
 __all__ = ["DatasetInfo", "NORMALIZATION", "available_datasets", "dataset_info", "load_dataset",
            "normalization"]
@@ -131,9 +132,9 @@ def _medmnist_entry(name: str) -> dict:
     entry = info.get(name)
     if entry is None:
         raise ConfigError(
-            f"--data.dataset={name!r} is not a known dataset; use digits, mnist, cifar10, svhn, "
-            f"cinic10 or any MedMNIST 2D flag such as pathmnist (valid: "
-            f"{', '.join(available_datasets())})"
+            f"--data.dataset={name!r} is not a known dataset"
+            f"{did_you_mean(name, available_datasets(), prefix='--data.dataset ')}; use digits, "
+            "mnist, cifar10, svhn, cinic10 or a single-label MedMNIST 2D flag such as pathmnist"
         )
     if entry["python_class"].endswith("3D"):
         raise ConfigError(

@@ -19,6 +19,7 @@ from fl_lightning.data.plans import augment_batch, augment_draws, epoch_keys, sa
 from fl_lightning.data.ticker import RoundTicker
 from fl_lightning.engine import ClientPlan, RoundPlan
 from fl_lightning.errors import ConfigError
+from fl_lightning.suggest import did_you_mean
 
 __all__ = ["FederatedDataModule", "RoundAugmentation"]
 
@@ -93,7 +94,9 @@ class FederatedDataModule(pl.LightningDataModule):
         self.info = dataset_info(dataset)
         if partition not in PARTITIONS:
             raise ConfigError(
-                f"--data.partition={partition!r} is unknown: use one of {', '.join(PARTITIONS)}"
+                f"--data.partition={partition!r} is unknown"
+                f"{did_you_mean(str(partition), PARTITIONS, prefix='--data.partition ')}: use one "
+                f"of {', '.join(PARTITIONS)}"
             )
         if isinstance(num_clients, bool) or int(num_clients) < 1:
             raise ConfigError(
@@ -101,7 +104,8 @@ class FederatedDataModule(pl.LightningDataModule):
             )
         if partition == "lda" and not (math.isfinite(float(alpha)) and float(alpha) > 0):
             raise ConfigError(
-                f"--data.alpha={alpha!r} is invalid: the Dirichlet concentration must be > 0 "
+                f"--data.alpha={alpha!r} is invalid: the Dirichlet concentration must be a finite "
+                "number > 0 "
                 "(e.g. 0.1 for strong, 1.0 for mild heterogeneity)"
             )
         if partition == "shard" and int(shards_per_client) < 1:
