@@ -17,8 +17,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fl_lightning import registry
-from fl_lightning.cli_help import CompactHelpFormatter
 from fl_lightning.argcheck import check_config_files, explain_parser_error, finite_spellings
+from fl_lightning.cli_help import CompactHelpFormatter
 from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import DivergenceError
