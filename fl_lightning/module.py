@@ -235,13 +235,6 @@ class FederatedModule(pl.LightningModule):
                 f"{tuple(dm.input_shape)}: leave --model.num_classes/input_shape to the CLI link"
             )
         if self.systems.active:
-            world = self.trainer.world_size if self._trainer is not None else 1
-            if world > 1:
-                raise ConfigError(
-                    f"--model.{self.systems.first_option()} is not supported with "
-                    f"--trainer.strategy ddp ({world} processes): the systems mechanisms need "
-                    "every client's update in one process; run them with --trainer.devices 1"
-                )
             self.systems.check(self.algorithm, self.clients_per_round(dm.num_clients))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -263,6 +256,9 @@ class FederatedModule(pl.LightningModule):
         self.log("skipped_clients", float(len(result.skipped_clients)), on_step=True, batch_size=1)
         for name, value in result.systems.items():
             self.log(name, value, on_step=True, batch_size=1)
+        cost = self.round_loop.gather_cost
+        if cost is not None:  # DDP: bytes each rank received in the all-gather of results
+            self.log("ddp_gather_bytes", float(cost.tensor_bytes), on_step=True, batch_size=1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Lightning only notices SIGTERM at the end of an epoch (= the whole run here): stop at
