@@ -1,12 +1,15 @@
-"""Multi-process rounds (Lightning's DDP strategy): clients split across ranks, one all-reduce.
+"""Multi-process rounds (Lightning's DDP strategy): clients split across ranks.
 
 Under ``--trainer.strategy ddp`` every rank holds the same global model and computes the same
 round plan (a pure function of the seed and the round). Each rank trains a share of the
-sampled clients chosen by longest-processing-time-first balancing (:func:`lpt_partition`),
-adds up its clients' data-size weighted weights, and a single all-reduce of one flat buffer
-gives every rank the same sum, hence the same aggregate and the same server update. Client
-training uses ``torch.func`` on the bare network, never the DDP wrapper's forward/backward, so
-no DDP gradient hook fires (and manual optimization keeps Lightning from syncing anything).
+sampled clients chosen by longest-processing-time-first balancing (:func:`lpt_partition`).
+Then either a single all-reduce of one flat buffer of the data-size weighted weights gives
+every rank the same mean (:func:`allreduce_average`; stateless algorithms with the weighted
+mean as server rule, no systems mechanism), or every rank receives every client's full result
+(:func:`allgather_results`) and finishes the round exactly as one process would (client state,
+custom server rules, systems mechanisms; ``docs/scale.md``). Client training uses
+``torch.func`` on the bare network, never the DDP wrapper's forward/backward, so no DDP
+gradient hook fires (and manual optimization keeps Lightning from syncing anything).
 """
 
 from __future__ import annotations
@@ -19,15 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fl_lightning.algorithms.base import Algorithm, ClientResult, Params
+from fl_lightning.algorithms.base import ClientResult, Params
 from fl_lightning.engine import RoundPlan
-from fl_lightning.errors import ConfigError
 
 __all__ = [
     "GatherCost",
     "allgather_results",
     "allreduce_average",
-    "check_distributed",
     "local_plan",
     "lpt_partition",
     "rank_shares",
@@ -69,27 +70,6 @@ def local_plan(plan: RoundPlan, rank: int, world_size: int) -> RoundPlan:
     return RoundPlan(
         round=plan.round, clients=[plan.clients[i] for i in share], transform=plan.transform,
         num_clients=plan.num_clients, total_samples=plan.total_samples,
-    )
-
-
-def check_distributed(algorithm: Algorithm, world_size: int) -> None:
-    """One-line ``ConfigError`` for algorithms that cannot split their clients across ranks.
-
-    Per-client state would live on whichever rank trained the client, and a server rule other
-    than the weighted average needs every client's result on one rank.
-    """
-    if world_size <= 1:
-        return
-    name = type(algorithm).__name__
-    if algorithm.keeps_client_state():
-        why = "it keeps per-client state, which would be split across ranks"
-    elif not algorithm.mean_server_rule():
-        why = "its server rule is not the weighted average that one all-reduce computes"
-    else:
-        return
-    raise ConfigError(
-        f"--model.algorithm={name} cannot run with --trainer.devices={world_size} under DDP: "
-        f"{why}; use --trainer.devices 1"
     )
 
 

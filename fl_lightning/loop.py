@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fl_lightning.algorithms.base import ClientResult
+from fl_lightning.algorithms.base import ClientResult, finish_round
 from fl_lightning.distributed import (
     GatherCost,
     allgather_results,
@@ -39,7 +39,9 @@ class RoundLoop:
        on at each local step (pure functions of the seed, the round and the client);
     2. the client engine trains them from the current global weights with the algorithm's
        local update direction and a fresh local SGD optimizer;
-    3. the algorithm's server rule aggregates the client weights;
+    3. clients whose update is not finite are handled by ``on_nonfinite``; the others' new
+       state is committed (:meth:`Algorithm.commit_client`) and the algorithm's server rule
+       aggregates their results (weights and extras);
     4. the server optimizer steps on the pseudo-gradient ``w_global - aggregate`` (plain SGD
        with learning rate 1 is FedAvg's averaging; momentum gives FedAvgM, Adam FedAdam);
     5. ``on_round_end`` hooks receive a :class:`~fl_lightning.hooks.RoundResult`.
@@ -58,8 +60,8 @@ class RoundLoop:
         module = self.module
         algorithm = module.algorithm
         return (
-            module.systems.active or algorithm.keeps_client_state()
-            or not algorithm.mean_server_rule()
+            module.systems.active or bool(algorithm.client_state)
+            or algorithm.server_rule != "mean"
         )
 
     def run_round(self, round_idx: int) -> RoundResult:
@@ -72,9 +74,8 @@ class RoundLoop:
         if systems.active:
             plan, info = systems.begin_round(plan, dm.seed, per_round)
         world = module.trainer.world_size if module._trainer is not None else 1
-        shares = None
-        if world > 1:  # DDP: this rank trains its balanced share of the clients
-            shares = rank_shares(plan, world)
+        shares = rank_shares(plan, world) if world > 1 else None
+        if shares is not None:  # DDP: this rank trains its balanced share of the clients
             plan = local_plan(plan, module.trainer.global_rank, world)
         lr = module.local_lr_at(round_idx)
         global_before = {k: p.detach().clone() for k, p in net.named_parameters()}
@@ -88,12 +89,13 @@ class RoundLoop:
         )
         train_loss = None
         self.gather_cost = None
-        if shares is not None and self.needs_all_results():
+        allreduce = shares is not None and not self.needs_all_results()
+        if shares is not None and not allreduce:
             # every rank gets every client's result, in plan order: the rest of the round is
-            # then exactly the one-process round, computed identically on every rank
+            # then exactly the one-process round, computed identically on every rank (each
+            # commits every kept client's state, so every rank holds the full state store)
             results, self.gather_cost = allgather_results(results, shares, module.device)
-            world = 1
-        if world > 1:  # one flat all-reduce gives every rank the same average and counts
+        if allreduce:  # one flat all-reduce gives every rank the same average and counts
             kept = [r for r in results if _finite(r)]
             aggregate, train_loss, num_bad, num_all = allreduce_average(
                 global_before, kept, len(results) - len(kept)
@@ -101,12 +103,19 @@ class RoundLoop:
             results, skipped = self._drop_diverged(results, round_idx, num_bad, num_all)
         else:
             results, skipped = self._drop_diverged(results, round_idx)
+            # only the kept clients' new state is committed: a skipped client leaves no trace
             if info is not None:
+                for r in results:
+                    module.algorithm.commit_client(r)
                 aggregate = systems.aggregate(
-                    module.algorithm, global_before, results, info, dm.num_clients
+                    module.algorithm, global_before, results, info, dm.num_clients,
+                    plan.total_samples,
                 )
             else:
-                aggregate = module.algorithm.aggregate(global_before, results)
+                aggregate = finish_round(
+                    module.algorithm, global_before, results, num_clients=plan.num_clients,
+                    total_samples=plan.total_samples,
+                )
         module.server_update(aggregate)
         global_after = {k: p.detach().clone() for k, p in net.named_parameters()}
         result = RoundResult(

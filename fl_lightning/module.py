@@ -18,7 +18,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
-from fl_lightning.distributed import check_distributed
 from fl_lightning.engine import SequentialEngine
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import RoundLoop
@@ -222,8 +221,6 @@ class FederatedModule(pl.LightningModule):
                 f"--trainer.precision={precision} is not supported: federated local training "
                 f"runs its own optimizers, use one of {', '.join(SUPPORTED_PRECISION)}"
             )
-        if self._trainer is not None:
-            check_distributed(self.algorithm, self.trainer.world_size)
         check_engine = getattr(self.engine, "check", None)
         if callable(check_engine):
             check_engine(self.algorithm, self.net)

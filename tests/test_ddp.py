@@ -14,16 +14,14 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import seed_everything
 
-from fl_lightning.algorithms import SCAFFOLD, FedAvg, FedDyn, FedNova, FedProx, FedSoL
+from fl_lightning.algorithms import FedAvg
 from fl_lightning.algorithms.base import ClientResult
 from fl_lightning.distributed import (
     allreduce_average,
-    check_distributed,
     local_plan,
     lpt_partition,
 )
 from fl_lightning.engine import ClientPlan, RoundPlan
-from fl_lightning.errors import ConfigError
 from fl_lightning.models.cnn import FedAvgCNN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,28 +48,6 @@ def test_local_plans_cover_the_round_once():
     assert [[c.client_id for c in p.clients] for p in parts] == [[2], [5, 9, 4]]
     assert all(p.round == 7 and p.num_clients == 10 for p in parts)
     assert local_plan(plan, 0, 1) is plan
-
-
-@pytest.mark.parametrize(
-    "algorithm,why",
-    [
-        (SCAFFOLD(), "per-client state"),
-        (FedDyn(), "per-client state"),
-        (FedNova(), "per-client state"),
-        (FedSoL(proximal=SCAFFOLD()), "per-client state"),
-    ],
-)
-def test_ddp_rejects_algorithms_it_cannot_split_in_one_line(algorithm, why):
-    with pytest.raises(ConfigError) as err:
-        check_distributed(algorithm, 2)
-    message = str(err.value)
-    assert why in message and "--trainer.devices" in message and "\n" not in message
-    check_distributed(algorithm, 1)  # one process runs anything
-
-
-def test_ddp_accepts_stateless_mean_rule_algorithms():
-    for algorithm in (FedAvg(), FedProx(), FedSoL(), FedSoL(proximal=FedProx())):
-        check_distributed(algorithm, 4)
 
 
 def _flat(value, path: str = "") -> dict:
