@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from fl_lightning.algorithms.base import ClientResult, finish_round
-from fl_lightning.distributed import allreduce_average, local_plan
+from fl_lightning.distributed import (
+    GatherCost,
+    allgather_results,
+    allreduce_average,
+    local_plan,
+    rank_shares,
+)
 from fl_lightning.engine import stack_losses
 from fl_lightning.hooks import RoundResult
 
@@ -52,6 +58,20 @@ class RoundLoop:
 
     def __init__(self, module: FederatedModule) -> None:
         self.module = module
+        #: what the last round's all-gather of client results moved (``None``: no gather)
+        self.gather_cost: GatherCost | None = None
+
+    def needs_all_results(self) -> bool:
+        """Whether, under DDP, every rank needs every client's result (not just the weighted
+        mean of the weights): the algorithm keeps client state (every rank then commits every
+        kept client's state, so each rank's store is the full one and any rank can train any
+        client) or has its own server rule, or a systems mechanism acts on each update."""
+        module = self.module
+        algorithm = module.algorithm
+        return (
+            module.systems.active or bool(algorithm.client_state)
+            or algorithm.server_rule != "mean"
+        )
 
     def run_round(self, round_idx: int) -> RoundResult:
         module = self.module
@@ -63,10 +83,11 @@ class RoundLoop:
         )
         sampled = [(c.client_id, c.num_samples) for c in plan.clients]
         systems, info = module.systems, None
-        if systems.active:  # (rejected under DDP at setup)
+        if systems.active:
             plan, info = systems.begin_round(plan, dm.seed, per_round)
         world = module.trainer.world_size if module._trainer is not None else 1
-        if world > 1:  # DDP: this rank trains its balanced share of the clients
+        shares = rank_shares(plan, world) if world > 1 else None
+        if shares is not None:  # DDP: this rank trains its balanced share of the clients
             plan = local_plan(plan, module.trainer.global_rank, world)
         lr = module.local_lr_at(round_idx)
         global_before = {k: p.detach().clone() for k, p in net.named_parameters()}
@@ -79,8 +100,15 @@ class RoundLoop:
             module.momentum, module.weight_decay,
         )
         train_loss = None
+        self.gather_cost = None
+        allreduce = shares is not None and not self.needs_all_results()
+        if shares is not None and not allreduce:
+            # every rank gets every client's result, in plan order: the rest of the round is
+            # then exactly the one-process round, computed identically on every rank (each
+            # commits every kept client's state, so every rank holds the full state store)
+            results, self.gather_cost = allgather_results(results, shares, module.device)
         finite = _finite_flags(results)
-        if world > 1:  # one flat all-reduce gives every rank the same average and counts
+        if allreduce:  # one flat all-reduce gives every rank the same average and counts
             kept = [r for r, ok in zip(results, finite, strict=True) if ok]
             aggregate, train_loss, num_bad, num_all = allreduce_average(
                 global_before, kept, len(results) - len(kept)

@@ -20,7 +20,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from fl_lightning import plotting
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
-from fl_lightning.distributed import check_distributed
 from fl_lightning.engine import ClientEngine, SequentialEngine
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import RoundLoop
@@ -231,8 +230,6 @@ class FederatedModule(pl.LightningModule):
                 f"--trainer.precision={precision} is not supported: federated local training "
                 f"runs its own optimizers, use one of {', '.join(SUPPORTED_PRECISION)}"
             )
-        if self._trainer is not None:
-            check_distributed(self.algorithm, self.trainer.world_size)
         check_engine = getattr(self.engine, "check", None)
         if callable(check_engine):
             check_engine(self.algorithm, self.net)
@@ -244,13 +241,6 @@ class FederatedModule(pl.LightningModule):
                 f"{tuple(dm.input_shape)}: leave --model.num_classes/input_shape to the CLI link"
             )
         if self.systems.active:
-            world = self.trainer.world_size if self._trainer is not None else 1
-            if world > 1:
-                raise ConfigError(
-                    f"--model.{self.systems.first_option()} is not supported with "
-                    f"--trainer.strategy ddp ({world} processes): the systems mechanisms need "
-                    "every client's update in one process; run them with --trainer.devices 1"
-                )
             self.systems.check(self.algorithm, self.clients_per_round(dm.num_clients))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -317,6 +307,9 @@ class FederatedModule(pl.LightningModule):
         for key in ("val_acc", "val_loss"):
             if key in metrics:
                 self.curves[key].append((int(trainer.global_step), float(metrics[key])))
+        cost = self.round_loop.gather_cost
+        if cost is not None:  # DDP: bytes each rank received in the all-gather of results
+            self.log("ddp_gather_bytes", float(cost.tensor_bytes), on_step=True, batch_size=1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Lightning only notices SIGTERM at the end of an epoch (= the whole run here): stop at

@@ -8,23 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_cases
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, seed_everything
-from test_cli import QUICK
+from lightning.pytorch import seed_everything
 
-from fl_lightning.algorithms import SCAFFOLD, FedAvg, FedDyn, FedNova, FedProx, FedSoL
+from fl_lightning.algorithms import FedAvg
 from fl_lightning.algorithms.base import ClientResult
-from fl_lightning.cli import main
 from fl_lightning.distributed import (
     allreduce_average,
-    check_distributed,
     local_plan,
     lpt_partition,
 )
 from fl_lightning.engine import ClientPlan, RoundPlan
-from fl_lightning.errors import ConfigError
 from fl_lightning.models.cnn import FedAvgCNN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,98 +50,80 @@ def test_local_plans_cover_the_round_once():
     assert local_plan(plan, 0, 1) is plan
 
 
-@pytest.mark.parametrize(
-    "algorithm,why",
-    [
-        (SCAFFOLD(), "per-client state"),
-        (FedDyn(), "per-client state"),
-        (FedNova(), "server rule"),  # tau_i travels in the result's extras: no state
-        (FedNova(ccvr=True), "per-client state"),
-        (FedSoL(proximal=SCAFFOLD()), "per-client state"),
-    ],
-)
-def test_ddp_rejects_algorithms_it_cannot_split_in_one_line(algorithm, why):
-    with pytest.raises(ConfigError) as err:
-        check_distributed(algorithm, 2)
-    message = str(err.value)
-    assert why in message and "--trainer.devices" in message and "\n" not in message
-    check_distributed(algorithm, 1)  # one process runs anything
+def _flat(value, path: str = "") -> dict:
+    """Nested checkpoint content as ``{path: leaf}``."""
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{path}/{key}").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, sub in enumerate(value) for k, v in _flat(sub, f"{path}/{i}").items()}
+    return {path: value}
 
 
-def test_ddp_accepts_stateless_mean_rule_algorithms():
-    for algorithm in (FedAvg(), FedProx(), FedSoL(), FedSoL(proximal=FedProx())):
-        check_distributed(algorithm, 4)
+def _content(ckpt: Path) -> dict:
+    """Weights, algorithm state (every client's store) and systems state of a checkpoint."""
+    state = torch.load(ckpt, weights_only=True)
+    keys = ("state_dict", "fl_algorithm_state", "fl_systems_state", "optimizer_states")
+    return _flat({k: state[k] for k in keys if k in state})
 
 
-class CommHookCounter(Callback):
-    """Counts DDP gradient all-reduce buckets (a comm hook sees every one) per rank."""
-
-    def __init__(self, out: str) -> None:
-        self.out = out
-        self.calls = 0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = trainer.strategy.model
-        assert isinstance(model, DistributedDataParallel)
-
-        def counting(state, bucket):
-            self.calls += 1
-            return allreduce_hook(state, bucket)
-
-        model.register_comm_hook(None, counting)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        Path(self.out, f"comm_calls_rank{trainer.global_rank}.json").write_text(
-            json.dumps({"calls": self.calls, "world": trainer.world_size})
-        )
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    worst = 0.0
+    for k, x in a.items():
+        if isinstance(x, torch.Tensor):
+            assert x.shape == b[k].shape and x.dtype == b[k].dtype, k
+            if x.numel():
+                worst = max(worst, float((x.double() - b[k].double()).abs().max()))
+        else:
+            assert x == b[k], (k, x, b[k])
+    return worst
 
 
-ARGS = ["--config", QUICK, "--trainer.max_steps", "2", "--checkpoint_every_n_rounds", "2",
-        "--model.local_epochs", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false"]
+DDP_CASES = list(ddp_cases.CASES)
 
 
-def _weights(root: Path) -> dict[str, torch.Tensor]:
-    [ckpt] = (root / "lightning_logs/fl/version_0/checkpoints").glob("*.ckpt")
-    state = torch.load(ckpt, weights_only=True)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("net.")}
-
-
-def _fit_ddp(tmp_path: Path, devices: int, extra: list[str]) -> dict[str, torch.Tensor]:
-    root = tmp_path / f"ddp{devices}"
-    root.mkdir()
+def test_two_gloo_processes_give_the_results_of_one(tmp_path, monkeypatch):
+    """Every case of tests/ddp_cases.py, fitted in the same 2 gloo processes, against one
+    process: weights, server state, every client's state and the systems state (e.g. top-k
+    residuals) of the checkpoints written under DDP, after every round; and an exact resume
+    under DDP from a checkpoint written under DDP."""
+    out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
            "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "fl_lightning.cli", "fit", *ARGS, "--trainer.strategy", "ddp",
-        "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), *extra,
-    ]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return _weights(root)
-
-
-def test_two_gloo_processes_give_the_weights_of_one(tmp_path, monkeypatch):
-    root = tmp_path / "single"
-    root.mkdir()
-    monkeypatch.chdir(root)
-    main(["fit", *ARGS])  # one process, no DDP: the reference
-    one = _weights(root)
-    counter = ["--trainer.callbacks+=test_ddp.CommHookCounter",
-               f"--trainer.callbacks.out={tmp_path}"]
-    two = _fit_ddp(tmp_path, 2, counter)
-    assert one.keys() == two.keys()
-    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-6
+    cmd = [sys.executable, str(REPO / "tests" / "ddp_cases.py"), str(out), *DDP_CASES,
+           ddp_cases.RESUME[0]]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    diffs = {}
+    for case in DDP_CASES:
+        ddp_cases.fit(ddp_cases.CASES[case], tmp_path / "one" / case)  # the reference
+        rounds = 3 if "--trainer.max_steps" in ddp_cases.CASES[case] else 2
+        for r in range(1, rounds + 1):
+            one = _content(ddp_cases.checkpoint(tmp_path / "one" / case, r))
+            two = _content(ddp_cases.checkpoint(out / case, r))
+            diffs[case, r] = _max_diff(one, two)
+        final = {k: v for k, v in one.items() if k.startswith("/state_dict/net.")}
+    assert max(diffs.values()) < 1e-6, diffs
+    # the runs trained (the last case's weights moved away from the initial network)
     seed_everything(0)  # the CLI's seed: the same initial network as the runs'
-    init = {f"net.{k}": v for k, v in FedAvgCNN(10, (1, 8, 8)).state_dict().items()}
-    assert max(float((one[k] - init[k]).abs().max()) for k in one) > 1e-3  # it trained
-    # the clients' torch.func steps never went through DDP's gradient all-reduce
+    init = FedAvgCNN(10, (1, 8, 8)).state_dict()
+    moved = max(float((v - init[k.split("net.", 1)[1]]).abs().max()) for k, v in final.items())
+    assert moved > 1e-3
+    # resumed under DDP from round 2 (written under DDP) = the uninterrupted DDP run, exactly
+    name, source, _, until = ddp_cases.RESUME
+    resumed = _content(ddp_cases.checkpoint(out / name, until))
+    assert _max_diff(resumed, _content(ddp_cases.checkpoint(out / source, until))) == 0.0
+    # the stateless mean's clients never went through DDP's gradient all-reduce
     for rank in (0, 1):
-        calls = json.loads((tmp_path / f"comm_calls_rank{rank}.json").read_text())
+        calls = json.loads((out / "fedsol" / f"comm_calls_rank{rank}.json").read_text())
         assert calls == {"calls": 0, "world": 2}
+    gathered = [json.loads((out / f"gather_rank{r}.json").read_text()) for r in (0, 1)]
+    # rank 0 sends 30 float32 values (2 x (10 weights + 1 loss + 4 extras)) and 12 float64
+    # (2 x 6 state), rank 1 half of that; each all-gather pads to the longest rank
+    assert gathered[0] == gathered[1] == {
+        "tensor_bytes": 2 * (30 * 4 + 12 * 8), "payload_bytes": 45 * 4 + 18 * 8,
+        "idle_tensor_bytes": 2 * (30 * 4 + 12 * 8),
+    }
 
 
 @pytest.fixture
@@ -188,22 +167,20 @@ def test_every_rank_takes_the_same_divergence_decision():
         module.round_loop._drop_diverged([], 3, num_bad=4, num_all=4)
 
 
-def test_ddp_rejects_systems_mechanisms_in_one_line():
-    """Dropouts, attacks, DP... need every client's update in one process: one line, at setup."""
+def test_ddp_accepts_systems_mechanisms_at_setup():
+    """Dropouts, attacks, DP... run under DDP (every rank gets every client's result)."""
     from lightning.pytorch import Trainer
 
     from fl_lightning.data.module import FederatedDataModule
     from fl_lightning.module import FederatedModule
-    from fl_lightning.systems import Participation
+    from fl_lightning.systems import CoordinateMedian, DPFedAvg, Participation
 
     dm = FederatedDataModule(dataset="digits", num_clients=4)
     module = FederatedModule(
         num_classes=dm.num_classes, input_shape=dm.input_shape,
-        participation=Participation(dropout_ratio=0.25),
+        participation=Participation(dropout_ratio=0.25), privacy=DPFedAvg(),
+        aggregator=CoordinateMedian(),
     ).attach(dm)
     module.trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False)
-    with pytest.raises(ConfigError) as err:
-        module.setup("fit")
-    message = str(err.value)
-    assert "--model.participation" in message and "--trainer.devices 1" in message
-    assert "\n" not in message
+    module.setup("fit")
+    assert module.round_loop.needs_all_results()
