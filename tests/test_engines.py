@@ -162,7 +162,7 @@ class _DropNet(TinyNet):
         (SCAFFOLD(), TinyNet(), "SCAFFOLD keeps per-client state"),
         (FedDyn(), TinyNet(), "FedDyn keeps per-client state"),
         (MOON(), TinyNet(), "MOON keeps per-client state"),
-        (FedNova(), TinyNet(), "FedNova keeps per-client state"),
+        (FedNova(), TinyNet(), "FedNova sends per-client extras"),
         (FedSoL(proximal=SCAFFOLD()), TinyNet(), "FedSoL keeps per-client state"),
         (FedAvg(), _BNNet(track=True), "BatchNorm 'body.1' tracks running statistics"),
         (FedAvg(), _DropNet(), "dropout 'body.5' draws random numbers"),

@@ -13,6 +13,8 @@ from fl_lightning.errors import ConfigError
 __all__ = ["ClientStateStore", "check_state_device"]
 
 Tensors = dict[str, Tensor]
+#: One client's state: ``{entry: {parameter name: tensor}}`` (SCAFFOLD ``{"c_i": {...}}``).
+State = dict[str, Tensors]
 
 
 def check_state_device(value: str | None) -> torch.device | None:
@@ -29,7 +31,7 @@ def check_state_device(value: str | None) -> torch.device | None:
 
 
 class ClientStateStore:
-    """A dictionary ``client_id -> {name: tensor}`` with an optional storage device.
+    """A dictionary ``client_id -> {entry: {name: tensor}}`` with an optional storage device.
 
     Tensors are moved to ``device`` when stored (e.g. ``cpu`` to keep hundreds of clients'
     control variates off the accelerator) and to the compute device when read. The store
@@ -41,8 +43,8 @@ class ClientStateStore:
 
     Example:
         >>> store = ClientStateStore(torch.device("cpu"))
-        >>> store.put(3, {"c": torch.ones(2)})
-        >>> store.get(3, lambda: {"c": torch.zeros(2)})["c"].tolist()
+        >>> store.put(3, {"c_i": {"w": torch.ones(2)}})
+        >>> store.get(3, lambda: {"c_i": {"w": torch.zeros(2)}})["c_i"]["w"].tolist()
         [1.0, 1.0]
         >>> sorted(store.state_dict()["clients"])
         [3]
@@ -50,7 +52,7 @@ class ClientStateStore:
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device
-        self._clients: dict[int, Tensors] = {}
+        self._clients: dict[int, State] = {}
 
     def __contains__(self, client_id: int) -> bool:
         return int(client_id) in self._clients
@@ -59,20 +61,26 @@ class ClientStateStore:
         return len(self._clients)
 
     def get(
-        self, client_id: int, default: Callable[[], Tensors], device: torch.device | None = None
-    ) -> Tensors:
-        """The client's tensors on ``device`` (a fresh ``default()`` if it has none yet)."""
+        self, client_id: int, default: Callable[[], State], device: torch.device | None = None
+    ) -> State:
+        """The client's state on ``device`` (a fresh ``default()`` if it has none yet)."""
         stored = self._clients.get(int(client_id))
         if stored is None:
             return default()
-        return {k: v.to(device) if device is not None else v for k, v in stored.items()}
+        return {
+            entry: {k: v.to(device) if device is not None else v for k, v in tensors.items()}
+            for entry, tensors in stored.items()
+        }
 
-    def put(self, client_id: int, tensors: Mapping[str, Tensor]) -> None:
-        """Store (a detached copy of) the client's tensors on the storage device."""
+    def put(self, client_id: int, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Store (a detached copy of) the client's state on the storage device."""
         self._clients[int(client_id)] = {
-            k: (v.detach().to(self.device, copy=True) if self.device is not None
-                else v.detach().clone())
-            for k, v in tensors.items()
+            entry: {
+                k: (v.detach().to(self.device, copy=True) if self.device is not None
+                    else v.detach().clone())
+                for k, v in tensors.items()
+            }
+            for entry, tensors in state.items()
         }
 
     def state_dict(self) -> dict[str, Any]:

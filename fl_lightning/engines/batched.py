@@ -15,15 +15,17 @@ __all__ = ["BatchedEngine", "unbatchable_reason"]
 def unbatchable_reason(algorithm: Algorithm, net: nn.Module) -> str | None:
     """Why ``algorithm`` on ``net`` cannot train its clients in one ``vmap`` (``None``: it can).
 
-    - algorithms with per-client logic around local training (``client_begin`` /
-      ``client_end``: SCAFFOLD, FedDyn, MOON, FedNova, FedSoL with one of them as proximal
-      term) read and write one client's state at a time;
+    - algorithms that declare ``batchable = False`` (today those with per-client state or
+      per-client server-bound extras: SCAFFOLD, FedDyn, MOON, FedNova, FedSoL with one of them
+      as proximal term);
     - BatchNorm with running statistics updates a buffer in place inside the step, and dropout
       draws random numbers whose per-client streams could not match the sequential engine's
       (DESIGN.md §6.6); BatchNorm without running statistics (the paper's ResNets) is fine.
     """
-    if algorithm.keeps_client_state():
-        return f"{type(algorithm).__name__} keeps per-client state between rounds"
+    if not algorithm.batchable:
+        why = ("keeps per-client state between rounds" if algorithm.client_state
+               else "sends per-client extras to its server rule")
+        return f"{type(algorithm).__name__} {why}"
     for name, module in net.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             return f"the model's BatchNorm {name!r} tracks running statistics"
