@@ -37,7 +37,7 @@ ROWS = [
     ("FedSoL + FedDyn source", "fedsol_prox_feddyn"),
     ("FedSoL + MOON source", "fedsol_prox_moon"),
     ("FedSoL + FedNova(ccvr) source", "fedsol_prox_fednova"),
-    *((f"Ablation A{i}", f"ablation_a{i}") for i in (0, 1, 2, 3, 4, 6)),  # A5 = FedSoL
+    *((f"Ablation A{i}", f"ablation_a{i}") for i in (0, 2, 3, 4, 5, 6)),  # A1 = FedSoL
 ]
 PERSONALIZED = [
     ("FedAvg-FT", "pers_fedavg_ft"), ("FedSoL-FT", "pers_fedsol_ft"),
