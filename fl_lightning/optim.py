@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["FedYogi", "ServerSGD"]
+__all__ = ["FedAdagrad", "FedYogi", "ServerSGD"]
 
 
 class ServerSGD(torch.optim.SGD):
@@ -45,8 +45,8 @@ class FedYogi(torch.optim.Optimizer):
     ``w <- w - lr m / (sqrt(v) + tau)``
 
     with ``v`` initialized to ``tau^2`` and no bias correction, as in the paper's Algorithm 2.
-    FedAdam and FedAdagrad are ``torch.optim.Adam`` / ``torch.optim.Adagrad`` on the same
-    pseudo-gradient (with their own defaults, e.g. Adam's bias correction).
+    FedAdam is ``torch.optim.Adam`` on the same pseudo-gradient (with its own defaults, e.g.
+    bias correction); FedAdagrad is :class:`FedAdagrad` (with a first moment).
 
     Args:
         params: the global model's parameters.
@@ -97,5 +97,61 @@ class FedYogi(torch.optim.Optimizer):
                 m.mul_(b1).add_(g, alpha=1.0 - b1)
                 g2 = g * g
                 v.sub_((1.0 - b2) * g2 * torch.sign(v - g2))
+                p.sub_(group["lr"] * m / (v.sqrt() + group["tau"]))
+        return loss
+
+
+class FedAdagrad(torch.optim.Optimizer):
+    """FedAdagrad of Reddi et al. (2021), Algorithm 2, on the pseudo-gradient ``g`` in ``.grad``:
+
+    ``m <- b1 m + (1 - b1) g``; ``v <- v + g^2``; ``w <- w - lr m / (sqrt(v) + tau)``
+
+    with ``v`` initialized to ``tau^2`` and no bias correction. ``torch.optim.Adagrad`` has no
+    first moment (it is this rule with ``b1 = 0``).
+
+    Args:
+        params: the global model's parameters.
+        lr: server learning rate ``eta``.
+        beta1: first-moment decay ``b1``.
+        tau: adaptivity; also sets ``v_0 = tau^2``.
+
+    Example:
+        >>> import torch
+        >>> w = torch.zeros(1, requires_grad=True)
+        >>> opt = FedAdagrad([w], lr=0.1, beta1=0.9, tau=1.0)
+        >>> w.grad = torch.tensor([1.0]); opt.step()
+        >>> round(float(w), 6)  # -0.1 * 0.1 / (sqrt(1 + 1) + 1)
+        -0.004142
+    """
+
+    def __init__(
+        self, params: Iterable, lr: float = 0.01, beta1: float = 0.9, tau: float = 1e-3
+    ) -> None:
+        if not lr > 0.0 or not tau > 0.0 or not 0.0 <= beta1 < 1.0:
+            raise ValueError(
+                f"FedAdagrad needs lr > 0, tau > 0 and beta1 in [0, 1): got lr={lr}, "
+                f"tau={tau}, beta1={beta1}"
+            )
+        super().__init__(params, {"lr": lr, "beta1": beta1, "tau": tau})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1 = group["beta1"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if not state:
+                    state["m"] = torch.zeros_like(p)
+                    state["v"] = torch.full_like(p, group["tau"] ** 2)
+                m, v = state["m"], state["v"]
+                m.mul_(b1).add_(g, alpha=1.0 - b1)
+                v.add_(g * g)
                 p.sub_(group["lr"] * m / (v.sqrt() + group["tau"]))
         return loss

@@ -25,8 +25,9 @@ from _run import run_cached
 
 ROWS = [
     ("FedAvg", "fedavg"), ("FedProx (mu=1)", "fedprox"), ("FedSAM (rho=0.1)", "fedsam"),
-    ("FedASAM (rho=1)", "fedasam"), ("SCAFFOLD", "scaffold"), ("FedNova", "fednova"),
-    ("FedNova + ccvr (official)", "fednova_ccvr"), ("FedDyn (alpha=0.1)", "feddyn"),
+    ("FedASAM (rho=1)", "fedasam"), ("SCAFFOLD", "scaffold"),
+    ("FedNova (official nova_ccvr)", "fednova"),
+    ("FedNova plain (no ccvr)", "fednova_plain"), ("FedDyn (alpha=0.1)", "feddyn"),
     ("MOON (mu=0.1, tau=0.5)", "moon"), ("FedNTD (beta=1, tau=1)", "fedntd"),
     ("FedAvgM (server momentum 0.9)", "fedavgm"), ("FedAdam (server lr 0.01)", "fedadam"),
     ("FedYogi (server lr 0.01)", "fedyogi"), ("FedAdagrad (server lr 0.01)", "fedadagrad"),
@@ -37,7 +38,7 @@ ROWS = [
     ("FedSoL + FedDyn source", "fedsol_prox_feddyn"),
     ("FedSoL + MOON source", "fedsol_prox_moon"),
     ("FedSoL + FedNova(ccvr) source", "fedsol_prox_fednova"),
-    *((f"Ablation A{i}", f"ablation_a{i}") for i in (0, 1, 2, 3, 4, 6)),  # A5 = FedSoL
+    *((f"Ablation A{i}", f"ablation_a{i}") for i in (0, 2, 3, 4, 5, 6)),  # A1 = FedSoL
 ]
 PERSONALIZED = [
     ("FedAvg-FT", "pers_fedavg_ft"), ("FedSoL-FT", "pers_fedsol_ft"),

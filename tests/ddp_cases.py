@@ -39,7 +39,7 @@ CASES: dict[str, list[str]] = {
     "fedsol": ["--trainer.callbacks+=ddp_cases.CommHookCounter"],
     "scaffold": ["--config", str(ALGO / "scaffold.yaml"), "--trainer.max_steps", "3"],
     "feddyn": ["--config", str(ALGO / "feddyn.yaml")],
-    "fednova_ccvr": ["--config", str(ALGO / "fednova_ccvr.yaml"),
+    "fednova_ccvr": ["--config", str(ALGO / "fednova.yaml"),
                      "--model.algorithm.ccvr_server_update", "true"],
     "moon": ["--config", str(ALGO / "moon.yaml")],
     "dp": ["--config", str(SYS / "dp.yaml")],

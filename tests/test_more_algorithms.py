@@ -344,3 +344,21 @@ def test_bad_values_are_one_line_errors(make, option):
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")) as err:
         make()
     assert "\n" not in str(err.value)
+
+
+def test_fedadagrad_matches_reddi_algorithm_2():
+    from fl_lightning.optim import FedAdagrad
+
+    torch.manual_seed(1)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    ref, m, v = w.detach().clone(), torch.zeros(5, dtype=torch.float64), None
+    opt = FedAdagrad([w], lr=0.1, beta1=0.9, tau=1e-3)
+    for _ in range(3):
+        g = torch.randn(5, dtype=torch.float64)
+        w.grad = g.clone()
+        opt.step()
+        v = torch.full_like(g, 1e-6) if v is None else v
+        m = 0.9 * m + 0.1 * g
+        v = v + g * g
+        ref = ref - 0.1 * m / (v.sqrt() + 1e-3)
+    assert torch.allclose(w.detach(), ref, atol=1e-14, rtol=0)

@@ -76,11 +76,16 @@ class FedSoL(Algorithm):
             ``FedDyn`` (``alpha (w - w_g) - h_i``), ``MOON`` (contrastive gradient), ``FedNTD``
             or ``FedNova(ccvr=True)`` (``c_i``). Its client state and server rule become
             FedSoL's (e.g. SCAFFOLD's control variates are updated, FedDyn's ``h`` is applied).
-        source: ``proximal`` (FedSoL) or ``local``: perturb along the gradient of the local
-            loss itself (SAM's direction, with FedSoL's radius); an ablation.
-        proximal_in_update: also add this multiple of the proximal gradient at ``w`` to the
+        source: ``proximal`` (FedSoL: ``eps_p`` along ``g_p``), ``local`` (along the local
+            loss's own gradient ``g_l``, SAM's direction with FedSoL's radius) or ``both``
+            (``eps_c`` along ``g_p + g_l``, paper Table 6 A4); the last two are ablations.
+        proximal_in_update: ``beta``: also add ``beta`` times the proximal gradient to the
             direction (0 in FedSoL, which keeps the proximal term out of the update); an
-            ablation.
+            ablation (paper Table 6 A2-A6).
+        local_at: where the local loss's gradient is taken: ``perturbed`` (``w + eps``, FedSoL)
+            or ``w`` (Table 6 A2).
+        proximal_at: where the added proximal gradient is taken: ``w`` (A5, A6) or
+            ``perturbed`` (``w + eps``, A2-A4).
 
     Raises:
         ConfigError: for a negative ``rho``, a non-positive ``temperature``, a ``proximal``
@@ -101,8 +106,10 @@ class FedSoL(Algorithm):
         perturb_head: bool = True,
         perturb_body: bool = True,
         proximal: Algorithm | None = None,
-        source: Literal["proximal", "local"] = "proximal",
+        source: Literal["proximal", "local", "both"] = "proximal",
         proximal_in_update: float = 0.0,
+        local_at: Literal["perturbed", "w"] = "perturbed",
+        proximal_at: Literal["w", "perturbed"] = "w",
     ) -> None:
         self.rho = check_nonnegative("the perturbation strength rho", rho, "--model.algorithm.rho")
         self.temperature = check_positive(
@@ -117,11 +124,19 @@ class FedSoL(Algorithm):
                 "FedProx, SCAFFOLD, FedDyn, MOON, FedNTD or FedNova(ccvr=true), or leave it unset "
                 "for the KL to the global model"
             )
-        if source not in ("proximal", "local"):
+        if source not in ("proximal", "local", "both"):
             raise ConfigError(
-                f"--model.algorithm.source={source!r} is unknown: use 'proximal' (FedSoL) or "
-                "'local' (perturb along the local loss, as SAM does)"
+                f"--model.algorithm.source={source!r} is unknown: use 'proximal' (FedSoL), "
+                "'local' (perturb along the local loss, as SAM does) or 'both' (along their sum)"
             )
+        for option, value in (("local_at", local_at), ("proximal_at", proximal_at)):
+            if value not in ("perturbed", "w"):
+                raise ConfigError(
+                    f"--model.algorithm.{option}={value!r} is unknown: use 'perturbed' "
+                    "(w + eps) or 'w'"
+                )
+        self.local_at = local_at
+        self.proximal_at = proximal_at
         self.proximal = proximal
         if proximal is not None:  # its client state and server rule are FedSoL's
             self.client_state = proximal.client_state
@@ -164,6 +179,10 @@ class FedSoL(Algorithm):
             return {}, torch.zeros((), dtype=x.dtype, device=x.device)
         if self.source == "local":
             g, prox_loss = grad_of(lambda p: self.task_loss(ctx, p, x, y), params, names)
+        elif self.source == "both":
+            g_p, prox_loss = self.proximal_gradient(params, x, y, ctx, names)
+            g_l, _ = grad_of(lambda p: self.task_loss(ctx, p, x, y), params, names)
+            g = {k: g_p[k] + g_l[k] for k in names}
         else:
             g, prox_loss = self.proximal_gradient(params, x, y, ctx, names)
         return self._scaled(g, params, ctx), prox_loss
@@ -193,6 +212,7 @@ class FedSoL(Algorithm):
         head is perturbed, by the KL to the global model, and the task is the cross-entropy."""
         if (self.perturb_body or not self.perturb_head or self.proximal is not None
                 or self.source != "proximal" or self.proximal_in_update
+                or self.local_at != "perturbed"
                 or type(self).task_loss is not Algorithm.task_loss
                 or not callable(getattr(ctx.net, "forward_features", None))):
             return None
@@ -243,9 +263,11 @@ class FedSoL(Algorithm):
             names = list(eps)
             moved = foreach_add([params[k] for k in names], [eps[k] for k in names])
             perturbed.update(zip(names, moved, strict=True))
-        out, loss = grad_of(lambda p: self.task_loss(ctx, p, x, y), perturbed, list(params))
+        at = perturbed if self.local_at == "perturbed" else params
+        out, loss = grad_of(lambda p: self.task_loss(ctx, p, x, y), at, list(params))
         if self.proximal_in_update:
-            prox, _ = self.proximal_gradient(params, x, y, ctx)
+            at_p = perturbed if self.proximal_at == "perturbed" else params
+            prox, _ = self.proximal_gradient(at_p, x, y, ctx)
             out = {k: g + self.proximal_in_update * prox[k] for k, g in out.items()}
         return out, loss
 

@@ -1,0 +1,392 @@
+"""``fl-lightning-grid``: algorithm configs x settings x seeds, run and tabulated.
+
+One command runs every cell of the grid (one ``fl-lightning fit`` per algorithm config,
+setting and seed), each in its own folder, and writes the paper-style table (mean and standard
+deviation over seeds of the final and the best test accuracy, arrows against FedAvg as in
+Table 1 of the FedSoL paper) as Markdown and CSV, plus one learning-curve figure per setting
+with a band of one standard deviation over seeds.
+
+Example (from the repository root; ``DATA_DIR`` holds ``medmnist/pneumoniamnist.npz``)::
+
+    fl-lightning-grid --base configs/mnist/fedavg_lda.yaml \\
+        --algorithms fedavg,fedntd,fedsol,fedsol_head \\
+        --settings pneumoniamnist:lda:0.1,pneumoniamnist:lda:0.5 --seeds 0,1,2 \\
+        --rounds 200 --jobs 1 --data-dir DATA_DIR --runs runs/grid --out runs/grid/table
+
+A setting is ``DATASET:PARTITION[:VALUE]``: ``mnist:lda:0.1`` (``--data.alpha 0.1``),
+``mnist:shard:2`` (``--data.shards_per_client 2``), ``mnist:iid``. An algorithm is the name of
+a file in ``configs/algorithms`` (``fedsol``) or the path of any YAML config.
+
+Resumable: a cell whose run finished (``result.json`` in its folder) is skipped; a cell that
+was interrupted resumes from its newest checkpoint (``--ckpt_path``), written every
+``--checkpoint-every`` rounds, in a new logger version; its learning curve joins the versions.
+``--report-only`` writes the tables from what has finished, running nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+__all__ = ["Cell", "Setting", "main", "parse_setting", "summarize"]
+
+PARTITION_OPTION = {"lda": "--data.alpha", "shard": "--data.shards_per_client"}
+BASELINE = "fedavg"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One data setting of the grid: dataset, partition and its parameter."""
+
+    dataset: str
+    partition: str
+    value: str | None = None
+
+    @property
+    def slug(self) -> str:
+        return "_".join(p for p in (self.dataset, self.partition, self.value) if p)
+
+    @property
+    def label(self) -> str:
+        name = {"lda": "LDA alpha", "shard": "shard s"}.get(self.partition)
+        return f"{self.dataset} {name}={self.value}" if name else f"{self.dataset} {self.partition}"
+
+    def options(self) -> list[str]:
+        opts = ["--data.dataset", self.dataset, "--data.partition", self.partition]
+        if self.value is not None:
+            opts += [PARTITION_OPTION[self.partition], self.value]
+        return opts
+
+
+def parse_setting(text: str) -> Setting:
+    """``mnist:lda:0.1`` -> ``Setting("mnist", "lda", "0.1")``; exits 2 on a bad spec."""
+    parts = text.strip().split(":")
+    if len(parts) == 3 and parts[1] in PARTITION_OPTION:
+        try:
+            number = float(parts[2])
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and number > 0:
+            return Setting(parts[0], parts[1], parts[2])
+    if len(parts) == 2 and parts[1] == "iid":
+        return Setting(parts[0], "iid")
+    _fail(
+        f"--settings entry {text!r} is invalid: use DATASET:lda:ALPHA, DATASET:shard:S or "
+        "DATASET:iid (e.g. pneumoniamnist:lda:0.1)"
+    )
+
+
+def _fail(message: str) -> None:
+    print(f"fl-lightning-grid: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _algorithm_config(name: str) -> str:
+    path = name if name.endswith((".yaml", ".yml")) else f"configs/algorithms/{name}.yaml"
+    if not os.path.isfile(path):
+        _fail(f"--algorithms entry {name!r}: {path} does not exist; name a file of "
+              "configs/algorithms (e.g. fedsol) or give a YAML path")
+    return path
+
+
+def _algorithm_name(name: str) -> str:
+    return os.path.splitext(os.path.basename(name))[0]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: algorithm x setting x seed."""
+
+    algorithm: str
+    setting: Setting
+    seed: int
+
+    def folder(self, runs: str) -> str:
+        return os.path.join(runs, self.setting.slug, _algorithm_name(self.algorithm),
+                            f"seed{self.seed}")
+
+
+def _versions(folder: str) -> list[int]:
+    found = []
+    for path in glob.glob(os.path.join(folder, "fl", "version_*")):
+        m = re.fullmatch(r"version_(\d+)", os.path.basename(path))
+        if m:
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def _newest_checkpoint(folder: str) -> str | None:
+    best, best_round = None, -1
+    for path in glob.glob(os.path.join(folder, "fl", "version_*", "checkpoints", "round=*.ckpt")):
+        m = re.search(r"round=(\d+)\.ckpt$", path)
+        if m and int(m.group(1)) > best_round:
+            best, best_round = path, int(m.group(1))
+    return best
+
+
+def cell_command(cell: Cell, args: argparse.Namespace) -> list[str]:
+    """The ``fl-lightning fit`` command of ``cell`` (a resume adds ``--ckpt_path``)."""
+    folder = cell.folder(args.runs)
+    versions = _versions(folder)
+    cmd = [
+        sys.executable, "-m", "fl_lightning.cli", "fit",
+        "--config", args.base, "--config", _algorithm_config(cell.algorithm),
+        *cell.setting.options(),
+        "--data.data_dir", args.data_dir,
+        "--data.seed", str(cell.seed), "--seed_everything", str(cell.seed),
+        "--trainer.max_steps", str(args.rounds),
+        "--trainer.val_check_interval", str(args.eval_every),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", folder,
+        "--trainer.logger.init_args.version", str(versions[-1] + 1 if versions else 0),
+        "--checkpoint_every_n_rounds", str(args.checkpoint_every),
+        "--keep_last_checkpoints", "1",
+        *shlex.split(args.extra),
+    ]
+    ckpt = _newest_checkpoint(folder)
+    if ckpt is not None:
+        cmd += ["--ckpt_path", ckpt]
+    return cmd
+
+
+def read_curve(folder: str) -> dict[int, float]:
+    """Round (1-based) -> test accuracy, joined over the logger versions (newest wins)."""
+    curve: dict[int, float] = {}
+    for version in _versions(folder):
+        path = os.path.join(folder, "fl", f"version_{version}", "metrics.csv")
+        if not os.path.isfile(path):
+            continue
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("val_acc"):
+                    curve[int(row["step"]) + 1] = float(row["val_acc"])
+    return curve
+
+
+def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
+    """Run ``cell`` unless it has finished; returns its ``result.json`` content."""
+    folder = cell.folder(args.runs)
+    done = os.path.join(folder, "result.json")
+    if os.path.isfile(done):
+        return json.load(open(done))
+    if args.report_only:
+        return {"rc": None}
+    os.makedirs(folder, exist_ok=True)
+    cmd = cell_command(cell, args)
+    start = time.time()
+    with open(os.path.join(folder, "log.txt"), "a") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - start
+    final = sorted(glob.glob(os.path.join(folder, "fl", "version_*", "final_metrics.json")))
+    result: dict = {"rc": rc, "seconds": seconds, "cmd": cmd}
+    if rc == 0 and final:
+        result["final"] = json.load(open(final[-1]))
+        json.dump(result, open(done, "w"), indent=2)
+    label = f"{cell.setting.slug} {_algorithm_name(cell.algorithm)} seed {cell.seed}"
+    acc = result.get("final", {}).get("test_acc")
+    print(f"fl-lightning-grid: {label}: rc={rc} {seconds:.0f}s test_acc={acc}"
+          + ("" if rc == 0 else f" (see {os.path.join(folder, 'log.txt')})"), flush=True)
+    return result
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(
+    curves: dict[tuple[str, str, int], dict[int, float]],
+    finals: dict[tuple[str, str, int], float],
+) -> list[dict]:
+    """Per (algorithm, setting): mean/std over seeds of the final and the best accuracy.
+
+    ``curves`` and ``finals`` are keyed by (algorithm, setting slug, seed) and hold the
+    finished cells only. ``std`` is the sample standard deviation (0 for one seed).
+    """
+    groups: dict[tuple[str, str], list[int]] = {}
+    for alg, slug, seed in finals:
+        groups.setdefault((alg, slug), []).append(seed)
+    rows = []
+    for (alg, slug), seeds in groups.items():
+        final = [100 * finals[(alg, slug, s)] for s in sorted(seeds)]
+        best = [100 * max(curves[(alg, slug, s)].values(), default=finals[(alg, slug, s)])
+                for s in sorted(seeds)]
+        fm, fs = _mean_std(final)
+        bm, bs = _mean_std(best)
+        rows.append({"algorithm": alg, "setting": slug, "seeds": len(seeds),
+                     "final_mean": fm, "final_std": fs, "best_mean": bm, "best_std": bs})
+    return rows
+
+
+def _arrow(value: float, baseline: float | None) -> str:
+    if baseline is None:
+        return ""
+    return " ↑" if value > baseline else (" ↓" if value < baseline else " =")
+
+
+def write_tables(rows: list[dict], algorithms: list[str], settings: list[Setting],
+                 out: str, rounds: int, seeds: list[int]) -> None:
+    """``<out>.md`` (the paper-style table) and ``<out>.csv`` (one row per cell group)."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    by = {(r["algorithm"], r["setting"]): r for r in rows}
+    with open(out + ".csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["algorithm", "setting", "seeds", "final_mean",
+                                           "final_std", "best_mean", "best_std"])
+        w.writeheader()
+        for alg in algorithms:
+            for s in settings:
+                if (alg, s.slug) in by:
+                    w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v)
+                                for k, v in by[(alg, s.slug)].items()})
+    head = "| Algorithm | " + " | ".join(
+        f"{s.label}: final | best" for s in settings) + " |"
+    lines = [
+        f"Test accuracy (%) after {rounds} rounds, mean (std) over seeds {seeds}; "
+        "final = the last round, best = the highest evaluated round; the arrow compares the "
+        "mean with FedAvg's; [n] = seeds finished where fewer than asked.", "",
+        head, "|---|" + "---|---|" * len(settings),
+    ]
+    for alg in algorithms:
+        cells = []
+        for s in settings:
+            r, base = by.get((alg, s.slug)), by.get((BASELINE, s.slug))
+            if r is None:
+                cells += ["not finished", ""]
+                continue
+            more = "" if r["seeds"] == len(seeds) else f" [{r['seeds']}]"
+            for key in ("final", "best"):
+                m, sd = r[f"{key}_mean"], r[f"{key}_std"]
+                arrow = _arrow(m, base[f"{key}_mean"]) if base and alg != BASELINE else ""
+                cells.append(f"{m:.2f} ({sd:.2f}){arrow}{more}")
+        lines.append(f"| {alg} | " + " | ".join(cells) + " |")
+    with open(out + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def plot_curves(curves: dict[tuple[str, str, int], dict[int, float]], algorithms: list[str],
+                settings: list[Setting], out: str) -> list[str]:
+    """One PNG per setting: mean test accuracy per round with a band of +- one std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for s in settings:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for alg in algorithms:
+            seeds = [c for (a, slug, _), c in curves.items() if a == alg and slug == s.slug and c]
+            if not seeds:
+                continue
+            common = sorted(set.intersection(*(set(c) for c in seeds)))
+            if not common:
+                continue
+            stats = [_mean_std([100 * c[r] for c in seeds]) for r in common]
+            mean = [m for m, _ in stats]
+            ax.plot(common, mean, label=f"{alg} ({len(seeds)} seeds)")
+            ax.fill_between(common, [m - sd for m, sd in stats], [m + sd for m, sd in stats],
+                            alpha=0.2)
+            drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(s.label)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = f"{out}_{s.slug}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fl-lightning-grid",
+        description="Run algorithm configs x settings x seeds and write the results table.",
+    )
+    p.add_argument("--algorithms", required=True,
+                   help="comma-separated names in configs/algorithms or YAML paths")
+    p.add_argument("--settings", required=True,
+                   help="comma-separated DATASET:lda:ALPHA | DATASET:shard:S | DATASET:iid")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds")
+    p.add_argument("--base", default="configs/mnist/fedavg_lda.yaml",
+                   help="base config with the learning setup (the algorithm config goes on top)")
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=1, help="rounds between test evaluations")
+    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--runs", default="runs/grid", help="folder of the cells (resumable)")
+    p.add_argument("--out", default=None,
+                   help="prefix of the outputs: <out>.md, <out>.csv, <out>_<setting>.png "
+                   "(default: <runs>/table)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at the same time")
+    p.add_argument("--extra", default="", help="more fl-lightning options for every cell")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the tables from the finished cells, run nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    algorithms = [a for a in args.algorithms.split(",") if a]
+    for a in algorithms:
+        _algorithm_config(a)
+    if not os.path.isfile(args.base):
+        _fail(f"--base {args.base} does not exist; give a config such as "
+              "configs/mnist/fedavg_lda.yaml")
+    settings = [parse_setting(s) for s in args.settings.split(",") if s]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        _fail(f"--seeds {args.seeds!r} is invalid: use comma-separated integers, e.g. 0,1,2")
+    for name in ("rounds", "eval_every", "checkpoint_every", "jobs"):
+        if getattr(args, name) < 1:
+            _fail(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: use >= 1")
+    out = args.out or os.path.join(args.runs, "table")
+    # seed-major order: every algorithm and setting gets its first seed before any second one
+    cells = [Cell(a, s, seed) for seed in seeds for s in settings for a in algorithms]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda c: run_cell(c, args), cells))
+    names = [_algorithm_name(a) for a in algorithms]
+    curves, finals = {}, {}
+    for cell, result in zip(cells, results, strict=True):
+        key = (_algorithm_name(cell.algorithm), cell.setting.slug, cell.seed)
+        curve = read_curve(cell.folder(args.runs))
+        if "final" in result:
+            curves[key] = curve
+            finals[key] = result["final"]["test_acc"]
+        elif curve and args.report_only:  # unfinished: drawn, not tabulated
+            curves[key] = curve
+    rows = summarize({k: v for k, v in curves.items() if k in finals}, finals)
+    write_tables(rows, names, settings, out, args.rounds, seeds)
+    figures = plot_curves(curves, names, settings, out)
+    print(f"fl-lightning-grid: wrote {out}.md, {out}.csv" +
+          "".join(f", {f}" for f in figures))
+    failed = [r for r in results if r.get("rc") not in (0, None)]
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,65 @@
+"""Tests of fl_lightning.grid: the table math, the setting specs, and one real tiny grid."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fl_lightning.grid import parse_setting, read_curve, summarize
+
+
+def test_parse_setting_options():
+    s = parse_setting("mnist:lda:0.1")
+    assert s.options() == ["--data.dataset", "mnist", "--data.partition", "lda",
+                           "--data.alpha", "0.1"]
+    assert parse_setting("mnist:shard:2").options()[-2:] == ["--data.shards_per_client", "2"]
+    assert parse_setting("mnist:iid").slug == "mnist_iid"
+
+
+@pytest.mark.parametrize("bad", ["mnist", "mnist:lda", "mnist:lda:-1", "mnist:dirichlet:0.1"])
+def test_bad_setting_exits_2(bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_setting(bad)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert bad in err and "DATASET:lda:ALPHA" in err and err.count("\n") == 1
+
+
+def test_summarize_mean_sample_std_final_and_best():
+    curves = {("fedavg", "s", 0): {1: 0.5, 2: 0.7, 3: 0.6},
+              ("fedavg", "s", 1): {1: 0.4, 2: 0.8, 3: 0.8}}
+    finals = {("fedavg", "s", 0): 0.6, ("fedavg", "s", 1): 0.8}
+    (row,) = summarize(curves, finals)
+    assert row["seeds"] == 2
+    assert row["final_mean"] == pytest.approx(70.0)
+    assert row["final_std"] == pytest.approx(14.142135, rel=1e-6)  # sample std of 60, 80
+    assert row["best_mean"] == pytest.approx(75.0)  # best of 70 and 80
+    assert row["best_std"] == pytest.approx(7.071068, rel=1e-6)
+
+
+def test_tiny_grid_runs_skips_and_tabulates(tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "fl_lightning.grid", "--algorithms", "fedavg,fedprox",
+           "--settings", "digits:iid", "--seeds", "0", "--rounds", "2", "--runs", str(runs),
+           "--extra", "--data.num_clients 4 --model.local_epochs 1 --model.sample_ratio 0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    cell = runs / "digits_iid" / "fedprox" / "seed0"
+    result = json.loads((cell / "result.json").read_text())
+    assert result["final"]["rounds"] == 2
+    assert sorted(read_curve(str(cell))) == [1, 2]
+    rows = list(csv.DictReader(open(runs / "table.csv")))
+    assert [r["algorithm"] for r in rows] == ["fedavg", "fedprox"]
+    assert float(rows[1]["final_mean"]) == pytest.approx(100 * result["final"]["test_acc"])
+    table = (runs / "table.md").read_text()
+    assert "| fedprox |" in table and ("↑" in table or "↓" in table or " =" in table)
+    assert (runs / "table_digits_iid.png").stat().st_size > 0
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 0
+    assert "rc=" not in again.stdout  # every cell was finished: nothing ran again
