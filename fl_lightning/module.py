@@ -266,6 +266,9 @@ class FederatedModule(pl.LightningModule):
         self.log("skipped_clients", float(len(result.skipped_clients)), on_step=True, batch_size=1)
         for name, value in result.systems.items():
             self.log(name, value, on_step=True, batch_size=1)
+        cost = self.round_loop.gather_cost
+        if cost is not None:  # DDP: bytes each rank received in the all-gather of results
+            self.log("ddp_gather_bytes", float(cost.tensor_bytes), on_step=True, batch_size=1)
         self.curves["train_loss"].append((result.round + 1, float(result.train_loss)))
         self._log_clients(result)
 
@@ -307,9 +310,6 @@ class FederatedModule(pl.LightningModule):
         for key in ("val_acc", "val_loss"):
             if key in metrics:
                 self.curves[key].append((int(trainer.global_step), float(metrics[key])))
-        cost = self.round_loop.gather_cost
-        if cost is not None:  # DDP: bytes each rank received in the all-gather of results
-            self.log("ddp_gather_bytes", float(cost.tensor_bytes), on_step=True, batch_size=1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Lightning only notices SIGTERM at the end of an epoch (= the whole run here): stop at
