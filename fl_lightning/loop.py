@@ -21,9 +21,18 @@ class DivergenceError(RuntimeError):
     """A client's local training produced NaN or infinite weights."""
 
 
-def _finite(result: ClientResult) -> bool:
-    norms = torch._foreach_norm(list(result.params.values()))
-    return bool(torch.isfinite(torch.stack(norms)).all()) and bool(torch.isfinite(result.loss))
+def _finite_flags(results: list[ClientResult]) -> list[bool]:
+    """Whether each client's weights and loss are all finite, with one host sync per round
+    (one ``foreach`` norm over every client's tensors; a NaN or inf entry makes a norm
+    non-finite)."""
+    if not results:
+        return []
+    tensors = [t for r in results for t in r.params.values()]
+    per = len(results[0].params)
+    norms = torch.stack(torch._foreach_norm(tensors)).view(len(results), per)
+    losses = torch.stack([r.loss.detach().to(norms.device, norms.dtype) for r in results])
+    ok = torch.isfinite(norms).all(dim=1) & torch.isfinite(losses)
+    return ok.tolist()
 
 
 class RoundLoop:
@@ -47,7 +56,9 @@ class RoundLoop:
         dm = module.datamodule
         net = module.net
         per_round = module.clients_per_round(dm.num_clients)
-        plan = dm.round_plan(round_idx, per_round, module.local_epochs, module.batch_size)
+        plan = dm.round_plan(
+            round_idx, per_round, module.local_epochs, module.batch_size, module.device
+        )
         systems, info = module.systems, None
         if systems.active:  # (rejected under DDP at setup)
             plan, info = systems.begin_round(plan, dm.seed, per_round)
@@ -65,14 +76,15 @@ class RoundLoop:
             module.momentum, module.weight_decay,
         )
         train_loss = None
+        finite = _finite_flags(results)
         if world > 1:  # one flat all-reduce gives every rank the same average and counts
-            kept = [r for r in results if _finite(r)]
+            kept = [r for r, ok in zip(results, finite, strict=True) if ok]
             aggregate, train_loss, num_bad, num_all = allreduce_average(
                 global_before, kept, len(results) - len(kept)
             )
-            results, skipped = self._drop_diverged(results, round_idx, num_bad, num_all)
+            results, skipped = self._drop_diverged(results, round_idx, num_bad, num_all, finite)
         else:
-            results, skipped = self._drop_diverged(results, round_idx)
+            results, skipped = self._drop_diverged(results, round_idx, finite=finite)
             if info is not None:
                 aggregate = systems.aggregate(
                     module.algorithm, global_before, results, info, dm.num_clients
@@ -103,14 +115,16 @@ class RoundLoop:
 
     def _drop_diverged(
         self, results: list[ClientResult], round_idx: int, num_bad: int | None = None,
-        num_all: int | None = None,
+        num_all: int | None = None, finite: list[bool] | None = None,
     ) -> tuple[list[ClientResult], list[int]]:
-        """Apply the module's ``on_nonfinite`` policy to clients with NaN/inf weights or loss.
+        """Apply the module's ``on_nonfinite`` policy to clients with NaN/inf weights or loss
+        (``finite``: :func:`_finite_flags` of ``results``, computed here if not given).
 
         Under DDP ``num_bad`` and ``num_all`` count the clients of every rank, so that every
         rank takes the same decision.
         """
-        bad = [r for r in results if not _finite(r)]
+        finite = _finite_flags(results) if finite is None else finite
+        bad = [r for r, ok in zip(results, finite, strict=True) if not ok]
         num_bad = len(bad) if num_bad is None else num_bad
         num_all = len(results) if num_all is None else num_all
         if not num_bad:
@@ -123,7 +137,8 @@ class RoundLoop:
             f"{round_idx}"
         )
         if module.on_nonfinite == "skip_client" and num_bad < num_all:
-            return [r for r in results if _finite(r)], [r.client_id for r in bad]
+            kept = [r for r, ok in zip(results, finite, strict=True) if ok]
+            return kept, [r.client_id for r in bad]
         if module.on_nonfinite == "skip_client":
             where = f"every client diverged in round {round_idx} (first: {where})"
         raise DivergenceError(

@@ -301,14 +301,16 @@ class FederatedModule(pl.LightningModule):
         was_training = self.net.training
         self.net.eval()
         correct, loss_sum, n = 0, 0.0, 0
-        for x, y in dm.test_dataloader():
-            x, y = x.to(self.device, self.dtype), y.to(self.device)
+        x_all, y_all = dm.test_tensors(self.device, self.dtype)
+        for start in range(0, len(y_all), dm.eval_batch_size):
+            x = x_all[start:start + dm.eval_batch_size]
+            y = y_all[start:start + dm.eval_batch_size]
             logits = self.net(x)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct = correct + (logits.argmax(1) == y).sum()
+            loss_sum = loss_sum + F.cross_entropy(logits, y, reduction="sum").double()
             n += len(y)
         self.net.train(was_training)
-        return {"test_acc": correct / max(n, 1), "test_loss": loss_sum / max(n, 1)}
+        return {"test_acc": int(correct) / max(n, 1), "test_loss": float(loss_sum) / max(n, 1)}
 
     def on_train_end(self) -> None:
         if self.trainer.global_step == 0:

@@ -4,7 +4,16 @@ An algorithm never touches an optimizer, a data loader or a device. The client e
 local optimizer (SGD with momentum and weight decay, fresh per client per round) and calls
 :meth:`Algorithm.direction` once per local step with the client's current weights as a dict of
 plain tensors; the direction it returns is what the optimizer applies. Writing the step as a
-function of tensors (``torch.func``) lets the same code run one client at a time or many at once.
+function of tensors lets the same code run one client at a time or many at once.
+
+Differentiation and the network call go through :func:`grad_of` and
+:meth:`LocalContext.forward`, which pick the cheapest way that is correct where they run:
+outside any ``torch.func`` transform (the sequential engine) ``torch.autograd.grad`` on leaf
+copies of the weights and a direct swap of the module's parameters (the cost of a plain module's
+forward and backward); inside one (``vmap`` in the batched engine, or an outer ``grad`` / ``jvp``
+of a callback) ``torch.func.grad_and_value`` and ``functional_call``. The two give the same
+values; an algorithm is written once. The same holds for the list helpers (:func:`foreach_mul`,
+...): ``torch._foreach_*`` kernels outside a transform, a plain loop inside one.
 """
 
 from __future__ import annotations
@@ -80,7 +89,9 @@ class LocalContext:
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Logits of the network at ``params`` on ``x``."""
-        return functional_call(self.net, (dict(params), self.buffers), (x,))
+        if in_transform():
+            return functional_call(self.net, (dict(params), self.buffers), (x,))
+        return swapped_call(self.net, params, self.buffers, x)
 
     def head_names(self) -> list[str]:
         if self._head is None:
@@ -132,8 +143,20 @@ def check_positive(name: str, value: float, option: str, hint: str) -> float:
     return value
 
 
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of ``logits`` ``(B, C)`` against class indices ``y``.
+
+    ``F.cross_entropy`` outside a transform; inside one (``vmap``), the same quantity as
+    ``-mean_b log_softmax(logits)[b, y_b]``, whose operations have native batching rules
+    (``F.cross_entropy`` falls back to a decomposition written in Python there).
+    """
+    if in_transform():
+        return -torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).mean()
+    return F.cross_entropy(logits, y)
+
+
 def cross_entropy_loss(ctx: LocalContext, params: Params, x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(ctx.forward(params, x), y)
+    return cross_entropy(ctx.forward(params, x), y)
 
 
 class Algorithm:
@@ -167,7 +190,7 @@ class Algorithm:
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
     ) -> tuple[Params, Tensor]:
         """Gradient of :meth:`task_loss` w.r.t. every parameter, and the loss."""
-        return grad_and_value(lambda p: self.task_loss(ctx, p, x, y))(params)
+        return grad_of(lambda p: self.task_loss(ctx, p, x, y), params)
 
     def direction(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
@@ -221,17 +244,118 @@ class Algorithm:
         del state
 
 
-def grad_of(loss_fn, params: Params, names: Sequence[str]) -> tuple[Params, Tensor]:
-    """Gradient of ``loss_fn(params)`` w.r.t. the parameters in ``names`` only, and the loss."""
-    if len(names) == len(params):
-        return grad_and_value(loss_fn)(params)
+def in_transform() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ...) is active here."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
-    def partial(sub: Params) -> Tensor:
-        return loss_fn({**params, **sub})
 
-    return grad_and_value(partial)({k: params[k] for k in names})
+def _slot(net: nn.Module, name: str, cache: dict) -> tuple[dict, str]:
+    if name not in cache:
+        owner, _, leaf = name.rpartition(".")
+        module = net.get_submodule(owner) if owner else net
+        table = module._parameters if leaf in module._parameters else module._buffers
+        if leaf not in table:
+            raise KeyError(f"{type(net).__name__} has no parameter or buffer {name!r}")
+        cache[name] = (table, leaf)
+    return cache[name]
+
+
+def swapped_call(
+    net: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor
+) -> Tensor:
+    """``net(x)`` with its parameters and buffers replaced by the given tensors for the call.
+
+    The same as ``torch.func.functional_call(net, (params, buffers), (x,))`` for a module
+    without tied weights, at the cost of one dict write per tensor (no transform may be active:
+    see :func:`in_transform`). The module's own tensors are put back afterwards.
+    """
+    cache = net.__dict__.setdefault("_fl_slots", {})
+    saved = []
+    try:
+        for group in (params, buffers):
+            for name, value in group.items():
+                table, leaf = _slot(net, name, cache)
+                saved.append((table, leaf, table[leaf]))
+                table[leaf] = value
+        return net(x)
+    finally:
+        for table, leaf, old in reversed(saved):
+            table[leaf] = old
+
+
+def grad_of(
+    loss_fn, params: Params, names: Sequence[str] | None = None, has_aux: bool = False
+) -> tuple[Params, Tensor]:
+    """Gradient of ``loss_fn(params)`` w.r.t. the parameters in ``names`` (default all), and
+    the loss (``has_aux``: ``loss_fn`` returns ``(loss, aux)`` and ``aux`` is returned instead).
+
+    Outside a ``torch.func`` transform: ``torch.autograd.grad`` on detached leaf copies of the
+    differentiated tensors; inside one: ``torch.func.grad_and_value``. Same values either way.
+    """
+    names = list(params) if names is None else list(names)
+    if in_transform():
+        if len(names) == len(params):
+            fn = loss_fn
+            start = params
+        else:
+            def fn(sub: Params):
+                return loss_fn({**params, **sub})
+
+            start = {k: params[k] for k in names}
+        if has_aux:
+            grads, aux = torch.func.grad(fn, has_aux=True)(start)
+            return grads, aux.detach()
+        return grad_and_value(fn)(start)
+    leaves = [params[k].detach().requires_grad_(True) for k in names]
+    full = dict(params)
+    full.update(zip(names, leaves, strict=True))
+    with torch.enable_grad():
+        out = loss_fn(full)
+        loss, aux = out if has_aux else (out, None)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    result = {
+        k: (g if g is not None else torch.zeros_like(v))
+        for k, g, v in zip(names, grads, leaves, strict=True)
+    }
+    return result, (aux.detach() if has_aux else loss.detach())
+
+
+def foreach_mul(a: Sequence[Tensor], b: Sequence[Tensor] | Tensor | float) -> list[Tensor]:
+    """``[a_i * b_i]`` (or ``[a_i * b]`` for one tensor or number ``b``)."""
+    if in_transform():
+        if isinstance(b, (Tensor, float, int)):
+            return [t * b for t in a]
+        return [t * u for t, u in zip(a, b, strict=True)]
+    return list(torch._foreach_mul(list(a), b if isinstance(b, (Tensor, float, int)) else list(b)))
+
+
+def foreach_add(a: Sequence[Tensor], b: Sequence[Tensor], alpha: float = 1.0) -> list[Tensor]:
+    """``[a_i + alpha * b_i]``."""
+    if in_transform():
+        if alpha == 1.0:
+            return [t + u for t, u in zip(a, b, strict=True)]
+        return [t + alpha * u for t, u in zip(a, b, strict=True)]
+    return list(torch._foreach_add(list(a), list(b), alpha=alpha))
+
+
+def adaptive_radius(params: Sequence[Tensor], anchors: Sequence[Tensor]) -> list[Tensor]:
+    """``|w - w_g|`` L2-normalized along dimension 0 of each tensor, as
+    ``F.normalize(|w - w_g|, p=2, dim=0)`` (``x / max(||x||_dim0, 1e-12)``)."""
+    if in_transform():
+        return [F.normalize((w - g).abs(), p=2.0, dim=0) for w, g in zip(params, anchors,
+                                                                         strict=True)]
+    diff = torch._foreach_sub(list(params), list(anchors))
+    torch._foreach_abs_(diff)
+    norms = [torch.linalg.vector_norm(d, 2.0, dim=0, keepdim=True) for d in diff]
+    torch._foreach_clamp_min_(norms, 1e-12)
+    return list(torch._foreach_div(diff, [n.expand_as(d) for n, d in zip(norms, diff,
+                                                                        strict=True)]))
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """L2 norm over all entries of all tensors (computed as the norm of per-tensor norms)."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+    if in_transform():
+        norms = [torch.linalg.vector_norm(t) for t in tensors]
+    else:
+        norms = torch._foreach_norm(list(tensors))
+    return torch.linalg.vector_norm(torch.stack(norms))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import grad
 
 from fl_lightning.algorithms.base import (
     Algorithm,
@@ -13,6 +12,7 @@ from fl_lightning.algorithms.base import (
     Params,
     check_nonnegative,
     check_positive,
+    grad_of,
 )
 
 __all__ = ["FedNTD", "not_true_logits", "ntd_loss"]
@@ -66,7 +66,7 @@ class FedNTD(Algorithm):
         def prox(p: Params) -> Tensor:
             return self.beta * ntd_loss(ctx.forward(p, x), g_logits, y, self.tau)
 
-        return grad(prox)(params), prox(params).detach()
+        return grad_of(prox, params)
 
     def direction(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
@@ -79,5 +79,4 @@ class FedNTD(Algorithm):
             ce = F.cross_entropy(logits, y)
             return ce + self.beta * ntd_loss(logits, g_logits, y, self.tau), ce
 
-        grads, ce = grad(total, has_aux=True)(params)
-        return grads, ce.detach()
+        return grad_of(total, params, has_aux=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value
 
 from fl_lightning.algorithms.base import (
     Algorithm,
@@ -61,9 +60,7 @@ class FedSAM(Algorithm):
         names = ctx.select(params, self.perturb_head, self.perturb_body)
         if not names:
             return self.task_grad(params, x, y, ctx)
-        g, loss = grad_and_value(
-            lambda sub: self.task_loss(ctx, {**params, **sub}, x, y)
-        )({k: params[k] for k in names})
+        g, loss = grad_of(lambda p: self.task_loss(ctx, p, x, y), params, names)
         if self.adaptive:
             norm = global_norm([params[k].abs() * g[k] for k in names])
         else:

@@ -20,10 +20,14 @@ from fl_lightning.algorithms.base import (
     ClientResult,
     LocalContext,
     Params,
+    adaptive_radius,
     check_nonnegative,
     check_positive,
+    foreach_add,
+    foreach_mul,
     global_norm,
     grad_of,
+    in_transform,
 )
 from fl_lightning.algorithms.features import FeatureCaller
 from fl_lightning.errors import ConfigError
@@ -162,15 +166,23 @@ class FedSoL(Algorithm):
 
     def _scaled(self, g: Params, params: Params, ctx: LocalContext) -> Params:
         """``eps = rho * Lambda * g / (||g||_2 + 1e-12)`` for the parameters in ``g``."""
-        scale = self.rho / (global_norm(list(g.values())) + 1e-12)
-        eps: Params = {}
-        for k in g:
-            if self.adaptive:
-                lam = F.normalize((params[k] - ctx.global_params[k]).abs(), p=2.0, dim=0)
-                eps[k] = lam * g[k] * scale
-            else:
-                eps[k] = g[k] * scale
-        return eps
+        names = list(g)
+        grads = [g[k] for k in names]
+        scale = self.rho / (global_norm(grads) + 1e-12)
+        if self.adaptive:
+            lam = adaptive_radius([params[k] for k in names],
+                                  [ctx.global_params[k] for k in names])
+            grads = foreach_mul(lam, grads)
+        return dict(zip(names, foreach_mul(grads, scale), strict=True))
+
+    def _radius_is_zero(self, params: Params, ctx: LocalContext) -> bool:
+        """Whether the adaptive radius ``Lambda = |w - w_g| / ||.||`` is exactly 0 (the first
+        local step, where ``w = w_g``): then ``eps = 0`` and the proximal pass is skipped (the
+        result is the same). Checked only outside ``vmap`` (a data-dependent branch)."""
+        if not self.adaptive or ctx.step != 0 or in_transform():
+            return False
+        names = ctx.select(params, self.perturb_head, self.perturb_body)
+        return all(torch.equal(params[k], ctx.global_params[k]) for k in names)
 
     def _head_only_fast(self, ctx: LocalContext) -> FeatureCaller | None:
         """The feature caller when the head-only shortcut applies (else ``None``): only the
@@ -221,8 +233,12 @@ class FedSoL(Algorithm):
         caller = self._head_only_fast(ctx)
         if caller is not None:
             return self._head_only_direction(caller, params, x, y, ctx)
-        eps, _ = self.perturbation(params, x, ctx, y)
-        perturbed = {k: (v + eps[k] if k in eps else v) for k, v in params.items()}
+        eps = {} if self._radius_is_zero(params, ctx) else self.perturbation(params, x, ctx, y)[0]
+        perturbed = dict(params)
+        if eps:
+            names = list(eps)
+            moved = foreach_add([params[k] for k in names], [eps[k] for k in names])
+            perturbed.update(zip(names, moved, strict=True))
         out, loss = grad_of(lambda p: self.task_loss(ctx, p, x, y), perturbed, list(params))
         if self.proximal_in_update:
             prox, _ = self.proximal_gradient(params, x, y, ctx)

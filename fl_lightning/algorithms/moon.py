@@ -8,7 +8,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import grad
 
 from fl_lightning.algorithms.base import (
     Algorithm,
@@ -17,6 +16,7 @@ from fl_lightning.algorithms.base import (
     Params,
     check_nonnegative,
     check_positive,
+    grad_of,
 )
 from fl_lightning.algorithms.features import FeatureCaller
 from fl_lightning.algorithms.state import ClientStateStore, check_state_device
@@ -115,8 +115,7 @@ class MOON(Algorithm):
         def con(p: Params) -> Tensor:
             return self.mu * self._losses(p, x, y, ctx)[1]
 
-        value = con(params)
-        return grad(con)(params), value.detach()
+        return grad_of(con, params)
 
     def direction(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
@@ -125,8 +124,7 @@ class MOON(Algorithm):
             ce, con = self._losses(p, x, y, ctx)
             return ce + self.mu * con, ce
 
-        grads, ce = grad(total, has_aux=True)(params)
-        return grads, ce.detach()
+        return grad_of(total, params, has_aux=True)
 
     def client_end(self, ctx: LocalContext, result: ClientResult) -> None:
         self.clients.put(ctx.client_id, result.params)

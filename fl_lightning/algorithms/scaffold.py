@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
+from fl_lightning.algorithms.base import (
+    Algorithm,
+    ClientResult,
+    LocalContext,
+    Params,
+    foreach_add,
+)
 from fl_lightning.algorithms.state import ClientStateStore, check_state_device
 
 __all__ = ["SCAFFOLD", "effective_steps"]
@@ -35,7 +41,7 @@ def effective_steps(steps: int, momentum: float) -> float:
 class SCAFFOLD(Algorithm):
     """SCAFFOLD with option-II control variates.
 
-    Local direction (every step): ``g - c_i + c`` with ``g = grad CE(w)``, the client's control
+    Local direction (every step): ``g + (c - c_i)`` with ``g = grad CE(w)``, the client's control
     variate ``c_i`` and the server's ``c``. After the client's ``K`` local steps:
 
     ``c_i+ = c_i - c + (w_g - w_i) / (K' * lr)``
@@ -95,8 +101,10 @@ class SCAFFOLD(Algorithm):
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
     ) -> tuple[Params, Tensor]:
         grads, loss = self.task_grad(params, x, y, ctx)
-        c, c_i = ctx.state["c"], ctx.state["c_i"]
-        return {k: g - c_i[k] + c[k] for k, g in grads.items()}, loss
+        corr = ctx.state["correction"]  # c - c_i, computed once per client
+        names = list(grads)
+        moved = foreach_add([grads[k] for k in names], [corr[k] for k in names])
+        return dict(zip(names, moved, strict=True)), loss
 
     def client_end(self, ctx: LocalContext, result: ClientResult) -> None:
         steps = result.num_steps

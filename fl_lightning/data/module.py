@@ -10,27 +10,20 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from fl_lightning.data.augment import BatchAugment, paper_augmentation
+from fl_lightning.data.counters import AUGMENT_STREAM, ORDER_STREAM, counter_bits
 from fl_lightning.data.datasets import dataset_info, load_dataset
 from fl_lightning.data.partition import partition_indices
 from fl_lightning.data.ticker import RoundTicker
 from fl_lightning.engine import ClientPlan, RoundPlan
 from fl_lightning.errors import ConfigError
 
-__all__ = ["FederatedDataModule"]
+__all__ = ["FederatedDataModule", "RoundAugmentation"]
 
 PARTITIONS = ("iid", "shard", "lda")
 AUGMENTATIONS = ("paper", "none")
-#: Extra key of the augmentation seed, so it never equals a batch-order seed.
-_AUGMENT_STREAM = 1
-
-
-def _sub_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of the integer keys."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
-
 
 class FederatedDataModule(pl.LightningDataModule):
     """A dataset partitioned across ``num_clients`` clients, with Non-IID label skew.
@@ -40,9 +33,11 @@ class FederatedDataModule(pl.LightningDataModule):
     ``DataLoader`` exists. Every round, :meth:`round_plan` samples the participating clients and
     the order of each client's samples as pure functions of ``(seed, round, client)``, so a run
     resumed from a checkpoint sees exactly the data the uninterrupted run saw. Training batches
-    are augmented on the device (:mod:`fl_lightning.data.augment`) with random draws seeded by
-    ``(seed, round, client, step)``. The global model is evaluated on the dataset's test split
-    (never augmented).
+    are augmented on the device (:mod:`fl_lightning.data.augment`) with counter-based draws keyed
+    by ``(seed, round, client, step, sample)`` (:mod:`fl_lightning.data.counters`), made for the
+    whole round at once and copied to the device together with the round's index plan. The
+    global model is evaluated on the dataset's test split (never augmented), kept on the
+    trainer's device and read in slices.
 
     Args:
         dataset: ``digits`` (offline, bundled with scikit-learn), ``mnist``, ``cifar10``,
@@ -153,7 +148,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.test_x: Tensor | None = None
         self.test_y: Tensor | None = None
         self.client_indices: list[Tensor] = []
-        self._device_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._device_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ static facts
     @property
@@ -213,11 +208,21 @@ class FederatedDataModule(pl.LightningDataModule):
         return self._eval_loader()
 
     def _eval_loader(self) -> DataLoader:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        x, y = self.test_tensors(device)
+        return DataLoader(_Slices(x, y, self.eval_batch_size), batch_size=None, shuffle=False)
+
+    def test_tensors(
+        self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The test split as ``(x, y)`` on ``device``; copied once per ``(device, dtype)``."""
         if self.test_x is None:
             self.setup("test")
-        return DataLoader(
-            TensorDataset(self.test_x, self.test_y), batch_size=self.eval_batch_size, shuffle=False
-        )
+        key = ("test", torch.device(device), dtype or self.test_x.dtype)
+        if key not in self._device_cache:
+            self._device_cache[key] = (self.test_x.to(key[1], key[2]), self.test_y.to(key[1]))
+        return self._device_cache[key]
 
     # ------------------------------------------------------------------ federated API
     @property
@@ -248,46 +253,181 @@ class FederatedDataModule(pl.LightningDataModule):
             chosen = rng.choice(self.num_clients, clients_per_round, replace=False)
         return [int(c) for c in chosen]
 
+    def _host_indices(self) -> list[np.ndarray]:
+        if len(getattr(self, "_np_indices", ())) != len(self.client_indices):
+            self._np_indices = [p.numpy().astype(np.int64) for p in self.client_indices]
+        return self._np_indices
+
+    def _round_arrays(
+        self, round_idx: int, clients: list[int], local_epochs: int, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The round's index plan (every client's epochs, in step order) and, with
+        augmentation, its per-sample draws ``(T, 5)``, as host arrays (see :meth:`round_plan`)."""
+        own = self._host_indices()
+        idx = np.concatenate([own[c] for c in clients for _ in range(local_epochs)]) if clients \
+            else np.zeros(0, np.int64)
+        sizes = np.array([len(own[c]) for c in clients], dtype=np.int64)
+        seg_len = np.repeat(sizes, local_epochs)
+        seg = np.repeat(np.arange(len(seg_len)), seg_len)
+        client_t = np.asarray(clients, dtype=np.int64)[seg // max(local_epochs, 1)]
+        epoch_t = seg % max(local_epochs, 1)
+        keys = counter_bits(self.seed, ORDER_STREAM, round_idx, client_t, epoch_t, idx)
+        order = np.lexsort((keys, seg))  # stable: per segment, by key
+        idx = idx[order]
+        if self.augmentation is None:
+            return idx, None
+        starts = np.concatenate([[0], np.cumsum(seg_len)[:-1]]).astype(np.int64)
+        pos = np.arange(len(idx)) - starts[seg]
+        per_epoch = -(-sizes // batch_size)
+        step_t = epoch_t * np.repeat(per_epoch, local_epochs)[seg] + pos // batch_size
+        draws = self._draws(round_idx, client_t, step_t, pos % batch_size)
+        return idx, draws
+
+    def _draws(self, round_idx: int, client, step, sample) -> np.ndarray:
+        """Augmentation draws ``(..., 5)`` of the samples keyed ``(seed, round, client, step,
+        sample)`` (``sample``: position in the batch)."""
+        bits = counter_bits(
+            self.seed, AUGMENT_STREAM, round_idx, np.asarray(client)[..., None],
+            np.asarray(step)[..., None], np.asarray(sample)[..., None], np.arange(5),
+        )
+        _, height, width = self.input_shape
+        return self.augmentation.draw(bits, height, width)
+
     def client_batches(
         self, round_idx: int, client_id: int, local_epochs: int, batch_size: int
     ) -> list[Tensor]:
-        """Mini-batches of training-set indices for one client's local epochs.
+        """Mini-batches of training-set indices for one client's local epochs (host tensors).
 
         Each epoch is a fresh random permutation of the client's samples cut into batches of
-        ``batch_size`` (the last one may be smaller), as a shuffling ``DataLoader`` would give.
+        ``batch_size`` (the last one may be smaller), as a shuffling ``DataLoader`` would give;
+        the permutation sorts counter-based keys of ``(seed, round, client, epoch, sample)``
+        (:mod:`fl_lightning.data.counters`), so it is the one :meth:`round_plan` gives.
         """
-        indices = self.client_indices[client_id]
-        gen = torch.Generator().manual_seed(_sub_seed(self.seed, round_idx, client_id))
-        batches: list[Tensor] = []
-        for _ in range(local_epochs):
-            order = indices[torch.randperm(len(indices), generator=gen)]
-            batches.extend(order.split(batch_size))
-        return batches
-
-    def augment_batch(self, x: Tensor, round_idx: int, client_id: int, step: int) -> Tensor:
-        """``x`` augmented with random draws seeded by ``(seed, round, client, step)``."""
-        if self.augmentation is None:
-            return x
-        gen = torch.Generator(device=x.device)
-        gen.manual_seed(_sub_seed(self.seed, round_idx, client_id, step, _AUGMENT_STREAM))
-        return self.augmentation(x, gen)
-
-    def round_plan(
-        self, round_idx: int, clients_per_round: int, local_epochs: int, batch_size: int
-    ) -> RoundPlan:
-        """Sampled clients and their per-step batches for round ``round_idx``."""
         if not self.client_indices:
             self.setup("fit")
-        clients = [
-            ClientPlan(
-                client_id=c,
-                num_samples=len(self.client_indices[c]),
-                batches=self.client_batches(round_idx, c, local_epochs, batch_size),
-            )
-            for c in self.sample_clients(round_idx, clients_per_round)
+        idx, _ = self._round_arrays(round_idx, [client_id], local_epochs, batch_size)
+        n = len(self.client_indices[client_id])
+        return [
+            b for e in range(local_epochs)
+            for b in torch.from_numpy(idx[e * n:(e + 1) * n]).split(batch_size)
         ]
-        transform = None if self.augmentation is None else self.augment_batch
+
+    def augment_batch(self, x: Tensor, round_idx: int, client_id: int, step: int) -> Tensor:
+        """``x`` augmented with the draws keyed ``(seed, round, client, step, sample)``."""
+        if self.augmentation is None:
+            return x
+        draws = self._draws(round_idx, client_id, step, np.arange(len(x)))
+        return self.augmentation(x, torch.from_numpy(draws).to(x.device))
+
+    def round_plan(
+        self, round_idx: int, clients_per_round: int, local_epochs: int, batch_size: int,
+        device: torch.device | str | None = None,
+    ) -> RoundPlan:
+        """Sampled clients and their per-step batches for round ``round_idx``.
+
+        The whole round is planned at once: the index plan of every sampled client (each
+        epoch a permutation sorted by counter-based keys) and, with augmentation, every
+        sample's draws, keyed ``(seed, round, client, step, sample)``, are computed on the host
+        and copied to ``device`` in one transfer. ``ClientPlan.batches`` are views of that one
+        device tensor, and ``plan.transform`` (a :class:`RoundAugmentation`) reads the draws
+        from it, so no generator and no host tensor is created inside a local step.
+        """
+        if not self.client_indices:
+            self.setup("fit")
+        ids = self.sample_clients(round_idx, clients_per_round)
+        idx, draws = self._round_arrays(round_idx, ids, local_epochs, batch_size)
+        total = len(idx)
+        host = idx if draws is None else np.concatenate([idx, draws.reshape(-1)])
+        buf = torch.from_numpy(host)
+        if device is not None and torch.device(device) != buf.device:
+            buf = buf.to(device)
+        flat = buf[:total]
+        clients, layout, start = [], {}, 0
+        for c in ids:
+            n = len(self.client_indices[c])
+            batches = [
+                b for e in range(local_epochs)
+                for b in flat[start + e * n:start + (e + 1) * n].split(batch_size)
+            ]
+            clients.append(ClientPlan(client_id=c, num_samples=n, batches=batches))
+            layout[c] = (start, n, -(-n // batch_size))
+            start += n * local_epochs
+        transform = None
+        if draws is not None:
+            transform = RoundAugmentation(
+                self, round_idx, buf[total:].view(total, 5), layout, batch_size
+            )
         return RoundPlan(
             round=round_idx, clients=clients, transform=transform,
             num_clients=self.num_clients, total_samples=sum(self.client_sizes),
         )
+
+
+class _Slices(Dataset):
+    """Consecutive slices ``x[i*b:(i+1)*b]`` of tensors as a dataset of batches (no collation
+    and no copy: the tensors already sit on the evaluation device)."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[part], self.y[part]
+
+
+class RoundAugmentation:
+    """The training augmentation of one round, with its draws already on the device.
+
+    ``transform(x, round, client_id, step)`` augments one client's batch at one local step
+    (the :data:`~fl_lightning.engine.BatchTransform` protocol); :meth:`many` augments the
+    stacked batches ``(K, B, C, H, W)`` of several clients at the same step in one call (the
+    batched engine uses it). The draws of the plan's ``(client, step)`` are slices of the
+    round's device tensor; any other ``(round, client, step)`` falls back to
+    :meth:`FederatedDataModule.augment_batch`, which gives the same values.
+
+    Attributes:
+        round: the round the draws were made for.
+        draws: ``(T, 5)`` integer draws, row ``t`` for entry ``t`` of the round's index plan.
+        layout: ``client_id -> (start, num_samples, steps_per_epoch)`` in the index plan.
+    """
+
+    def __init__(self, datamodule: FederatedDataModule, round_idx: int, draws: Tensor,
+                 layout: dict[int, tuple[int, int, int]], batch_size: int) -> None:
+        self.datamodule = datamodule
+        self.augmentation = datamodule.augmentation
+        self.round = round_idx
+        self.draws = draws
+        self.layout = layout
+        self.batch_size = batch_size
+
+    def step_draws(self, client_id: int, step: int, size: int) -> Tensor | None:
+        """The ``(size, 5)`` draws of the client's batch at ``step`` (``None`` if not planned)."""
+        where = self.layout.get(client_id)
+        if where is None:
+            return None
+        start, n, per_epoch = where
+        epoch, chunk = divmod(step, per_epoch)
+        begin = start + epoch * n + chunk * self.batch_size
+        if size != min(self.batch_size, n - chunk * self.batch_size):
+            return None
+        return self.draws[begin:begin + size]
+
+    def __call__(self, x: Tensor, round_idx: int, client_id: int, step: int) -> Tensor:
+        draws = self.step_draws(client_id, step, len(x)) if round_idx == self.round else None
+        if draws is None or draws.device != x.device:
+            return self.datamodule.augment_batch(x, round_idx, client_id, step)
+        return self.augmentation(x, draws)
+
+    def many(self, x: Tensor, round_idx: int, client_ids: list[int], step: int) -> Tensor:
+        """Augment ``x`` ``(K, B, C, H, W)``, row ``k`` being client ``client_ids[k]``'s batch."""
+        parts = [self.step_draws(c, step, x.shape[1]) if round_idx == self.round else None
+                 for c in client_ids]
+        if any(p is None or p.device != x.device for p in parts):
+            return torch.stack([self(x[k], round_idx, c, step) for k, c in enumerate(client_ids)])
+        draws = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return self.augmentation(x.flatten(0, 1), draws).view(x.shape)

@@ -17,6 +17,7 @@ from fl_lightning.engine import (
     SequentialEngine,
     batch_statistics_only,
     running_stats_step,
+    sgd_step,
     tracked_batchnorms,
 )
 from fl_lightning.errors import ConfigError
@@ -217,7 +218,6 @@ class BatchedEngine(SequentialEngine):
         frozen = algorithm.frozen(ctx)
         names = [k for k in global_params if k not in frozen]
         count = len(clients)
-        device = next(iter(global_params.values())).device
         stacked = {
             k: v.detach().unsqueeze(0).expand(count, *v.shape).clone()
             for k, v in global_params.items()
@@ -229,8 +229,9 @@ class BatchedEngine(SequentialEngine):
              for k, v in buffers.items()} if norms else {}
         )
         step_fn, stats_fn = self._step_fn(algorithm, ctx, state, net)
-        rows: dict[tuple[int, ...], Tensor] = {}
-        losses: list[list[Tensor]] = [[] for _ in clients]
+        device = next(iter(global_params.values())).device
+        rows: dict[tuple[int, ...], Tensor] = {}  # the index tensor of each set of rows, once
+        losses: list[Tensor | None] = [None]  # the running sum of every client's batch losses
         for step in range(max(len(c.batches) for c in clients)):
             ctx.step = step
             for members in _groups(clients, step):
@@ -242,18 +243,21 @@ class BatchedEngine(SequentialEngine):
                     sel = rows[key]
                 x, y = _stack_batches(clients, members, step, x_all, y_all, plan)
                 self._update(
-                    step_fn, stats_fn, norms, stacked, bufs, stats, names, state, sel, x, y,
-                    lr, momentum, weight_decay, losses, members,
+                    step_fn, stats_fn, norms, stacked, bufs, stats, names, state, sel, count,
+                    x, y, lr, momentum, weight_decay, losses, step,
                 )
+        steps = [len(c.batches) for c in clients]
+        if losses[0] is None:
+            mean_losses = [torch.full((), float("nan"))] * count
+        else:
+            mean_losses = list((losses[0] / losses[0].new_tensor(steps)).unbind())
         results = []
         for i, client in enumerate(clients):
-            mean_loss = (
-                torch.stack(losses[i]).mean() if losses[i] else torch.full((), float("nan"))
-            )
+            mean_loss = mean_losses[i] if steps[i] else torch.full((), float("nan"))
             result = ClientResult(
                 client_id=client.client_id,
                 num_samples=client.num_samples,
-                params={k: v[i] for k, v in stacked.items()},
+                params={k: v[i].contiguous() for k, v in stacked.items()},
                 num_steps=len(client.batches),
                 loss=mean_loss,
                 buffers={k: v[i] for k, v in stats.items()},
@@ -264,15 +268,40 @@ class BatchedEngine(SequentialEngine):
 
     def _step_fn(self, algorithm: Algorithm, ctx: LocalContext, state: StackedState,
                  net: nn.Module):
-        def one(params: Params, batched: tuple[Tensor, ...], x: Tensor, y: Tensor):
-            local = dataclasses.replace(ctx, state=state.unpack(batched))
-            return algorithm.direction(params, x, y, local)
+        """The vmapped step ``(params, state rows, x, y) -> (directions, losses)`` and the
+        vmapped running-statistics update ``(params, buffers, x) -> buffers``."""
 
         def stats(params: Params, buffers: Params, x: Tensor) -> Params:
             return running_stats_step(net, params, buffers, x)
 
-        fn = torch.vmap(one, in_dims=(0, 0, 0, 0), randomness=self.randomness)
         stats_fn = torch.vmap(stats, in_dims=(0, 0, 0), randomness=self.randomness)
+        cls = type(algorithm)
+        if (cls.direction is Algorithm.direction and cls.task_grad is Algorithm.task_grad
+                and not self.compile and not state.batched):
+            # The direction is the task gradient: vmap only the loss and take every client's
+            # gradient with one ordinary backward of the sum of the K losses (client k's
+            # weights reach only loss k, so the gradient w.r.t. them is that of loss k).
+            losses = torch.vmap(lambda p, x, y: algorithm.task_loss(ctx, p, x, y),
+                                randomness=self.randomness)
+
+            def task_gradients(params: Params, batched: tuple[Tensor, ...], x: Tensor,
+                               y: Tensor) -> tuple[Params, Tensor]:
+                names = list(params)
+                leaves = [params[k].detach().requires_grad_(True) for k in names]
+                loss = losses(dict(zip(names, leaves, strict=True)), x, y)
+                grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+                return {
+                    k: (g if g is not None else torch.zeros_like(v))
+                    for k, g, v in zip(names, grads, leaves, strict=True)
+                }, loss.detach()
+
+            return task_gradients, stats_fn
+
+        def one(params: Params, batched: tuple[Tensor, ...], x: Tensor, y: Tensor):
+            local = dataclasses.replace(ctx, state=state.unpack(batched))
+            return algorithm.direction(params, x, y, local)
+
+        fn = torch.vmap(one, in_dims=(0, 0, 0, 0), randomness=self.randomness)
         if self.compile:
             fn = torch.compile(fn, dynamic=False)
         return fn, stats_fn
@@ -282,8 +311,8 @@ class BatchedEngine(SequentialEngine):
     def _update(
         step_fn, stats_fn, norms: list[nn.Module], stacked: Params,
         bufs: list[Tensor] | None, stats: Params, names: list[str], state: StackedState,
-        sel: Tensor | None, x: Tensor, y: Tensor, lr: float, momentum: float,
-        weight_decay: float, losses: list[list[Tensor]], members: list[int],
+        sel: Tensor | None, count: int, x: Tensor, y: Tensor, lr: float, momentum: float,
+        weight_decay: float, losses: list[Tensor | None], step: int = 0,
     ) -> None:
         everyone = sel is None
         params = stacked if everyone else {k: v[sel] for k, v in stacked.items()}
@@ -298,25 +327,50 @@ class BatchedEngine(SequentialEngine):
                     stats[k].copy_(v)
                 else:
                     stats[k][sel] = v
+        if everyone:
+            _match_layout(stacked, bufs, names, direction)
+            params = stacked
         values = [params[k] for k in names]
-        grads = [direction[k] for k in names]
-        if weight_decay != 0.0:
-            grads = torch._foreach_add(grads, values, alpha=weight_decay)
-        if bufs is not None:
+        active = None
+        if bufs is not None and step > 0:  # every client takes its first step at step 0
             active = bufs if everyone else [b[sel] for b in bufs]
-            torch._foreach_mul_(active, momentum)
-            torch._foreach_add_(active, grads)
-            grads = active
-            if not everyone:
-                for b, new in zip(bufs, active, strict=True):
-                    b[sel] = new
-        torch._foreach_add_(values, grads, alpha=-lr)
+        new = sgd_step(values, [direction[k] for k in names], active, lr, momentum,
+                       weight_decay)
+        if bufs is not None and (step == 0 or not everyone):
+            for b, rows in zip(bufs, new, strict=True):
+                if everyone:
+                    b.copy_(rows)
+                else:
+                    b[sel] = rows
         if not everyone:
-            for k, new in zip(names, values, strict=True):
-                stacked[k][sel] = new
+            for k, rows in zip(names, values, strict=True):
+                stacked[k][sel] = rows
         loss = loss.detach()
-        for j, i in enumerate(members):
-            losses[i].append(loss[j])
+        if losses[0] is None:
+            losses[0] = loss.new_zeros(count)
+        if everyone:
+            losses[0].add_(loss)
+        else:
+            losses[0].index_add_(0, sel, loss)
+
+
+def _match_layout(
+    stacked: Params, bufs: list[Tensor] | None, names: list[str], direction: Params
+) -> None:
+    """Store each stacked weight (and its momentum buffer) in the memory layout of its
+    direction, once per round: a gradient taken through a vmapped ``linear`` comes out
+    transposed, and an update of a contiguous tensor by a transposed one is a slow strided
+    pass (about 10x the contiguous one for MLP2NN on a CPU). The values do not change."""
+    for j, k in enumerate(names):
+        d, w = direction[k], stacked[k]
+        if d.shape != w.shape or d.stride() == w.stride():
+            continue
+        stacked[k] = torch.empty_strided(d.shape, d.stride(), dtype=w.dtype,
+                                         device=w.device).copy_(w)
+        if bufs is not None:
+            b = bufs[j]
+            bufs[j] = torch.empty_strided(d.shape, d.stride(), dtype=b.dtype,
+                                          device=b.device).copy_(b)
 
 
 def _groups(clients: list[ClientPlan], step: int) -> list[list[int]]:
@@ -334,13 +388,13 @@ def _stack_batches(
 ) -> tuple[Tensor, Tensor]:
     """The group's batches at ``step`` as ``(K, B, ...)`` inputs and ``(K, B)`` labels."""
     transform: BatchTransform | None = plan.transform
-    xs, ys = [], []
-    for i in members:
-        client = clients[i]
-        idx = client.batches[step].to(x_all.device, non_blocking=True)
-        x = x_all[idx]
-        if transform is not None:
-            x = transform(x, plan.round, client.client_id, step)
-        xs.append(x)
-        ys.append(y_all[idx])
-    return torch.stack(xs), torch.stack(ys)
+    idx = torch.stack([clients[i].batches[step] for i in members]).to(x_all.device)
+    x, y = x_all[idx], y_all[idx]
+    if transform is not None:
+        ids = [clients[i].client_id for i in members]
+        many = getattr(transform, "many", None)
+        if callable(many):  # the data module's: one call for the whole group
+            x = many(x, plan.round, ids, step)
+        else:
+            x = torch.stack([transform(x[j], plan.round, c, step) for j, c in enumerate(ids)])
+    return x, y
