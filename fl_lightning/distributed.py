@@ -66,9 +66,9 @@ def check_distributed(algorithm: Algorithm, world_size: int) -> None:
     if world_size <= 1:
         return
     name = type(algorithm).__name__
-    if algorithm.keeps_client_state():
+    if algorithm.client_state:
         why = "it keeps per-client state, which would be split across ranks"
-    elif not algorithm.mean_server_rule():
+    elif algorithm.server_rule != "mean":
         why = "its server rule is not the weighted average that one all-reduce computes"
     else:
         return

@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fl_lightning.algorithms.base import ClientResult
+from fl_lightning.algorithms.base import ClientResult, finish_round
 from fl_lightning.distributed import allreduce_average, local_plan
-from fl_lightning.engine import stack_losses
+from fl_lightning.engine import average_buffers, stack_losses
 from fl_lightning.hooks import RoundResult
 
 if TYPE_CHECKING:
@@ -42,7 +42,9 @@ class RoundLoop:
        on at each local step (pure functions of the seed, the round and the client);
     2. the client engine trains them from the current global weights with the algorithm's
        local update direction and a fresh local SGD optimizer;
-    3. the algorithm's server rule aggregates the client weights;
+    3. clients whose update is not finite are handled by ``on_nonfinite``; the others' new
+       state is committed (:meth:`Algorithm.commit_client`) and the algorithm's server rule
+       aggregates their results (weights and extras);
     4. the server optimizer steps on the pseudo-gradient ``w_global - aggregate`` (plain SGD
        with learning rate 1 is FedAvg's averaging; momentum gives FedAvgM, Adam FedAdam);
     5. ``on_round_end`` hooks receive a :class:`~fl_lightning.hooks.RoundResult`.
@@ -85,13 +87,21 @@ class RoundLoop:
             results, skipped = self._drop_diverged(results, round_idx, num_bad, num_all, finite)
         else:
             results, skipped = self._drop_diverged(results, round_idx, finite=finite)
+            # only the kept clients' new state is committed: a skipped client leaves no trace
             if info is not None:
+                for r in results:
+                    module.algorithm.commit_client(r)
                 aggregate = systems.aggregate(
-                    module.algorithm, global_before, results, info, dm.num_clients
+                    module.algorithm, global_before, results, info, dm.num_clients,
+                    plan.total_samples,
                 )
             else:
-                aggregate = module.algorithm.aggregate(global_before, results)
+                aggregate = finish_round(
+                    module.algorithm, global_before, results, num_clients=plan.num_clients,
+                    total_samples=plan.total_samples,
+                )
         module.server_update(aggregate)
+        average_buffers(net, results)  # BatchNorm running statistics, kept per client
         global_after = {k: p.detach().clone() for k, p in net.named_parameters()}
         result = RoundResult(
             round=round_idx,

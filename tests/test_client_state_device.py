@@ -28,13 +28,14 @@ def test_scaffold_keeps_2000_clients_c_i_on_the_state_device():
         local = {k: v - 0.01 * torch.randn(v.shape, generator=gen) for k, v in gp.items()}
         result = ClientResult(cid, 10, local, num_steps=5, loss=torch.zeros(()))
         algo.client_end(ctx, result)
+        algo.commit_client(result)
         results.append(result)
     assert len(algo.clients) == NUM_CLIENTS
     stored = algo.state_dict()["clients"]["clients"]
     assert sorted(stored) == list(range(NUM_CLIENTS))
-    assert {v.device.type for c in stored.values() for v in c.values()} == {"meta"}
-    assert {v.shape for v in stored[1999].values()} == {v.shape for v in gp.values()}
-    algo.aggregate(gp, results)
+    assert {v.device.type for c in stored.values() for v in c["c_i"].values()} == {"meta"}
+    assert {v.shape for v in stored[1999]["c_i"].values()} == {v.shape for v in gp.values()}
+    algo.aggregate(gp, results, num_clients=NUM_CLIENTS)
     # c <- c + (|S|/N) mean(c_i+ - c_i) with c_i = c = 0: mean of (w_g - w_i) / (K lr)
     assert all(v.device.type == "cpu" for v in algo.c.values())
     expected = torch.stack([(gp["head.bias"] - r.params["head.bias"]) / (5 * 0.01)
@@ -48,7 +49,8 @@ def test_state_device_unset_keeps_state_with_the_model():
     algo = SCAFFOLD()
     ctx = context(net, gp)
     algo.client_begin(ctx)
-    algo.client_end(ctx, ClientResult(0, 10, {k: v + 1 for k, v in gp.items()}, 5,
-                                      torch.zeros(())))
-    [c_i] = algo.state_dict()["clients"]["clients"].values()
-    assert {(v.device.type, v.dtype) for v in c_i.values()} == {("cpu", torch.float64)}
+    result = ClientResult(0, 10, {k: v + 1 for k, v in gp.items()}, 5, torch.zeros(()))
+    algo.client_end(ctx, result)
+    algo.commit_client(result)
+    [state] = algo.state_dict()["clients"]["clients"].values()
+    assert {(v.device.type, v.dtype) for v in state["c_i"].values()} == {("cpu", torch.float64)}

@@ -58,7 +58,8 @@ def test_local_plans_cover_the_round_once():
     [
         (SCAFFOLD(), "per-client state"),
         (FedDyn(), "per-client state"),
-        (FedNova(), "per-client state"),
+        (FedNova(), "server rule"),  # tau_i travels in the result's extras: no state
+        (FedNova(ccvr=True), "per-client state"),
         (FedSoL(proximal=SCAFFOLD()), "per-client state"),
     ],
 )

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fl_lightning.algorithms import SCAFFOLD, FedAvg, FedDyn, FedNova, FedProx
+from fl_lightning.algorithms.base import finish_round
 from fl_lightning.engine import ClientPlan, RoundPlan, SequentialEngine
 
 D, K_CLIENTS, ROWS = 5, 4, 8
@@ -53,7 +54,8 @@ def run(algo, net, x, y, rounds, steps, lr, momentum=0.0, steps_per_client=None)
             clients.append(ClientPlan(k, ROWS, [idx] * n))
         plan = RoundPlan(r, clients, num_clients=K_CLIENTS, total_samples=K_CLIENTS * ROWS)
         res = engine.run_round(algo, net, w, {}, plan, (x, y), lr, momentum, 0.0)
-        w = algo.aggregate(w, res)
+        w = finish_round(algo, w, res, num_clients=plan.num_clients,
+                         total_samples=plan.total_samples)
     return w["weight"].reshape(-1)
 
 

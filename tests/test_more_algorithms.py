@@ -54,7 +54,10 @@ def _round(algo, net, gp, x, y, client_batches, lr=LR, momentum=MOM, wd=WD, num_
     # client c has 10 + c samples (its aggregation weight)
     clients = [ClientPlan(c, 10 + c, b) for c, b in client_batches.items()]
     plan = RoundPlan(0, clients, num_clients=num_clients, total_samples=None)
-    return SequentialEngine().run_round(algo, net, gp, {}, plan, (x, y), lr, momentum, wd)
+    results = SequentialEngine().run_round(algo, net, gp, {}, plan, (x, y), lr, momentum, wd)
+    for r in results:  # the round loop commits the kept clients' new state
+        algo.commit_client(r)
+    return results
 
 
 def _ref_train(net, batches, x, y, loss_fn, grad_fn=None, lr=LR, momentum=MOM, wd=WD):
@@ -76,7 +79,7 @@ def test_scaffold_client_and_server_match_reference():
     algo = SCAFFOLD()
     c, c_i = _rand_like(gp, 1), _rand_like(gp, 2)
     algo.c = {k: v.clone() for k, v in c.items()}
-    algo.clients.put(3, c_i)
+    algo.clients.put(3, {"c_i": c_i})
     [res] = _round(algo, global_net, gp, x, y, {3: batches}, num_clients=10)
     ref = _ref_train(copy.deepcopy(global_net), batches, x, y,
                      lambda m, xb, yb: F.cross_entropy(m(xb), yb),
@@ -85,9 +88,9 @@ def test_scaffold_client_and_server_match_reference():
     k_eff = effective_steps(len(batches), MOM)
     assert k_eff == pytest.approx(sum(sum(MOM**j for j in range(t + 1)) for t in range(8)))
     c_plus = {k: c_i[k] - c[k] + (gp[k] - ref[k]) / (k_eff * LR) for k in gp}
-    stored = algo.clients.get(3, dict)
+    stored = algo.clients.get(3, dict)["c_i"]
     assert _max_diff(stored, c_plus) < 1e-10
-    algo.aggregate(gp, [res])
+    algo.aggregate(gp, [res], num_clients=10)
     assert _max_diff(algo.c, {k: c[k] + 0.1 * (c_plus[k] - c_i[k]) for k in c}) < 1e-10
 
 
@@ -97,7 +100,7 @@ def test_feddyn_client_and_server_match_reference():
     alpha = 0.3
     h_i = _rand_like(gp, 3, 0.05)
     algo = FedDyn(alpha=alpha)
-    algo.clients.put(0, h_i)
+    algo.clients.put(0, {"h_i": h_i})
     b0, b1 = list(torch.arange(20).split(10)), list(torch.arange(20, 40).split(10)) * 2
     res = _round(algo, global_net, gp, x, y, {0: b0, 1: b1}, num_clients=5)
 
@@ -113,9 +116,9 @@ def test_feddyn_client_and_server_match_reference():
     ref1 = _ref_train(copy.deepcopy(global_net), b1, x, y,
                       dyn_loss({k: torch.zeros_like(v) for k, v in gp.items()}))
     assert _max_diff(res[0].params, ref0) < 1e-10 and _max_diff(res[1].params, ref1) < 1e-10
-    assert _max_diff(algo.clients.get(0, dict),
+    assert _max_diff(algo.clients.get(0, dict)["h_i"],
                      {k: h_i[k] - alpha * (ref0[k] - gp[k]) for k in gp}) < 1e-10
-    new = algo.aggregate(gp, res)
+    new = algo.aggregate(gp, res, num_clients=5)
     h = {k: -(alpha / 5) * ((ref0[k] - gp[k]) + (ref1[k] - gp[k])) for k in gp}
     # sizes 10 and 11 (see _round); the weights are computed in float32 as in FedAvg
     p0, p1 = (torch.tensor([10.0, 11.0]) / 21.0).tolist()
@@ -127,7 +130,7 @@ def test_fednova_ccvr_direction_and_server_state():
     gp = _params(global_net)
     algo = FedNova(ccvr=True, ccvr_server_update=False)  # the official code: d stays 0
     d_i = _rand_like(gp, 4)
-    algo.clients.put(2, d_i)
+    algo.clients.put(2, {"d_i": d_i})
     batches = list(torch.arange(40).split(10))
     [res] = _round(algo, global_net, gp, x, y, {2: batches})
     ref = _ref_train(copy.deepcopy(global_net), batches, x, y,
@@ -135,7 +138,7 @@ def test_fednova_ccvr_direction_and_server_state():
     assert _max_diff(res.params, ref) < 1e-10
     a = effective_steps(4, MOM)
     d_new = {k: (gp[k] - ref[k]) / (LR * a) for k in gp}
-    assert _max_diff(algo.clients.get(2, dict), d_new) < 1e-10
+    assert _max_diff(algo.clients.get(2, dict)["d_i"], d_new) < 1e-10
 
 
 def test_moon_matches_reference():
@@ -150,7 +153,7 @@ def test_moon_matches_reference():
     y = torch.randint(0, 4, (30,), generator=g)
     gp = _params(global_net)
     algo = MOON(mu=0.7, tau=0.5)
-    algo.clients.put(0, _params(prev_net))
+    algo.clients.put(0, {"prev": _params(prev_net)})
     batches = list(torch.arange(30).split(10)) * 2
     [res] = _round(algo, global_net, gp, x, y, {0: batches})
     sim = nn.CosineSimilarity(dim=-1)
@@ -165,7 +168,7 @@ def test_moon_matches_reference():
 
     ref = _ref_train(copy.deepcopy(global_net), batches, x, y, loss)
     assert _max_diff(res.params, ref) < 1e-10
-    assert _max_diff(algo.clients.get(0, dict), res.params) == 0.0  # the new previous model
+    assert _max_diff(algo.clients.get(0, dict)["prev"], res.params) == 0.0  # the new previous model
 
 
 def test_moon_first_previous_is_the_initial_model():
@@ -270,7 +273,7 @@ def test_fedsol_with_scaffold_source_keeps_scaffold_state():
     gp = _params(global_net)
     algo = FedSoL(proximal=SCAFFOLD())
     res = _round(algo, global_net, gp, x, y, {0: list(torch.arange(40).split(10))}, num_clients=4)
-    algo.aggregate(gp, res)
+    algo.aggregate(gp, res, num_clients=4)
     state = algo.state_dict()
     assert 0 in state["clients"]["clients"] and state["c"] is not None
     assert float(sum(v.abs().sum() for v in state["c"].values())) > 0
@@ -317,7 +320,7 @@ def test_client_state_round_trips_through_state_dict(make):
     b = {0: list(torch.arange(20).split(10)), 1: list(torch.arange(20, 40).split(10))}
     a1 = make()
     gp = _params(net)
-    gp = a1.aggregate(gp, _round(a1, net, gp, x, y, b, num_clients=4))
+    gp = a1.aggregate(gp, _round(a1, net, gp, x, y, b, num_clients=4), num_clients=4)
     a2 = make()
     a2.load_state_dict(copy.deepcopy(a1.state_dict()))
     assert len(a2.clients) == 2
@@ -325,7 +328,8 @@ def test_client_state_round_trips_through_state_dict(make):
     r2 = _round(a2, net, gp, x, y, b, num_clients=4)
     assert all(torch.equal(p.params[k], q.params[k]) for p, q in zip(r1, r2, strict=True)
                for k in gp)
-    assert all(v.device.type == "cpu" for c in a1.clients._clients.values() for v in c.values())
+    assert all(v.device.type == "cpu" for c in a1.clients._clients.values()
+               for e in c.values() for v in e.values())
 
 
 @pytest.mark.parametrize("make,option", [

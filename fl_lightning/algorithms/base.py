@@ -37,7 +37,9 @@ __all__ = [
     "Params",
     "check_nonnegative",
     "check_positive",
+    "finish_round",
     "head_parameter_names",
+    "weighted_mean",
 ]
 
 Params = dict[str, Tensor]
@@ -114,6 +116,16 @@ class ClientResult:
         params: the client's weights after local training.
         num_steps: local steps taken.
         loss: mean training loss over the local steps (a 0-d tensor).
+        state: the client's new persistent state after this round, one ``Params`` dict per
+            entry the algorithm declares in :attr:`Algorithm.client_state` (e.g.
+            ``{"c_i": ...}`` for SCAFFOLD). Filled by :meth:`Algorithm.client_end`; the round
+            loop stores it with :meth:`Algorithm.commit_client` only if the client is kept.
+        extras: what the client sends the server besides its weights (SCAFFOLD's
+            ``delta_c``, FedDyn's ``move``, FedNova's ``a`` and ``d_i``); the server rule
+            :meth:`Algorithm.aggregate` reads it.
+        buffers: the client's module buffers after local training (BatchNorm running
+            statistics, kept per client; empty for models without them); the round loop sets
+            the global buffers to their data-size weighted mean.
     """
 
     client_id: int
@@ -121,6 +133,9 @@ class ClientResult:
     params: Params
     num_steps: int
     loss: Tensor
+    state: dict[str, Params] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    buffers: Params = field(default_factory=dict)
 
 
 def check_nonnegative(name: str, value: float, option: str) -> float:
@@ -168,15 +183,35 @@ class Algorithm:
     ``w_avg = sum_k n_k w_k / sum_k n_k`` over the clients sampled this round.
 
     Subclasses override :meth:`direction` (the local update direction), optionally
-    :meth:`client_begin` / :meth:`client_end` (client state) and :meth:`aggregate` (server rule).
+    :meth:`client_begin` / :meth:`client_end` (client state) and :meth:`aggregate` (server rule),
+    and declare what they need in three class attributes (an instance may override them in
+    ``__init__``, as FedSoL does with its proximal source's):
+
+    Attributes:
+        client_state: names of the per-client state entries kept between rounds (SCAFFOLD:
+            ``("c_i",)``); empty when clients are stateless.
+        server_rule: ``"mean"`` when :meth:`aggregate` is the data-size weighted mean of the
+            client weights (DDP computes it as one flat all-reduce; robust aggregators, DP and
+            secure aggregation may replace it); ``"custom"`` when it needs more (the extras).
+        batchable: whether the batched engine (``torch.vmap`` over clients) can run it.
+
+    The life of a client in a round: :meth:`client_begin` reads its stored state into
+    ``ctx.state``; the engine calls :meth:`direction` at every local step;
+    :meth:`client_end` writes the new state and the server-bound extras into the
+    :class:`ClientResult`; the round loop drops diverged clients, calls
+    :meth:`commit_client` for the others, then :meth:`aggregate`. ``client_begin`` and
+    ``client_end`` never change the algorithm, so a skipped client leaves no trace.
 
     Example:
         >>> algo = Algorithm()
-        >>> algo.name
-        'fedavg'
+        >>> algo.name, algo.client_state, algo.server_rule, algo.batchable
+        ('fedavg', (), 'mean', True)
     """
 
     name = "fedavg"
+    client_state: tuple[str, ...] = ()
+    server_rule: str = "mean"
+    batchable: bool = True
 
     def task_loss(self, ctx: LocalContext, params: Params, x: Tensor, y: Tensor) -> Tensor:
         """The client's own objective on a batch: the cross-entropy ``CE(f(w; x), y)``.
@@ -204,37 +239,36 @@ class Algorithm:
         return set()
 
     def client_begin(self, ctx: LocalContext) -> None:
-        """Called before a client's first local step (e.g. to load its state)."""
+        """Called before a client's first local step: read its stored state into ``ctx.state``
+        (never change the algorithm here)."""
 
     def client_end(self, ctx: LocalContext, result: ClientResult) -> None:
-        """Called after a client's last local step (e.g. to update its state)."""
+        """Called after a client's last local step: fill ``result.state`` (the client's new
+        state) and ``result.extras`` (what the server rule needs); never change the
+        algorithm here."""
 
-    def keeps_client_state(self) -> bool:
-        """Whether local training runs per-client logic (:meth:`client_begin` or
-        :meth:`client_end` overridden, e.g. SCAFFOLD's ``c_i``); such algorithms train one
-        client at a time (the batched engine and DDP reject them)."""
-        cls = type(self)
-        return (
-            cls.client_begin is not Algorithm.client_begin
-            or cls.client_end is not Algorithm.client_end
-        )
+    def commit_client(self, result: ClientResult) -> None:
+        """Store ``result.state`` as the client's state; called by the round loop only for
+        clients whose update is kept (finite). Stateful algorithms keep a
+        :class:`~fl_lightning.algorithms.state.ClientStateStore` in ``self.clients``."""
+        if result.state:
+            self.clients.put(result.client_id, result.state)
 
-    def mean_server_rule(self) -> bool:
-        """Whether the server rule is the data-size weighted average (:meth:`aggregate` not
-        overridden); DDP all-reduces such a rule as one flat weighted sum."""
-        return type(self).aggregate is Algorithm.aggregate
+    def aggregate(
+        self,
+        global_params: Params,
+        results: Sequence[ClientResult],
+        *,
+        num_clients: int | None = None,
+        total_samples: int | None = None,
+    ) -> Params:
+        """New global weights from the clients' results: the data-size weighted average.
 
-    def aggregate(self, global_params: Params, results: Sequence[ClientResult]) -> Params:
-        """New global weights from the clients' results: the data-size weighted average."""
-        sizes = torch.tensor([float(r.num_samples) for r in results])
-        weights = (sizes / sizes.sum()).tolist()
-        out: Params = {}
-        for name in global_params:
-            acc = results[0].params[name] * weights[0]
-            for w, r in zip(weights[1:], results[1:], strict=True):
-                acc = acc + r.params[name] * w
-            out[name] = acc
-        return out
+        ``num_clients`` and ``total_samples`` describe the whole population (sampled or not);
+        server rules such as SCAFFOLD's and FedDyn's need them.
+        """
+        del num_clients, total_samples
+        return weighted_mean(global_params, results)
 
     # Client state lives in checkpoints: algorithms with state override these two.
     def state_dict(self) -> dict[str, Any]:
@@ -247,6 +281,36 @@ class Algorithm:
 def in_transform() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ...) is active here."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def finish_round(
+    algorithm: Algorithm,
+    global_params: Params,
+    results: Sequence[ClientResult],
+    *,
+    num_clients: int | None = None,
+    total_samples: int | None = None,
+) -> Params:
+    """The server side of a round without systems mechanisms: commit every client's new state
+    (:meth:`Algorithm.commit_client`), then return the server rule's aggregate."""
+    for r in results:
+        algorithm.commit_client(r)
+    return algorithm.aggregate(
+        global_params, results, num_clients=num_clients, total_samples=total_samples
+    )
+
+
+def weighted_mean(global_params: Params, results: Sequence[ClientResult]) -> Params:
+    """``sum_k n_k w_k / sum_k n_k`` over the results, for every entry of ``global_params``."""
+    sizes = torch.tensor([float(r.num_samples) for r in results])
+    weights = (sizes / sizes.sum()).tolist()
+    out: Params = {}
+    for name in global_params:
+        acc = results[0].params[name] * weights[0]
+        for w, r in zip(weights[1:], results[1:], strict=True):
+            acc = acc + r.params[name] * w
+        out[name] = acc
+    return out
 
 
 def _slot(net: nn.Module, name: str, cache: dict) -> tuple[dict, str]:

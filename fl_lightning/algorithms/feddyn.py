@@ -46,6 +46,9 @@ class FedDyn(Algorithm):
     """
 
     name = "feddyn"
+    client_state = ("h_i",)
+    server_rule = "custom"
+    batchable = True
 
     def __init__(self, alpha: float = 0.1, state_device: str | None = None) -> None:
         self.alpha = check_positive(
@@ -54,16 +57,14 @@ class FedDyn(Algorithm):
         )
         self.clients = ClientStateStore(check_state_device(state_device))
         self.h: Params | None = None
-        self._moves: list[Params] = []
-        self._num_clients: int | None = None
 
     def client_begin(self, ctx: LocalContext) -> None:
         gp = ctx.global_params
         device = next(iter(gp.values())).device
         ctx.state["h_i"] = self.clients.get(
-            ctx.client_id, lambda: {k: torch.zeros_like(v) for k, v in gp.items()}, device
-        )
-        self._num_clients = ctx.num_clients
+            ctx.client_id, lambda: {"h_i": {k: torch.zeros_like(v) for k, v in gp.items()}},
+            device,
+        )["h_i"]
 
     def proximal_gradient(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
@@ -87,20 +88,26 @@ class FedDyn(Algorithm):
     def client_end(self, ctx: LocalContext, result: ClientResult) -> None:
         move = {k: result.params[k] - ctx.global_params[k] for k in result.params}
         h_i = ctx.state["h_i"]
-        self.clients.put(ctx.client_id, {k: h_i[k] - self.alpha * move[k] for k in h_i})
-        self._moves.append(move)
+        result.state["h_i"] = {k: h_i[k] - self.alpha * move[k] for k in h_i}
+        result.extras["move"] = move
 
-    def aggregate(self, global_params: Params, results: Sequence[ClientResult]) -> Params:
+    def aggregate(
+        self,
+        global_params: Params,
+        results: Sequence[ClientResult],
+        *,
+        num_clients: int | None = None,
+        total_samples: int | None = None,
+    ) -> Params:
         avg = super().aggregate(global_params, results)
         if self.h is None:
             self.h = {k: torch.zeros_like(v) for k, v in global_params.items()}
-        n = float(self._num_clients or len(results))
+        n = float(num_clients or len(results))
         for k in self.h:
             h = self.h[k].to(global_params[k].device)
-            for move in self._moves:
-                h = h - (self.alpha / n) * move[k]
+            for r in results:
+                h = h - (self.alpha / n) * r.extras["move"][k]
             self.h[k] = h
-        self._moves = []
         return {k: avg[k] - self.h[k] / self.alpha for k in avg}
 
     def state_dict(self) -> dict[str, Any]:

@@ -45,6 +45,8 @@ class FedNova(Algorithm):
     """
 
     name = "fednova"
+    server_rule = "custom"
+    batchable = True
 
     def __init__(
         self,
@@ -54,11 +56,9 @@ class FedNova(Algorithm):
     ) -> None:
         self.ccvr = bool(ccvr)
         self.ccvr_server_update = bool(ccvr_server_update)
+        self.client_state = ("d_i",) if self.ccvr else ()
         self.clients = ClientStateStore(check_state_device(state_device))
         self.d: Params | None = None
-        self._a: dict[int, float] = {}
-        self._new_d: dict[int, tuple[int, Params]] = {}
-        self._total: int | None = None
 
     def client_begin(self, ctx: LocalContext) -> None:
         if not self.ccvr:
@@ -68,10 +68,10 @@ class FedNova(Algorithm):
         if self.d is None:
             self.d = {k: torch.zeros_like(v) for k, v in gp.items()}
         d_i = self.clients.get(
-            ctx.client_id, lambda: {k: torch.zeros_like(v) for k, v in gp.items()}, device
-        )
+            ctx.client_id, lambda: {"d_i": {k: torch.zeros_like(v) for k, v in gp.items()}},
+            device,
+        )["d_i"]
         ctx.state["c_i"] = {k: self.d[k].to(device) - d_i[k] for k in gp}
-        self._total = ctx.total_samples
 
     def proximal_gradient(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
@@ -97,16 +97,22 @@ class FedNova(Algorithm):
 
     def client_end(self, ctx: LocalContext, result: ClientResult) -> None:
         a_i = effective_steps(result.num_steps, ctx.momentum)
-        self._a[result.client_id] = a_i
+        result.extras["a"] = a_i
         if self.ccvr and a_i * ctx.lr > 0.0:
             inv = 1.0 / (ctx.lr * a_i)
             d_i = {k: (ctx.global_params[k] - result.params[k]) * inv for k in result.params}
-            self.clients.put(ctx.client_id, d_i)
-            self._new_d[result.client_id] = (result.num_samples, d_i)
+            result.state["d_i"] = d_i
+            result.extras["d_i"] = d_i
 
-    def aggregate(self, global_params: Params, results: Sequence[ClientResult]) -> Params:
-        a = [self._a.get(r.client_id, float(r.num_steps)) for r in results]
-        self._a = {}
+    def aggregate(
+        self,
+        global_params: Params,
+        results: Sequence[ClientResult],
+        *,
+        num_clients: int | None = None,
+        total_samples: int | None = None,
+    ) -> Params:
+        a = [float(r.extras.get("a", r.num_steps)) for r in results]
         if any(v <= 0.0 for v in a):  # a client took no step: nothing to normalize
             return super().aggregate(global_params, results)
         sizes = torch.tensor([float(r.num_samples) for r in results])
@@ -118,15 +124,15 @@ class FedNova(Algorithm):
             for pi, ai, r in zip(p, a, results, strict=True):
                 acc = acc + (w - r.params[k]) * (pi / ai)
             out[k] = w - tau_eff * acc
-        if self.ccvr and self.ccvr_server_update and self.d is not None and self._new_d:
-            total = float(self._total or sum(n for n, _ in self._new_d.values()))
-            share = sum(n for n, _ in self._new_d.values()) / total
+        new_d = [(r.num_samples, r.extras["d_i"]) for r in results if "d_i" in r.extras]
+        if self.ccvr and self.ccvr_server_update and self.d is not None and new_d:
+            total = float(total_samples or sum(n for n, _ in new_d))
+            share = sum(n for n, _ in new_d) / total
             for k in self.d:
                 d = self.d[k] * (1.0 - share)
-                for n, d_i in self._new_d.values():
+                for n, d_i in new_d:
                     d = d + (n / total) * d_i[k].to(d.device)
                 self.d[k] = d
-        self._new_d = {}
         return out
 
     def state_dict(self) -> dict[str, Any]:

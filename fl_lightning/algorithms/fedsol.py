@@ -123,6 +123,10 @@ class FedSoL(Algorithm):
                 "'local' (perturb along the local loss, as SAM does)"
             )
         self.proximal = proximal
+        if proximal is not None:  # its client state and server rule are FedSoL's
+            self.client_state = proximal.client_state
+            self.server_rule = proximal.server_rule
+            self.batchable = proximal.batchable
         self.source = source
         self._features: FeatureCaller | None = None
         self.proximal_in_update = check_nonnegative(
@@ -254,19 +258,26 @@ class FedSoL(Algorithm):
         if self.proximal is not None:
             self.proximal.client_end(ctx, result)
 
-    def aggregate(self, global_params: Params, results: Sequence[ClientResult]) -> Params:
+    def commit_client(self, result: ClientResult) -> None:
         if self.proximal is not None:
-            return self.proximal.aggregate(global_params, results)
+            self.proximal.commit_client(result)
+
+    def aggregate(
+        self,
+        global_params: Params,
+        results: Sequence[ClientResult],
+        *,
+        num_clients: int | None = None,
+        total_samples: int | None = None,
+    ) -> Params:
+        if self.proximal is not None:
+            return self.proximal.aggregate(
+                global_params, results, num_clients=num_clients, total_samples=total_samples
+            )
         return super().aggregate(global_params, results)
 
     def frozen(self, ctx: LocalContext) -> set[str]:
         return self.proximal.frozen(ctx) if self.proximal is not None else set()
-
-    def keeps_client_state(self) -> bool:
-        return self.proximal is not None and self.proximal.keeps_client_state()
-
-    def mean_server_rule(self) -> bool:
-        return self.proximal is None or self.proximal.mean_server_rule()
 
     def state_dict(self) -> dict[str, Any]:
         return self.proximal.state_dict() if self.proximal is not None else {}

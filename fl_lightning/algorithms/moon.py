@@ -63,6 +63,8 @@ class MOON(Algorithm):
     """
 
     name = "moon"
+    client_state = ("prev",)
+    batchable = True
 
     def __init__(
         self,
@@ -95,8 +97,8 @@ class MOON(Algorithm):
         device = next(iter(gp.values())).device
         first = self.initial if self.first_previous == "initial" else gp
         ctx.state["prev"] = self.clients.get(
-            ctx.client_id, lambda: {k: v.to(device) for k, v in first.items()}, device
-        )
+            ctx.client_id, lambda: {"prev": {k: v.to(device) for k, v in first.items()}}, device
+        )["prev"]
 
     def _losses(self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext):
         caller = self._features(ctx)
@@ -127,7 +129,7 @@ class MOON(Algorithm):
         return grad_of(total, params, has_aux=True)
 
     def client_end(self, ctx: LocalContext, result: ClientResult) -> None:
-        self.clients.put(ctx.client_id, result.params)
+        result.state["prev"] = result.params
 
     def state_dict(self) -> dict[str, Any]:
         return {"initial": self.initial, "clients": self.clients.state_dict()}

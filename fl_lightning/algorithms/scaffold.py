@@ -67,13 +67,14 @@ class SCAFFOLD(Algorithm):
     """
 
     name = "scaffold"
+    client_state = ("c_i",)
+    server_rule = "custom"
+    batchable = True
 
     def __init__(self, momentum_corrected: bool = True, state_device: str | None = None) -> None:
         self.momentum_corrected = bool(momentum_corrected)
         self.clients = ClientStateStore(check_state_device(state_device))
         self.c: Params | None = None
-        self._deltas: list[Params] = []
-        self._num_clients: int | None = None
 
     def _zeros(self, like: Params) -> Params:
         return {k: torch.zeros_like(v) for k, v in like.items()}
@@ -84,10 +85,9 @@ class SCAFFOLD(Algorithm):
         if self.c is None:
             self.c = self._zeros(gp)
         self.c = {k: v.to(device) for k, v in self.c.items()}
-        c_i = self.clients.get(ctx.client_id, lambda: self._zeros(gp), device)
+        c_i = self.clients.get(ctx.client_id, lambda: {"c_i": self._zeros(gp)}, device)["c_i"]
         ctx.state["c"], ctx.state["c_i"] = self.c, c_i
         ctx.state["correction"] = {k: self.c[k] - c_i[k] for k in gp}
-        self._num_clients = ctx.num_clients
 
     def proximal_gradient(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
@@ -111,23 +111,30 @@ class SCAFFOLD(Algorithm):
         k_eff = effective_steps(steps, ctx.momentum) if self.momentum_corrected else float(steps)
         c, c_i = ctx.state["c"], ctx.state["c_i"]
         if k_eff * ctx.lr <= 0.0:  # no step taken: the client learned nothing about its drift
-            self._deltas.append(self._zeros(c))
+            result.extras["delta_c"] = self._zeros(c)
             return
         inv = 1.0 / (k_eff * ctx.lr)
         c_plus = {
             k: c_i[k] - c[k] + (ctx.global_params[k] - result.params[k]) * inv for k in c_i
         }
-        self._deltas.append({k: c_plus[k] - c_i[k] for k in c_i})
-        self.clients.put(ctx.client_id, c_plus)
+        result.state["c_i"] = c_plus
+        result.extras["delta_c"] = {k: c_plus[k] - c_i[k] for k in c_i}
 
-    def aggregate(self, global_params: Params, results: Sequence[ClientResult]) -> Params:
+    def aggregate(
+        self,
+        global_params: Params,
+        results: Sequence[ClientResult],
+        *,
+        num_clients: int | None = None,
+        total_samples: int | None = None,
+    ) -> Params:
         out = super().aggregate(global_params, results)
-        if self._deltas and self.c is not None:
-            share = len(self._deltas) / float(self._num_clients or len(self._deltas))
+        deltas = [r.extras["delta_c"] for r in results if "delta_c" in r.extras]
+        if deltas and self.c is not None:
+            share = len(deltas) / float(num_clients or len(deltas))
             for k in self.c:
-                mean = torch.stack([d[k] for d in self._deltas]).mean(0)
+                mean = torch.stack([d[k] for d in deltas]).mean(0)
                 self.c[k] = self.c[k] + share * mean
-        self._deltas = []
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -152,19 +152,19 @@ class TopK(Compressor):
         k = max(1, math.ceil(self.ratio * delta.numel()))
         v = delta
         if self.error_feedback:
-            e = self.residuals.get(client_id, lambda: {}, delta.device).get("e")
+            e = self.residuals.get(client_id, lambda: {}, delta.device).get("e", {}).get("flat")
             if e is not None:
                 v = delta + e.to(delta.dtype)
         idx, values = top_k(v, k)
         sent = torch.zeros_like(v)
         sent[idx] = values
         if self.error_feedback:
-            self.residuals.put(client_id, {"e": v - sent})
+            self.residuals.put(client_id, {"e": {"flat": v - sent}})
         return sent, k * (VALUE_BYTES + INDEX_BYTES)
 
     def residual(self, client_id: int) -> Tensor | None:
         """Client ``client_id``'s current residual ``e_k`` (``None`` before its first round)."""
-        return self.residuals.get(client_id, lambda: {}).get("e")
+        return self.residuals.get(client_id, lambda: {}).get("e", {}).get("flat")
 
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": self.residuals.state_dict()}

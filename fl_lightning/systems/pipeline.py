@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, Params
-from fl_lightning.algorithms.fedsol import FedSoL
 from fl_lightning.engine import RoundPlan
 from fl_lightning.errors import ConfigError
 from fl_lightning.systems._common import (
@@ -33,13 +32,9 @@ __all__ = ["RoundSystems", "Systems", "has_weighted_average"]
 
 
 def has_weighted_average(algorithm: Algorithm) -> bool:
-    """Whether the algorithm's server rule is :meth:`Algorithm.aggregate` (the data-size
-    weighted average), possibly through the algorithm it borrows its proximal term from."""
-    inner = getattr(algorithm, "proximal", None)
-    if isinstance(inner, Algorithm):
-        return has_weighted_average(inner)
-    owner = next(c for c in type(algorithm).__mro__ if "aggregate" in c.__dict__)
-    return owner in (Algorithm, FedSoL)  # FedSoL without a proximal source: the weighted mean
+    """Whether the algorithm declares the data-size weighted average as its server rule
+    (``server_rule == "mean"``; FedSoL copies its proximal source's declaration)."""
+    return algorithm.server_rule == "mean"
 
 
 @dataclass
@@ -218,7 +213,7 @@ class Systems:
     # ------------------------------------------------------------------ after training
     def aggregate(
         self, algorithm: Algorithm, global_params: Params, results: Sequence[ClientResult],
-        info: RoundSystems, num_clients: int,
+        info: RoundSystems, num_clients: int, total_samples: int | None = None,
     ) -> Params:
         """The round's aggregate: the clients' (attacked, compressed, clipped, masked) updates
         combined by the server rule, plus DP noise."""
@@ -264,7 +259,9 @@ class Systems:
                     if c else r
                     for r, d, c in zip(results, deltas, changed, strict=True)
                 ]
-            return algorithm.aggregate(global_params, results)
+            return algorithm.aggregate(
+                global_params, results, num_clients=num_clients, total_samples=total_samples
+            )
         if self.privacy is not None:
             weights = torch.ones(len(results), dtype=torch.float64)
         else:
