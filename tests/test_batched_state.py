@@ -259,3 +259,24 @@ def test_dropout_masks_are_drawn_per_client():
     seq = SequentialEngine().run_round(FedAvg(), net, gp, {}, plan, (x, y), 0.1, 0.0, 0.0)
     bat = engine.run_round(FedAvg(), net, gp, {}, plan, (x, y), 0.1, 0.0, 0.0)
     assert _diff(seq[0].params, bat[0].params) < 1e-12
+
+
+def test_stacked_store_rows_gather_scatter_and_checkpoint_format():
+    from fl_lightning.algorithms.state import ClientStateStore
+
+    store = ClientStateStore()
+    for cid in range(20):
+        store.put(cid, {"c_i": {"w": torch.full((3,), float(cid))}})
+    assert store.stacked()["c_i"]["w"].shape == (32, 3)  # one tensor, grown 8 -> 16 -> 32 rows
+    assert store.gather([5, 2, 19])["c_i"]["w"][:, 0].tolist() == [5.0, 2.0, 19.0]
+    store.scatter([2, 30], {"c_i": {"w": torch.stack([torch.zeros(3), torch.ones(3)])}})
+    assert store.get(2, dict)["c_i"]["w"].tolist() == [0.0, 0.0, 0.0]
+    assert 30 in store and len(store) == 21
+    saved = store.state_dict()
+    assert saved["clients"][30]["c_i"]["w"].tolist() == [1.0, 1.0, 1.0]
+    other = ClientStateStore()
+    other.load_state_dict(saved)
+    assert all(torch.equal(other.get(c, dict)["c_i"]["w"], store.get(c, dict)["c_i"]["w"])
+               for c in saved["clients"])
+    with pytest.raises(ValueError, match="same entries"):
+        store.put(1, {"h_i": {"w": torch.zeros(3)}})

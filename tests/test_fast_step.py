@@ -109,7 +109,7 @@ def test_scaffold_direction_is_gradient_plus_the_precomputed_correction():
     algo = SCAFFOLD()
     algo.c = {k: torch.randn_like(v) for k, v in gp.items()}
     c_i = {k: torch.randn_like(v) for k, v in gp.items()}
-    algo.clients.put(0, c_i)
+    algo.clients.put(0, {"c_i": c_i})
     ctx = context(global_net, gp)
     algo.client_begin(ctx)
     direction, _ = algo.direction(params, x, y, ctx)
