@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.distributed import check_distributed
-from fl_lightning.engine import SequentialEngine
+from fl_lightning.engine import SequentialEngine, tracked_batchnorms
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import RoundLoop
 from fl_lightning.models.cnn import FedAvgCNN
@@ -224,6 +224,13 @@ class FederatedModule(pl.LightningModule):
             )
         if self._trainer is not None:
             check_distributed(self.algorithm, self.trainer.world_size)
+            if self.trainer.world_size > 1 and tracked_batchnorms(self.net):
+                raise ConfigError(
+                    f"--trainer.strategy ddp ({self.trainer.world_size} processes) cannot run "
+                    f"--model.net={type(self.net).__name__}: its BatchNorm running statistics "
+                    "are kept per client and would be averaged per rank; run it with "
+                    "--trainer.devices 1"
+                )
         check_engine = getattr(self.engine, "check", None)
         if callable(check_engine):
             check_engine(self.algorithm, self.net)
