@@ -30,14 +30,22 @@ def check_state_device(value: str | None) -> torch.device | None:
         ) from None
 
 
+def _copy_to(t: Tensor, device: torch.device | None) -> Tensor:
+    """A copy of ``t`` on ``device`` (a later write to the store never changes it)."""
+    if device is not None and t.device != device:
+        return t.to(device, non_blocking=True)
+    return t.clone()
+
+
 class ClientStateStore:
     """Every client's state ``{entry: {name: tensor}}``, stacked: one ``(rows, *shape)`` tensor
     per entry and name, one row per client that has state.
 
     A client's first :meth:`put` gives it a row (the tensors grow by doubling); later puts copy
-    into that row. :meth:`get` returns the client's rows as views (moved to ``device`` when the
-    store lives elsewhere); :meth:`gather` / :meth:`scatter` read and write the rows of many
-    clients in one indexed copy per tensor. With ``device`` the store lives there (e.g. ``cpu``
+    into that row. :meth:`get` returns a copy of the client's rows (on ``device``);
+    :meth:`gather` / :meth:`scatter` read and write the rows of many clients
+    in one indexed copy per tensor.
+    With ``device`` the store lives there (e.g. ``cpu``
     to keep a thousand clients' control variates off the accelerator; on a machine with CUDA the
     CPU tensors are pinned, so reading them to the GPU is an asynchronous copy); without it, it
     lives where the first stored state was computed. The store round-trips through
@@ -123,10 +131,7 @@ class ClientStateStore:
         if row is None:
             return default()
         return {
-            entry: {
-                k: v[row].to(device, non_blocking=True) if device is not None else v[row]
-                for k, v in tensors.items()
-            }
+            entry: {k: _copy_to(v[row], device) for k, v in tensors.items()}
             for entry, tensors in self._data.items()
         }
 
