@@ -7,16 +7,28 @@ convention (``d = g + wd * w``; ``b = d`` at the first step, then ``b = m * b + 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
 
-__all__ = ["ClientEngine", "ClientPlan", "RoundPlan", "SequentialEngine", "sgd_step"]
+__all__ = [
+    "ClientEngine",
+    "ClientPlan",
+    "RoundPlan",
+    "SequentialEngine",
+    "average_buffers",
+    "batch_statistics_only",
+    "running_stats_step",
+    "sgd_step",
+    "tracked_batchnorms",
+]
 
 
 @dataclass
@@ -117,6 +129,67 @@ class ClientEngine(Protocol):
         ...
 
 
+
+
+def tracked_batchnorms(net: nn.Module) -> list[nn.Module]:
+    """The BatchNorm modules of ``net`` that keep running statistics."""
+    return [
+        m for m in net.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+@contextmanager
+def batch_statistics_only(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Run ``modules`` (BatchNorms) without touching their running statistics.
+
+    In training mode a BatchNorm normalizes with the statistics of the batch whether it tracks
+    running statistics or not; tracking only adds an in-place update of its buffers, which a
+    ``torch.func`` transform cannot do on a captured tensor. Inside this context the local
+    step's forward passes give the same outputs and leave the buffers alone; the engine then
+    updates each client's own statistics once per local step with :func:`running_stats_step`.
+    """
+    saved = [m.track_running_stats for m in modules]
+    try:
+        for m in modules:
+            m.track_running_stats = False
+        yield
+    finally:
+        for m, flag in zip(modules, saved, strict=True):
+            m.track_running_stats = flag
+
+
+@torch.no_grad()
+def running_stats_step(net: nn.Module, params: Params, buffers: Params, x: Tensor) -> Params:
+    """One client's buffers after a training-mode forward of ``net`` at ``params`` on ``x``.
+
+    This is what ``net(x)`` does to the running statistics in a plain PyTorch loop
+    (``r <- (1 - m) r + m * batch statistic``, ``num_batches_tracked += 1``), applied to copies,
+    so it also runs under ``torch.vmap`` with one set of buffers per client.
+    """
+    fresh = {k: v.clone() for k, v in buffers.items()}
+    functional_call(net, (dict(params), fresh), (x,))
+    return fresh
+
+
+@torch.no_grad()
+def average_buffers(net: nn.Module, results: Sequence[ClientResult]) -> None:
+    """Set ``net``'s buffers to the data-size weighted mean of the clients' (running
+    statistics of BatchNorm), as averaging the clients' ``state_dict`` does; integer buffers
+    (``num_batches_tracked``) get the rounded mean."""
+    kept = [r for r in results if r.buffers]
+    if not kept:
+        return
+    sizes = torch.tensor([float(r.num_samples) for r in kept], dtype=torch.float64)
+    weights = (sizes / sizes.sum()).tolist()
+    for name, buf in net.named_buffers():
+        if name not in kept[0].buffers:
+            continue
+        acc = sum(w * r.buffers[name].to(torch.float64) for w, r in zip(weights, kept,
+                                                                         strict=True))
+        buf.copy_(acc.round() if not buf.is_floating_point() else acc)
+
+
 class SequentialEngine(ClientEngine):
     """Trains the sampled clients one after another (the reference engine; any model).
 
@@ -179,13 +252,20 @@ class SequentialEngine(ClientEngine):
         values = [params[k] for k in names]
         bufs: list[Tensor] | None = None
         losses: list[Tensor] = []
+        norms = tracked_batchnorms(ctx.net)
+        stats = {k: v.clone() for k, v in ctx.buffers.items()} if norms else {}
         for step, idx in enumerate(client.batches):
             ctx.step = step
             idx = idx.to(x_all.device, non_blocking=True)
             x = x_all[idx]
             if transform is not None:
                 x = transform(x, ctx.round, client.client_id, step)
-            direction, loss = algorithm.direction(params, x, y_all[idx], ctx)
+            if norms:
+                with batch_statistics_only(norms):
+                    direction, loss = algorithm.direction(params, x, y_all[idx], ctx)
+                stats = running_stats_step(ctx.net, params, stats, x)
+            else:
+                direction, loss = algorithm.direction(params, x, y_all[idx], ctx)
             bufs = sgd_step(
                 values, [direction[k] for k in names], bufs, ctx.lr, momentum, weight_decay
             )
@@ -197,6 +277,7 @@ class SequentialEngine(ClientEngine):
             params=params,
             num_steps=len(client.batches),
             loss=mean_loss,
+            buffers=stats,
         )
         algorithm.client_end(ctx, result)
         return result

@@ -14,7 +14,7 @@ from fl_lightning.distributed import (
     local_plan,
     rank_shares,
 )
-from fl_lightning.engine import stack_losses
+from fl_lightning.engine import average_buffers, stack_losses
 from fl_lightning.hooks import RoundResult
 
 if TYPE_CHECKING:
@@ -130,6 +130,7 @@ class RoundLoop:
                     total_samples=plan.total_samples,
                 )
         module.server_update(aggregate)
+        average_buffers(net, results)  # BatchNorm running statistics, kept per client
         global_after = {k: p.detach().clone() for k, p in net.named_parameters()}
         result = RoundResult(
             round=round_idx,

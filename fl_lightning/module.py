@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from fl_lightning import plotting
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
-from fl_lightning.engine import ClientEngine, SequentialEngine
+from fl_lightning.engine import ClientEngine, SequentialEngine, tracked_batchnorms
 from fl_lightning.errors import ConfigError
 from fl_lightning.loop import RoundLoop
 from fl_lightning.models.base import FederatedNet
@@ -229,6 +229,15 @@ class FederatedModule(pl.LightningModule):
             raise ConfigError(
                 f"--trainer.precision={precision} is not supported: federated local training "
                 f"runs its own optimizers, use one of {', '.join(SUPPORTED_PRECISION)}"
+            )
+        if self._trainer is not None and self.trainer.world_size > 1 and tracked_batchnorms(
+            self.net
+        ):
+            raise ConfigError(
+                f"--trainer.strategy ddp ({self.trainer.world_size} processes) cannot run "
+                f"--model.net={type(self.net).__name__}: its BatchNorm running statistics are "
+                "kept per client and the all-gather of client results does not carry them yet; "
+                "run it with --trainer.devices 1"
             )
         check_engine = getattr(self.engine, "check", None)
         if callable(check_engine):

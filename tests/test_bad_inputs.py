@@ -94,8 +94,10 @@ BAD_INPUTS = [
      "--model.aggregator"),
     (["--model.algorithm", "fl_lightning.algorithms.FedNova", *DP], "--model.privacy"),
     # client engines
-    (["--model.engine", "fl_lightning.engines.BatchedEngine", "--model.algorithm",
-      "fl_lightning.algorithms.SCAFFOLD"], "--model.engine"),
+    (["--model.engine", "fl_lightning.engines.BatchedEngine", "--model.net",
+      "fl_lightning.models.PflSimpleCNN"], "--model.engine.randomness different"),
+    (["--model.engine", "fl_lightning.engines.BatchedEngine", "--model.engine.randomness",
+      "same"], "--model.engine.randomness"),
     (["--model.engine", "fl_lightning.engines.BatchedEngine", "--model.engine.compile", "2"],
      "--model.engine.compile"),
     # trainer and run options

@@ -156,15 +156,14 @@ class _DropNet(TinyNet):
         self.body.append(nn.Dropout(0.5))
 
 
+class _Unbatchable(FedAvg):
+    batchable = False
+
+
 @pytest.mark.parametrize(
     "algorithm,net,reason",
     [
-        (SCAFFOLD(), TinyNet(), "SCAFFOLD keeps per-client state"),
-        (FedDyn(), TinyNet(), "FedDyn keeps per-client state"),
-        (MOON(), TinyNet(), "MOON keeps per-client state"),
-        (FedNova(), TinyNet(), "FedNova sends per-client extras"),
-        (FedSoL(proximal=SCAFFOLD()), TinyNet(), "FedSoL keeps per-client state"),
-        (FedAvg(), _BNNet(track=True), "BatchNorm 'body.1' tracks running statistics"),
+        (_Unbatchable(), TinyNet(), "_Unbatchable declares batchable = False"),
         (FedAvg(), _DropNet(), "dropout 'body.5' draws random numbers"),
     ],
 )
@@ -174,6 +173,15 @@ def test_batched_engine_rejects_what_it_cannot_run_in_one_line(algorithm, net, r
     message = str(err.value)
     assert reason in message and "--model.engine" in message and "SequentialEngine" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "algorithm", [SCAFFOLD(), FedDyn(), MOON(), FedNova(), FedSoL(proximal=SCAFFOLD())]
+)
+def test_batched_engine_accepts_the_stateful_algorithms_and_batchnorm_statistics(algorithm):
+    assert algorithm.batchable
+    BatchedEngine().check(algorithm, TinyNet())
+    BatchedEngine().check(FedAvg(), _BNNet(track=True))
 
 
 def test_batchnorm_without_running_stats_is_batched_exactly():

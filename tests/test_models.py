@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fl_lightning.algorithms.base import Algorithm, LocalContext, head_parameter_names
-from fl_lightning.models import MLP2NN, VGG11, FedAvgCNN, ResNet18, SLViT
+from fl_lightning.models import MLP2NN, VGG11, FedAvgCNN, PflSimpleCNN, ResNet18, SLViT
 
 CASES = [
     (FedAvgCNN, {}, (1, 28, 28), 1_664_970),
@@ -21,6 +21,8 @@ CASES = [
     (ResNet18, {"norm": "bn"}, (1, 28, 28), 11_173_962),
     (SLViT, {}, (3, 32, 32), 6_176_275),
     (SLViT, {}, (3, 28, 28), 6_132_625),
+    (PflSimpleCNN, {}, (3, 32, 32), 1_626_442),  # pfl-research's simple_cnn: FC 12544 -> 128
+    (PflSimpleCNN, {}, (1, 28, 28), 1_199_882),
 ]
 
 

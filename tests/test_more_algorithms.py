@@ -328,8 +328,8 @@ def test_client_state_round_trips_through_state_dict(make):
     r2 = _round(a2, net, gp, x, y, b, num_clients=4)
     assert all(torch.equal(p.params[k], q.params[k]) for p, q in zip(r1, r2, strict=True)
                for k in gp)
-    assert all(v.device.type == "cpu" for c in a1.clients._clients.values()
-               for e in c.values() for v in e.values())
+    assert all(v.device.type == "cpu" for e in a1.clients.stacked().values()
+               for v in e.values())
 
 
 @pytest.mark.parametrize("make,option", [

@@ -123,6 +123,9 @@ class ClientResult:
         extras: what the client sends the server besides its weights (SCAFFOLD's
             ``delta_c``, FedDyn's ``move``, FedNova's ``a`` and ``d_i``); the server rule
             :meth:`Algorithm.aggregate` reads it.
+        buffers: the client's module buffers after local training (BatchNorm running
+            statistics, kept per client; empty for models without them); the round loop sets
+            the global buffers to their data-size weighted mean.
     """
 
     client_id: int
@@ -132,6 +135,7 @@ class ClientResult:
     loss: Tensor
     state: dict[str, Params] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    buffers: Params = field(default_factory=dict)
 
 
 def check_nonnegative(name: str, value: float, option: str) -> float:

@@ -48,7 +48,7 @@ class FedDyn(Algorithm):
     name = "feddyn"
     client_state = ("h_i",)
     server_rule = "custom"
-    batchable = False
+    batchable = True
 
     def __init__(self, alpha: float = 0.1, state_device: str | None = None) -> None:
         self.alpha = check_positive(

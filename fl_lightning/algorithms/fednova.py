@@ -46,7 +46,7 @@ class FedNova(Algorithm):
 
     name = "fednova"
     server_rule = "custom"
-    batchable = False
+    batchable = True
 
     def __init__(
         self,

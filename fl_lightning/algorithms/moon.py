@@ -64,7 +64,7 @@ class MOON(Algorithm):
 
     name = "moon"
     client_state = ("prev",)
-    batchable = False
+    batchable = True
 
     def __init__(
         self,

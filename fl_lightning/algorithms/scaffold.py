@@ -69,7 +69,7 @@ class SCAFFOLD(Algorithm):
     name = "scaffold"
     client_state = ("c_i",)
     server_rule = "custom"
-    batchable = False
+    batchable = True
 
     def __init__(self, momentum_corrected: bool = True, state_device: str | None = None) -> None:
         self.momentum_corrected = bool(momentum_corrected)

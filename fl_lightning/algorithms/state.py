@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,13 +30,27 @@ def check_state_device(value: str | None) -> torch.device | None:
         ) from None
 
 
-class ClientStateStore:
-    """A dictionary ``client_id -> {entry: {name: tensor}}`` with an optional storage device.
+def _copy_to(t: Tensor, device: torch.device | None) -> Tensor:
+    """A copy of ``t`` on ``device`` (a later write to the store never changes it)."""
+    if device is not None and t.device != device:
+        return t.to(device, non_blocking=True)
+    return t.clone()
 
-    Tensors are moved to ``device`` when stored (e.g. ``cpu`` to keep hundreds of clients'
-    control variates off the accelerator) and to the compute device when read. The store
-    round-trips through :meth:`state_dict` / :meth:`load_state_dict`, which the module puts into
-    Lightning checkpoints.
+
+class ClientStateStore:
+    """Every client's state ``{entry: {name: tensor}}``, stacked: one ``(rows, *shape)`` tensor
+    per entry and name, one row per client that has state.
+
+    A client's first :meth:`put` gives it a row (the tensors grow by doubling); later puts copy
+    into that row. :meth:`get` returns a copy of the client's rows (on ``device``);
+    :meth:`gather` / :meth:`scatter` read and write the rows of many clients
+    in one indexed copy per tensor.
+    With ``device`` the store lives there (e.g. ``cpu``
+    to keep a thousand clients' control variates off the accelerator; on a machine with CUDA the
+    CPU tensors are pinned, so reading them to the GPU is an asynchronous copy); without it, it
+    lives where the first stored state was computed. The store round-trips through
+    :meth:`state_dict` / :meth:`load_state_dict` (one ``{entry: {name: tensor}}`` per client id,
+    independent of the row layout), which the module puts into Lightning checkpoints.
 
     Args:
         device: where stored tensors live; ``None`` keeps them where they were computed.
@@ -48,45 +62,126 @@ class ClientStateStore:
         [1.0, 1.0]
         >>> sorted(store.state_dict()["clients"])
         [3]
+        >>> store.stacked()["c_i"]["w"].shape  # room for more clients, one row used
+        torch.Size([8, 2])
     """
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device
-        self._clients: dict[int, State] = {}
+        self._rows: dict[int, int] = {}
+        self._data: dict[str, dict[str, Tensor]] = {}
 
     def __contains__(self, client_id: int) -> bool:
-        return int(client_id) in self._clients
+        return int(client_id) in self._rows
 
     def __len__(self) -> int:
-        return len(self._clients)
+        return len(self._rows)
 
-    def get(
-        self, client_id: int, default: Callable[[], State], device: torch.device | None = None
-    ) -> State:
-        """The client's state on ``device`` (a fresh ``default()`` if it has none yet)."""
-        stored = self._clients.get(int(client_id))
-        if stored is None:
-            return default()
-        return {
-            entry: {k: v.to(device) if device is not None else v for k, v in tensors.items()}
-            for entry, tensors in stored.items()
-        }
+    def stacked(self) -> dict[str, dict[str, Tensor]]:
+        """The stacked tensors (``entry -> name -> (capacity, *shape)``); rows of clients that
+        never stored state are unused."""
+        return self._data
 
-    def put(self, client_id: int, state: Mapping[str, Mapping[str, Tensor]]) -> None:
-        """Store (a detached copy of) the client's state on the storage device."""
-        self._clients[int(client_id)] = {
+    def _allocate(self, state: Mapping[str, Mapping[str, Tensor]], rows: int) -> None:
+        pin = (self.device is not None and self.device.type == "cpu"
+               and torch.cuda.is_available())
+        self._data = {
             entry: {
-                k: (v.detach().to(self.device, copy=True) if self.device is not None
-                    else v.detach().clone())
+                k: torch.zeros((rows, *v.shape), dtype=v.dtype,
+                               device=self.device if self.device is not None else v.device,
+                               pin_memory=pin)
                 for k, v in tensors.items()
             }
             for entry, tensors in state.items()
         }
 
+    def _row(self, client_id: int, state: Mapping[str, Mapping[str, Tensor]]) -> int:
+        row = self._rows.get(client_id)
+        if row is not None:
+            return row
+        if not self._data:
+            self._allocate(state, 8)
+        capacity = next(iter(next(iter(self._data.values())).values())).shape[0]
+        row = len(self._rows)
+        if row >= capacity:  # grow by doubling
+            old = self._data
+            self._allocate({e: {k: v[0] for k, v in t.items()} for e, t in old.items()},
+                           2 * capacity)
+            for e, tensors in old.items():
+                for k, v in tensors.items():
+                    self._data[e][k][:capacity] = v
+        self._rows[client_id] = row
+        return row
+
+    def _check(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        if self._data and (
+            set(state) != set(self._data)
+            or any(set(state[e]) != set(self._data[e]) for e in state)
+        ):
+            raise ValueError(
+                f"a client's state has entries {sorted(state)} but the store holds "
+                f"{sorted(self._data)}: every client must store the same entries"
+            )
+
+    def get(
+        self, client_id: int, default: Callable[[], State], device: torch.device | None = None
+    ) -> State:
+        """The client's state on ``device`` (a fresh ``default()`` if it has none yet)."""
+        row = self._rows.get(int(client_id))
+        if row is None:
+            return default()
+        return {
+            entry: {k: _copy_to(v[row], device) for k, v in tensors.items()}
+            for entry, tensors in self._data.items()
+        }
+
+    @torch.no_grad()
+    def put(self, client_id: int, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Store (a copy of) the client's state in its row on the storage device."""
+        self._check(state)
+        row = self._row(int(client_id), state)
+        for entry, tensors in state.items():
+            for k, v in tensors.items():
+                self._data[entry][k][row].copy_(v.detach())
+
+    def gather(self, client_ids: Sequence[int], device: torch.device | None = None) -> State:
+        """The stored state of ``client_ids`` (all must have one), stacked along dimension 0,
+        on ``device``: one indexed copy per tensor."""
+        missing = [c for c in client_ids if int(c) not in self._rows]
+        if missing:
+            raise KeyError(f"clients {missing} have no stored state")
+        first = next(iter(next(iter(self._data.values())).values()))
+        rows = torch.tensor([self._rows[int(c)] for c in client_ids], device=first.device)
+        return {
+            entry: {
+                k: (v.index_select(0, rows).to(device, non_blocking=True) if device is not None
+                    else v.index_select(0, rows))
+                for k, v in tensors.items()
+            }
+            for entry, tensors in self._data.items()
+        }
+
+    @torch.no_grad()
+    def scatter(self, client_ids: Sequence[int], stacked: Mapping[str, Mapping[str, Tensor]]):
+        """Store row ``i`` of every ``stacked`` tensor as client ``client_ids[i]``'s state."""
+        self._check(stacked)
+        rows = [self._row(int(c), {e: {k: v[0] for k, v in t.items()}
+                                   for e, t in stacked.items()}) for c in client_ids]
+        for entry, tensors in stacked.items():
+            for k, v in tensors.items():
+                dest = self._data[entry][k]
+                dest.index_copy_(0, torch.tensor(rows, device=dest.device),
+                                 v.detach().to(dest.device))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"clients": {k: dict(v) for k, v in self._clients.items()}}
+        return {
+            "clients": {
+                cid: {e: {k: v[row].clone() for k, v in t.items()} for e, t in self._data.items()}
+                for cid, row in self._rows.items()
+            }
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._clients = {}
+        self._rows, self._data = {}, {}
         for k, v in dict(state.get("clients", {})).items():
             self.put(int(k), v)
