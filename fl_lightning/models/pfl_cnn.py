@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from fl_lightning.models._common import check_input_shape
+from fl_lightning.models.base import FederatedNet
 
 __all__ = ["PflSimpleCNN"]
 
 
-class PflSimpleCNN(nn.Module):
+class PflSimpleCNN(FederatedNet):
     """``Conv(C,32,3) ReLU Conv(32,64,3) ReLU MaxPool2 Dropout(0.25) FC(128) ReLU Dropout(0.5)
     FC(num_classes)``: the CIFAR-10 model of pfl-research's benchmarks (the Keras MNIST CNN).
 
