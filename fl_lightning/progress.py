@@ -99,7 +99,24 @@ class _RoundStats:
         return out
 
 
-class RoundProgressBar(TQDMProgressBar):
+class _NoValidationBatchesInFit:
+    """Progress-bar hooks shared by both round bars: validation during ``fit`` adds no
+    per-batch updates (no nested bar); ``validate`` / ``test`` keep the base bar's."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,  # noqa: D102
+                                  dataloader_idx: int = 0) -> None:
+        if trainer.state.fn != "fit":
+            super().on_validation_batch_start(trainer, pl_module, batch, batch_idx,
+                                              dataloader_idx)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: D102
+                                dataloader_idx: int = 0) -> None:
+        if trainer.state.fn != "fit":
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx,
+                                            dataloader_idx)
+
+
+class RoundProgressBar(_NoValidationBatchesInFit, TQDMProgressBar):
     """A tqdm bar that counts rounds, or one log line per round when not on a terminal.
 
     The bar reads ``round r/R`` with the round's ``clients`` trained, ``skipped`` (non-finite)
@@ -195,18 +212,6 @@ class RoundProgressBar(TQDMProgressBar):
         if trainer.state.fn != "fit":
             super().on_validation_start(trainer, pl_module)
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,  # noqa: D102
-                                  dataloader_idx: int = 0) -> None:
-        if trainer.state.fn != "fit":
-            super().on_validation_batch_start(trainer, pl_module, batch, batch_idx,
-                                              dataloader_idx)
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: D102
-                                dataloader_idx: int = 0) -> None:
-        if trainer.state.fn != "fit":
-            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx,
-                                            dataloader_idx)
-
     def on_sanity_check_start(self, *args: Any) -> None:  # noqa: D102
         return None
 
@@ -219,7 +224,7 @@ class RoundProgressBar(TQDMProgressBar):
         return items
 
 
-class RichRoundProgressBar(RichProgressBar):
+class RichRoundProgressBar(_NoValidationBatchesInFit, RichProgressBar):
     """The rich variant of :class:`RoundProgressBar` (needs ``pip install fl-lightning[rich]``).
 
     Shows ``round r/R`` and the same round numbers as metrics; validation adds no bar.
@@ -260,18 +265,6 @@ class RichRoundProgressBar(RichProgressBar):
         if self.train_progress_bar_id is not None and self.progress is not None:
             self.progress.update(self.train_progress_bar_id, completed=trainer.global_step,
                                  description=self._get_train_description(0))
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,  # noqa: D102
-                                  dataloader_idx: int = 0) -> None:
-        if trainer.state.fn != "fit":
-            super().on_validation_batch_start(trainer, pl_module, batch, batch_idx,
-                                              dataloader_idx)
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,  # noqa: D102
-                                dataloader_idx: int = 0) -> None:
-        if trainer.state.fn != "fit":
-            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx,
-                                            dataloader_idx)
 
     def get_metrics(self, trainer, pl_module) -> dict[str, Any]:  # noqa: D102
         items = super().get_metrics(trainer, pl_module)

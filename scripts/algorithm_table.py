@@ -91,7 +91,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sample-ratio", type=float, default=0.05)
     p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--data-dir", default="/work/shared/data")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
+                   help="the folder holding MNIST (default: $DATA_DIR, else ./data)")
     p.add_argument("--runs", default="runs/algorithm_table")
     p.add_argument("--out", default="docs/results_algorithms_table.md")
     p.add_argument("--only", default="", help="comma-separated row names, run in this order")

@@ -115,7 +115,8 @@ def _shown(cmd: list[str]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data-dir", default="/work/shared/data")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
+                   help="the folder holding MNIST (default: $DATA_DIR, else ./data)")
     p.add_argument("--runs", default="runs/systems")
     p.add_argument("--out", default="docs/systems_tables.md")
     p.add_argument("--only", default="dp,compression,participation,robust",
