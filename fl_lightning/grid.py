@@ -128,9 +128,12 @@ def _versions(folder: str) -> list[int]:
 
 
 def _newest_checkpoint(folder: str) -> str | None:
+    """The cell's checkpoint with the most finished rounds: the periodic ``round=<r>.ckpt`` and
+    the ``preempted-round=<r>.ckpt`` a SIGTERM writes (both name the rounds done)."""
     best, best_round = None, -1
-    for path in glob.glob(os.path.join(folder, "fl", "version_*", "checkpoints", "round=*.ckpt")):
-        m = re.search(r"round=(\d+)\.ckpt$", path)
+    pattern = os.path.join(folder, "fl", "version_*", "checkpoints", "*round=*.ckpt")
+    for path in glob.glob(pattern):
+        m = re.fullmatch(r"(?:preempted-)?round=(\d+)\.ckpt", os.path.basename(path))
         if m and int(m.group(1)) > best_round:
             best, best_round = path, int(m.group(1))
     return best

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fl_lightning.grid import parse_setting, read_curve, summarize
+from fl_lightning.grid import _newest_checkpoint, parse_setting, read_curve, summarize
 
 
 def test_parse_setting_options():
@@ -28,6 +28,20 @@ def test_bad_setting_exits_2(bad, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert bad in err and "DATASET:lda:ALPHA" in err and err.count("\n") == 1
+
+
+def test_resume_picks_the_checkpoint_with_most_rounds_preempted_included(tmp_path):
+    # an interrupted cell holds its periodic checkpoint and the one SIGTERM wrote later
+    ck = tmp_path / "fl" / "version_0" / "checkpoints"
+    ck.mkdir(parents=True)
+    for name in ("round=20.ckpt", "preempted-round=27.ckpt", "round=9.ckpt", "last.ckpt"):
+        (ck / name).write_bytes(b"")
+    assert _newest_checkpoint(str(tmp_path)) == str(ck / "preempted-round=27.ckpt")
+    later = tmp_path / "fl" / "version_1" / "checkpoints"
+    later.mkdir(parents=True)
+    (later / "round=30.ckpt").write_bytes(b"")
+    assert _newest_checkpoint(str(tmp_path)) == str(later / "round=30.ckpt")
+    assert _newest_checkpoint(str(tmp_path / "missing")) is None
 
 
 def test_summarize_mean_sample_std_final_and_best():
