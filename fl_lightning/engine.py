@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
+from fl_lightning.errors import ConfigError
 
 __all__ = [
     "ClientEngine",
@@ -39,11 +40,15 @@ class ClientPlan:
         client_id: the client's id in the partition.
         num_samples: size of its training set (its aggregation weight).
         batches: one tensor of training-set indices per local step, in order.
+        lrs: optional learning rate of every local step (one per batch), replacing the round's
+            learning rate (and ``LocalContext.lr``) step by step, e.g. the per-epoch decay of
+            LocalOnly's fine-tuning; :class:`SequentialEngine` only.
     """
 
     client_id: int
     num_samples: int
     batches: list[Tensor]
+    lrs: list[float] | None = None
 
 
 #: ``transform(x, round, client_id, step) -> x``: batch augmentation applied by the engine.
@@ -245,6 +250,11 @@ class SequentialEngine(ClientEngine):
         weight_decay: float,
         transform: BatchTransform | None = None,
     ) -> ClientResult:
+        if client.lrs is not None and len(client.lrs) != len(client.batches):
+            raise ConfigError(
+                f"client {client.client_id}: {len(client.lrs)} learning rates for "
+                f"{len(client.batches)} local steps: give one per batch"
+            )
         algorithm.client_begin(ctx)
         params = {k: v.detach().clone() for k, v in ctx.global_params.items()}
         frozen = algorithm.frozen(ctx)
@@ -256,6 +266,8 @@ class SequentialEngine(ClientEngine):
         stats = {k: v.clone() for k, v in ctx.buffers.items()} if norms else {}
         for step, idx in enumerate(client.batches):
             ctx.step = step
+            if client.lrs is not None:
+                ctx.lr = float(client.lrs[step])
             idx = idx.to(x_all.device, non_blocking=True)
             x = x_all[idx]
             if transform is not None:

@@ -12,6 +12,13 @@ Methods: ``finetune`` (FedAvg-FT, FedSoL-FT, FedBABU, LocalOnly with ``start="in
 ``perfedavg`` (Per-FedAvg's first-order meta steps as the fine-tuning steps) and ``knn``
 (kNN-Per: fine-tune, then mix the model's logits with a k-nearest-neighbour vote over the
 client's training features).
+
+Fine-tuning batches get the data module's training augmentation (``augment=True``, as the
+official code, which fine-tunes on the client's training loader with its training transforms),
+keyed by the fine-tuning round :data:`FINETUNE_ROUND`, so a fine-tuning run is bit-reproducible
+from the data seed. One SGD optimizer (momentum kept across epochs) runs all epochs of a client;
+``lr_decay`` multiplies its learning rate after every epoch (LocalOnly's official protocol:
+200 epochs from the initial weights at ``0.01 * 0.99^epoch``).
 """
 
 from __future__ import annotations
@@ -29,16 +36,29 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from fl_lightning.algorithms.base import Algorithm, Params
+from fl_lightning.algorithms.base import Algorithm, ClientResult, Params
 from fl_lightning.algorithms.features import FeatureCaller
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.algorithms.perfedavg import PerFedAvg
 from fl_lightning.engine import ClientPlan, RoundPlan, SequentialEngine
 from fl_lightning.errors import ConfigError
 
-__all__ = ["PersonalizedEvaluation", "client_test_indices", "knn_logits", "personalize"]
+__all__ = [
+    "FINETUNE_ROUND",
+    "PersonalizedEvaluation",
+    "client_test_indices",
+    "epoch_learning_rates",
+    "finetune_client",
+    "knn_logits",
+    "personalize",
+]
 
 METHODS = ("finetune", "perfedavg", "knn")
+LR_RULES = ("next_round", "initial")
+
+#: The round index of the fine-tuning data order and augmentation draws: one that no federated
+#: round uses, so fine-tuning sees a fresh, reproducible order.
+FINETUNE_ROUND = 10**9 + 7
 
 
 def client_test_indices(
@@ -89,12 +109,103 @@ def knn_logits(
 @torch.no_grad()
 def _accuracy(net: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor,
               extra: Tensor | None = None, weight: float = 0.0) -> float:
+    """Micro accuracy in eval mode (no dropout), as the official ``evaluate_model``."""
     if len(y) == 0:
         return float("nan")
-    logits = functional_call(net, (params, buffers), (x,))
+    was_training = net.training
+    net.eval()
+    try:
+        logits = functional_call(net, (params, buffers), (x,))
+    finally:
+        net.train(was_training)
     if extra is not None:
         logits = weight * extra + (1.0 - weight) * logits
     return float(multiclass_accuracy(logits, y, logits.shape[1], average="micro"))
+
+
+def epoch_learning_rates(lr: float, lr_decay: float, epochs: int) -> list[float]:
+    """The learning rate of each fine-tuning epoch: ``lr * lr_decay^e``, multiplied out epoch
+    by epoch as ``torch.optim.lr_scheduler.StepLR(gamma=lr_decay, step_size=1)`` stepped after
+    every epoch does.
+
+    Example:
+        >>> [round(v, 6) for v in epoch_learning_rates(0.01, 0.5, 3)]
+        [0.01, 0.005, 0.0025]
+    """
+    out, rate = [], float(lr)
+    for _ in range(int(epochs)):
+        out.append(rate)
+        rate *= lr_decay
+    return out
+
+
+def finetune_client(
+    net: nn.Module,
+    datamodule: Any,
+    start: Params,
+    client: int,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    batch_size: int,
+    algorithm: Algorithm | None = None,
+    lr_decay: float = 1.0,
+    augment: bool = True,
+    data: tuple[Tensor, Tensor] | None = None,
+) -> ClientResult:
+    """Fine-tune ``start`` on client ``client``'s training data; returns its :class:`ClientResult`.
+
+    ``epochs`` passes over the client's samples in batches of ``batch_size`` (a fresh order per
+    epoch, keyed by :data:`FINETUNE_ROUND`), one SGD optimizer for all of them (``momentum``,
+    ``weight_decay``; the momentum buffer is kept across epochs), at ``lr * lr_decay^e`` in epoch
+    ``e``, with the algorithm's local direction (``FedAvg``: plain cross-entropy). With
+    ``augment`` and a data module that has a training augmentation, every batch is augmented
+    with the draws keyed ``(seed, FINETUNE_ROUND, client, step, sample)``.
+
+    Example:
+        >>> from fl_lightning.data.module import FederatedDataModule
+        >>> from fl_lightning.models.cnn import FedAvgCNN
+        >>> dm = FederatedDataModule(dataset="digits", num_clients=4); dm.setup("fit")
+        >>> net = FedAvgCNN(dm.num_classes, dm.input_shape)
+        >>> start = {k: p.detach() for k, p in net.named_parameters()}
+        >>> res = finetune_client(net, dm, start, 0, epochs=1, lr=0.01, momentum=0.9,
+        ...                       weight_decay=1e-5, batch_size=50)
+        >>> res.num_steps == -(-len(dm.client_indices[0]) // 50)
+        True
+    """
+    dm = datamodule
+    if isinstance(epochs, bool) or int(epochs) < 1:
+        raise ConfigError(f"fine-tuning epochs={epochs!r} is invalid: it must be an integer >= 1")
+    if not lr_decay > 0:
+        raise ConfigError(f"fine-tuning lr_decay={lr_decay!r} is invalid: it must be > 0 "
+                          "(1: constant; LocalOnly's official 0.99)")
+    if data is None:
+        ref = next(iter(start.values()))
+        data = dm.train_tensors(ref.device, ref.dtype)
+    buffers = {k: b.detach() for k, b in net.named_buffers()}
+    batches = dm.client_batches(FINETUNE_ROUND, client, int(epochs), batch_size)
+    per_epoch = len(batches) // int(epochs)
+    lrs = [rate for rate in epoch_learning_rates(lr, lr_decay, int(epochs))
+           for _ in range(per_epoch)]
+    transform = None
+    if augment and getattr(dm, "augmentation", None) is not None:
+        transform = dm.augment_batch
+    plan = RoundPlan(
+        round=FINETUNE_ROUND, clients=[ClientPlan(client, len(dm.client_indices[client]),
+                                                  batches, lrs)],
+        transform=transform,
+    )
+    was_training = net.training
+    net.train()
+    try:
+        [res] = SequentialEngine().run_round(
+            algorithm if algorithm is not None else FedAvg(), net, start, buffers, plan, data,
+            lr, momentum, weight_decay,
+        )
+    finally:
+        net.train(was_training)
+    return res
 
 
 def personalize(
@@ -115,8 +226,11 @@ def personalize(
     knn_capacity: int = 500,
     knn_weight: float = 0.5,
     knn_scale: float = 1.0,
+    lr_decay: float = 1.0,
+    augment: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune ``start`` per client and evaluate on per-client test sets.
+    """Fine-tune ``start`` per client (:func:`finetune_client`) and evaluate on per-client test
+    sets.
 
     Returns ``{"acc_mean", "acc_std", "before_mean", "before_std", "clients", "acc",
     "before"}``: the accuracies after and before fine-tuning (the latter is ``start`` itself on
@@ -135,18 +249,14 @@ def personalize(
     )
     buffers = {k: b.detach() for k, b in net.named_buffers()}
     algo: Algorithm = PerFedAvg(beta=beta) if method == "perfedavg" else FedAvg()
-    engine = SequentialEngine()
     caller = FeatureCaller(net, "kNN-Per") if method == "knn" else None
     acc, before = [], []
     for c, t_idx in zip(ids, test_idx, strict=True):
         x_t = dm.test_x[t_idx].to(device, dtype)
         y_t = dm.test_y[t_idx].to(device)
         before.append(_accuracy(net, start, buffers, x_t, y_t))
-        # a round index no federated round uses: fresh, reproducible local data order
-        batches = dm.client_batches(10**9 + 7, c, epochs, batch_size)
-        plan = RoundPlan(round=0, clients=[ClientPlan(c, len(dm.client_indices[c]), batches)])
-        [res] = engine.run_round(algo, net, start, buffers, plan, (x_all, y_all), lr, momentum,
-                                 weight_decay)
+        res = finetune_client(net, dm, start, c, epochs, lr, momentum, weight_decay,
+                              batch_size, algo, lr_decay, augment, (x_all, y_all))
         extra = None
         if caller is not None:
             own = dm.client_indices[c]
@@ -154,9 +264,12 @@ def personalize(
             if len(own) > knn_capacity:
                 own = own[torch.randperm(len(own), generator=gen)[:knn_capacity]]
             own = own.to(device)
+            was_training = net.training
+            net.eval()
             with torch.no_grad():
                 f_train = caller.features(res.params, buffers, x_all[own])
                 f_test = caller.features(res.params, buffers, x_t)
+            net.train(was_training)
             extra = knn_logits(f_train, y_all[own], f_test, dm.num_classes, knn_k, knn_scale)
         acc.append(_accuracy(net, res.params, buffers, x_t, y_t, extra, knn_weight))
     acc_t = np.array([a for a in acc if not math.isnan(a)])
@@ -164,6 +277,9 @@ def personalize(
     return {
         "method": method,
         "epochs": int(epochs),
+        "lr": float(lr),
+        "lr_decay": float(lr_decay),
+        "augment": bool(augment and getattr(dm, "augmentation", None) is not None),
         "acc_mean": float(acc_t.mean()) if len(acc_t) else float("nan"),
         "acc_std": float(acc_t.std()) if len(acc_t) else float("nan"),
         "before_mean": float(bef_t.mean()) if len(bef_t) else float("nan"),
@@ -179,21 +295,36 @@ class PersonalizedEvaluation(pl.Callback):
 
     Add it with ``--trainer.callbacks+=fl_lightning.personalize.PersonalizedEvaluation``. The
     fine-tuning uses the module's local optimizer settings (momentum, weight decay, batch size)
-    and the local learning rate of the round after the last one (``lr * decay^R``, as the
-    official code's scheduler has it). Results are printed, logged as ``pers_acc_mean`` /
-    ``pers_acc_std`` and written to ``personalized_metrics.json`` in the log directory.
+    and by default the local learning rate of the round after the last one (``lr * decay^R``:
+    the official code hands its round-decayed optimizer to the fine-tuning clients). Results
+    are printed and written to ``personalized_metrics.json`` in the log directory (and kept in
+    :attr:`result`).
+
+    The official LocalOnly protocol (``configs/algorithms/pers_localonly.yaml``) is
+    ``start="initial", epochs=200, lr="initial", lr_decay=0.99``: every client trains from the
+    weights before round 0 for 200 epochs at ``local_lr * 0.99^epoch``.
 
     Args:
-        epochs: fine-tuning epochs per client; unset: ``min(local_epochs, 5)`` (official).
+        epochs: fine-tuning epochs per client; unset: ``min(local_epochs, 5)`` (the official
+            fine-tuning rule of the federated methods).
         method: ``finetune``, ``perfedavg`` or ``knn`` (see the module docstring).
         start: ``global`` (the trained global model) or ``initial`` (the weights before round
             0: LocalOnly).
+        lr: ``next_round`` (the local learning rate of the round after the last one),
+            ``initial`` (``--model.local_lr``, the rate of round 0: LocalOnly) or a number.
+        lr_decay: factor applied to the learning rate after every fine-tuning epoch (1: none;
+            LocalOnly's official 0.99).
+        augment: fine-tune on batches with the data module's training augmentation
+            (``--data.augment``), as the official code does.
         num_clients: evaluate only the first ``num_clients`` clients (all when unset).
         amount: size parameter of the per-client test sets (official: 1000).
         seed: seed of the per-client test sets.
         beta: Per-FedAvg's meta step size (``method="perfedavg"``).
         knn_k, knn_capacity, knn_weight, knn_scale: kNN-Per's settings (official: 5, 500,
             0.5, 1).
+
+    Raises:
+        ConfigError: for an invalid ``epochs``, ``method``, ``start``, ``lr`` or ``lr_decay``.
 
     Example:
         >>> PersonalizedEvaluation(epochs=1).epochs
@@ -207,6 +338,9 @@ class PersonalizedEvaluation(pl.Callback):
         epochs: int | None = None,
         method: Literal["finetune", "perfedavg", "knn"] = "finetune",
         start: Literal["global", "initial"] = "global",
+        lr: float | Literal["next_round", "initial"] = "next_round",
+        lr_decay: float = 1.0,
+        augment: bool = True,
         num_clients: int | None = None,
         amount: int = 1000,
         seed: int = 0,
@@ -219,7 +353,7 @@ class PersonalizedEvaluation(pl.Callback):
         if epochs is not None and (isinstance(epochs, bool) or int(epochs) < 1):
             raise ConfigError(
                 f"PersonalizedEvaluation epochs={epochs!r} is invalid: it must be an integer >= 1 "
-                "(or unset for the official min(local_epochs, 5))"
+                "(or unset for min(local_epochs, 5))"
             )
         if method not in METHODS:
             raise ConfigError(
@@ -230,9 +364,28 @@ class PersonalizedEvaluation(pl.Callback):
             raise ConfigError(
                 f"PersonalizedEvaluation start={start!r} is unknown: use 'global' or 'initial'"
             )
+        if isinstance(lr, str):
+            if lr not in LR_RULES:
+                raise ConfigError(
+                    f"PersonalizedEvaluation lr={lr!r} is unknown: use 'next_round', 'initial' "
+                    "or a number >= 0"
+                )
+        elif isinstance(lr, bool) or not float(lr) >= 0:
+            raise ConfigError(
+                f"PersonalizedEvaluation lr={lr!r} is invalid: use a number >= 0, "
+                "'next_round' or 'initial'"
+            )
+        if isinstance(lr_decay, bool) or not float(lr_decay) > 0:
+            raise ConfigError(
+                f"PersonalizedEvaluation lr_decay={lr_decay!r} is invalid: it must be a number "
+                "> 0 (1: constant; LocalOnly's official 0.99)"
+            )
         self.epochs = None if epochs is None else int(epochs)
         self.method = method
         self.start = start
+        self.lr = lr if isinstance(lr, str) else float(lr)
+        self.lr_decay = float(lr_decay)
+        self.augment = bool(augment)
         self.num_clients = num_clients
         self.amount = int(amount)
         self.seed = int(seed)
@@ -252,27 +405,43 @@ class PersonalizedEvaluation(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial = state_dict.get("initial")
 
+    def learning_rate(self, module: Any, rounds: int) -> float:
+        """The fine-tuning learning rate of epoch 0 after ``rounds`` federated rounds."""
+        if self.lr == "next_round":
+            return module.local_lr_at(rounds)
+        if self.lr == "initial":
+            return module.local_lr_at(0)
+        return float(self.lr)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0 or not trainer.is_global_zero:
             return
         module = pl_module
         dm = module.datamodule
-        if self.start == "initial" and self.initial is not None:
+        if self.start == "initial":
+            if self.initial is None:
+                raise ConfigError(
+                    "PersonalizedEvaluation start='initial' has no initial weights: the callback "
+                    "must be attached before fit starts"
+                )
             start = {k: v.to(module.device) for k, v in self.initial.items()}
         else:
             start = {k: p.detach() for k, p in module.net.named_parameters()}
         n = dm.num_clients if self.num_clients is None else min(int(self.num_clients),
                                                                   dm.num_clients)
         epochs = self.epochs if self.epochs is not None else min(module.local_epochs, 5)
+        lr = self.learning_rate(module, trainer.global_step)
         result = personalize(
-            module.net, dm, start, epochs, module.local_lr_at(trainer.global_step),
-            module.momentum, module.weight_decay, module.batch_size, self.method,
-            clients=range(n), amount=self.amount, seed=self.seed, beta=self.beta, **self.knn,
+            module.net, dm, start, epochs, lr, module.momentum, module.weight_decay,
+            module.batch_size, self.method, clients=range(n), amount=self.amount,
+            seed=self.seed, beta=self.beta, lr_decay=self.lr_decay, augment=self.augment,
+            **self.knn,
         )
         self.result = result
         print(
-            f"fl-lightning: personalized ({self.method}, {epochs} epochs, start="
-            f"{self.start}, {len(result['clients'])} clients) accuracy "
+            f"fl-lightning: personalized ({self.method}, {epochs} epochs from lr {lr:.4g}"
+            f" x {self.lr_decay:g}/epoch, augment={result['augment']}, start={self.start}, "
+            f"{len(result['clients'])} clients) accuracy "
             f"{result['acc_mean']:.4f} +- {result['acc_std']:.4f} (before fine-tuning "
             f"{result['before_mean']:.4f} +- {result['before_std']:.4f})"
         )

@@ -66,6 +66,8 @@ def command(part: str, row: str, args: argparse.Namespace, out_dir: str) -> list
         "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", out_dir,
+        *(["--trainer.callbacks.init_args.epochs", str(args.localonly_epochs)]
+          if row == "pers_localonly" and args.localonly_epochs else []),
     ]
 
 
@@ -100,6 +102,8 @@ def main() -> None:
     p.add_argument("--main", action="store_true",
                    help="only the rows run on both partitions (no Table 6/7 variants)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--localonly-epochs", type=int, default=0,
+                   help="LocalOnly's epochs per client (default: the config's official 200)")
     args = p.parse_args()
     rows = PERSONALIZED if args.personalized else ROWS
     if args.only:

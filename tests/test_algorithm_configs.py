@@ -40,6 +40,9 @@ def test_config_runs_one_round(config, tmp_path, monkeypatch):
         "--trainer.enable_checkpointing", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.default_root_dir", str(tmp_path),
+        # LocalOnly's official 200 epochs per client: 1 here
+        *(["--trainer.callbacks.init_args.epochs", "1"]
+          if os.path.basename(config) == "pers_localonly.yaml" else []),
     ])
     [final] = glob.glob(str(tmp_path / "**" / "final_metrics.json"), recursive=True)
     metrics = json.load(open(final))

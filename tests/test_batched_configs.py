@@ -46,6 +46,9 @@ def _fit(config: str, root: Path, engine: str, extra: list[str]) -> dict:
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--trainer.logger.init_args.save_dir", str(out), "--trainer.default_root_dir", str(out),
         "--model.engine", f"fl_lightning.{engine}",
+        # LocalOnly's official 200 fine-tuning epochs per client: 1 here (FL_ALL_CONFIGS=1)
+        *(["--trainer.callbacks.init_args.epochs", "1"]
+          if os.path.basename(config) == "pers_localonly.yaml" else []),
     ])
     [ckpt] = glob.glob(str(out / "**" / "*.ckpt"), recursive=True)
     state = torch.load(ckpt, weights_only=False)["state_dict"]

@@ -201,6 +201,11 @@ class BatchedEngine(SequentialEngine):
         clients = plan.clients
         if not clients:
             return []
+        if any(c.lrs is not None for c in clients):
+            raise ConfigError(
+                "the batched engine trains every client at the round's learning rate: per-step "
+                "learning rates (ClientPlan.lrs) need --model.engine sequential"
+            )
         x_all, y_all = data
 
         def context(client_id: int) -> LocalContext:

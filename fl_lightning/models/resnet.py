@@ -51,7 +51,7 @@ class ResNet18(FederatedNet):
     ``Linear(512, num_classes)`` (the head, the last child module). Any input size of at least
     8x8 works; 1-channel inputs are repeated to 3 channels.
 
-    ``norm="bn"`` uses ``BatchNorm2d(track_running_stats=False)`` as in the FedSoL paper: the
+    ``norm="bn"`` uses ``BatchNorm2d(track_running_stats=False)`` as the official FedSoL code: the
     statistics of the current batch are used in training and evaluation, so the model has no
     buffers and the server averages only parameters. ``norm="gn"`` uses
     ``GroupNorm(groups, C)`` instead (independent of the batch). Both have 11,173,962 parameters
