@@ -29,8 +29,9 @@ is training plus aggregation plus the central evaluation) and CPU seconds per ro
 whole process tree (Ray's processes included; robust to other jobs on a shared machine),
 start-up (process start to the first round), peak memory (the largest sum of the resident
 sets of the process and all its descendants, sampled every 0.1 s; pages shared between
-processes, e.g. Ray's object store, count once per process) and the test accuracy after the
-last round.
+processes, e.g. Ray's object store, count once per process), the test accuracy after the
+last round and the machine's 1-minute load average during the run (lowest and highest of
+samples every 5 s), since on a shared machine that says what the wall clock means.
 
 Flower and pfl are not dependencies of fl-lightning: install them into a separate environment
 (``pip install ".[peers]"``) and pass its interpreter with ``--peer-python``.
@@ -352,11 +353,16 @@ def run_one(framework: str, workload: str, args) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                             text=True, cwd=ROOT)
     peak = [0]
+    loads: list[float] = []
     done = threading.Event()
 
     def sample() -> None:
+        ticks = 0
         while not done.is_set():
             peak[0] = max(peak[0], _proc_tree(proc.pid)[0])
+            if ticks % 50 == 0:  # the 1-minute load average, every 5 s
+                loads.append(os.getloadavg()[0])
+            ticks += 1
             done.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -377,6 +383,7 @@ def run_one(framework: str, workload: str, args) -> dict:
         "peak_mib": peak[0] / 2**20,
         "accuracy": res["accuracy"],
         "total_s": time.time() - t0,
+        "load_1min": [min(loads), max(loads)] if loads else None,
     }
 
 
@@ -393,6 +400,7 @@ def summarize(runs: list[dict]) -> dict:
         "startup_s_median": statistics.median(r["startup_s"] for r in runs),
         "peak_mib_max": max(r["peak_mib"] for r in runs),
         "accuracy": [r["accuracy"] for r in runs],
+        "load_1min": [min(r["load_1min"][0] for r in runs), max(r["load_1min"][1] for r in runs)],
         "repeats": len(runs),
     }
 
@@ -433,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                       f"{[round(s, 3) for s in res['round_s']]} CPU s/round "
                       f"{[round(s, 3) for s in res['round_cpu_s']]} start-up "
                       f"{res['startup_s']:.1f} s peak {res['peak_mib']:.0f} MiB acc "
-                      f"{res['accuracy']:.4f}", flush=True)
+                      f"{res['accuracy']:.4f} load {res['load_1min']}", flush=True)
         out["raw"][workload] = raw
         out["results"][workload] = {f: summarize(raw[f]) for f in frameworks}
     out["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),

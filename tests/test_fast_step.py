@@ -157,3 +157,27 @@ def test_fedsol_skips_the_proximal_pass_where_the_adaptive_radius_is_zero(monkey
     moved = {k: v + 1e-3 for k, v in gp.items()}
     assert not FedSoL(rho=2.0)._radius_is_zero(moved, ctx)
     assert not FedSoL(rho=2.0, adaptive=False)._radius_is_zero(params, ctx)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_fedsol_in_place_perturbation_writes_only_its_own_scratch_tensors(adaptive):
+    # the perturbation is computed in place into fresh tensors: the weights, the global
+    # weights and a proximal algorithm's own tensors (SCAFFOLD's c - c_i) stay as they were
+    global_net, local_net, x, y = make_problem(seed=6)
+    gp, params = _params(global_net), _params(local_net)
+    scaffold = SCAFFOLD()
+    scaffold.c = {k: torch.randn_like(v) for k, v in gp.items()}
+    scaffold.clients.put(0, {"c_i": {k: torch.randn_like(v) for k, v in gp.items()}})
+    algo = FedSoL(rho=2.0, adaptive=adaptive, proximal=scaffold)
+    ctx = context(global_net, gp, step=1)
+    algo.client_begin(ctx)
+    saved = [{k: v.clone() for k, v in d.items()}
+             for d in (params, gp, ctx.state["correction"])]
+    direction, _ = algo.direction(params, x, y, ctx)
+    for before, after in zip(saved, (params, gp, ctx.state["correction"]), strict=True):
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    eps = algo._scaled(dict(ctx.state["correction"]), params, ctx)
+    perturbed = {k: params[k] + eps[k] for k in params}  # the out-of-place formula
+    ref, _ = grad_of(lambda p: F.cross_entropy(functional_call(global_net, p, (x,)), y),
+                     perturbed)
+    assert all(torch.equal(direction[k], ref[k]) for k in params)

@@ -404,6 +404,25 @@ def foreach_add(a: Sequence[Tensor], b: Sequence[Tensor], alpha: float = 1.0) ->
     return list(torch._foreach_add(list(a), list(b), alpha=alpha))
 
 
+def foreach_mul_(a: list[Tensor], b: Sequence[Tensor] | Tensor | float) -> list[Tensor]:
+    """:func:`foreach_mul` that may write into ``a`` (outside a transform it does, so ``a``
+    must be the caller's own scratch tensors); returns the products. Same values."""
+    if in_transform():
+        return foreach_mul(a, b)
+    torch._foreach_mul_(a, b if isinstance(b, (Tensor, float, int)) else list(b))
+    return a
+
+
+def foreach_add_(a: list[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
+    """``[a_i + b_i]``, written into ``a`` outside a transform (``a`` must be the caller's own
+    scratch tensors). ``b_i + a_i`` rounds to the same value, so it also serves for
+    ``b + a``."""
+    if in_transform():
+        return foreach_add(a, b)
+    torch._foreach_add_(a, list(b))
+    return a
+
+
 def adaptive_radius(params: Sequence[Tensor], anchors: Sequence[Tensor]) -> list[Tensor]:
     """``|w - w_g|`` L2-normalized along dimension 0 of each tensor, as
     ``F.normalize(|w - w_g|, p=2, dim=0)`` (``x / max(||x||_dim0, 1e-12)``)."""
@@ -414,8 +433,8 @@ def adaptive_radius(params: Sequence[Tensor], anchors: Sequence[Tensor]) -> list
     torch._foreach_abs_(diff)
     norms = [torch.linalg.vector_norm(d, 2.0, dim=0, keepdim=True) for d in diff]
     torch._foreach_clamp_min_(norms, 1e-12)
-    return list(torch._foreach_div(diff, [n.expand_as(d) for n, d in zip(norms, diff,
-                                                                        strict=True)]))
+    torch._foreach_div_(diff, [n.expand_as(d) for n, d in zip(norms, diff, strict=True)])
+    return diff
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:

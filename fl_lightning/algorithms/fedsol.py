@@ -23,8 +23,9 @@ from fl_lightning.algorithms.base import (
     adaptive_radius,
     check_nonnegative,
     check_positive,
-    foreach_add,
+    foreach_add_,
     foreach_mul,
+    foreach_mul_,
     global_norm,
     grad_of,
     in_transform,
@@ -192,11 +193,24 @@ class FedSoL(Algorithm):
         names = list(g)
         grads = [g[k] for k in names]
         scale = self.rho / (global_norm(grads) + 1e-12)
-        if self.adaptive:
+        if self.adaptive:  # (Lambda * g) * scale, written into Lambda's fresh tensors
             lam = adaptive_radius([params[k] for k in names],
                                   [ctx.global_params[k] for k in names])
-            grads = foreach_mul(lam, grads)
-        return dict(zip(names, foreach_mul(grads, scale), strict=True))
+            eps = foreach_mul_(foreach_mul_(lam, grads), scale)
+        else:  # g may be the proximal algorithm's own tensors: not written into
+            eps = foreach_mul(grads, scale)
+        return dict(zip(names, eps, strict=True))
+
+    @staticmethod
+    def _perturbed(params: Params, eps: Params) -> Params:
+        """``params`` with ``w + eps`` for the parameters in ``eps``; the sums are written into
+        ``eps``'s tensors (its own, from :meth:`_scaled`), which are not to be used after."""
+        perturbed = dict(params)
+        if eps:
+            names = list(eps)
+            moved = foreach_add_([eps[k] for k in names], [params[k] for k in names])
+            perturbed.update(zip(names, moved, strict=True))
+        return perturbed
 
     def _radius_is_zero(self, params: Params, ctx: LocalContext) -> bool:
         """Whether the adaptive radius ``Lambda = |w - w_g| / ||.||`` is exactly 0 (the first
@@ -244,7 +258,7 @@ class FedSoL(Algorithm):
                                    self.temperature)
         )(head_params)
         eps = self._scaled(g_head, params, ctx)
-        perturbed = {k: v + eps[k] for k, v in head_params.items()}
+        perturbed = self._perturbed(head_params, eps)
         (g_perturbed, g_z), loss = grad_and_value(
             lambda h, feats: F.cross_entropy(caller.logits(h, buffers, feats), y), argnums=(0, 1)
         )(perturbed, z)
@@ -258,11 +272,7 @@ class FedSoL(Algorithm):
         if caller is not None:
             return self._head_only_direction(caller, params, x, y, ctx)
         eps = {} if self._radius_is_zero(params, ctx) else self.perturbation(params, x, ctx, y)[0]
-        perturbed = dict(params)
-        if eps:
-            names = list(eps)
-            moved = foreach_add([params[k] for k in names], [eps[k] for k in names])
-            perturbed.update(zip(names, moved, strict=True))
+        perturbed = self._perturbed(params, eps)
         at = perturbed if self.local_at == "perturbed" else params
         out, loss = grad_of(lambda p: self.task_loss(ctx, p, x, y), at, list(params))
         if self.proximal_in_update:
