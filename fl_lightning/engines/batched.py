@@ -339,6 +339,10 @@ class BatchedEngine(SequentialEngine):
         augment = padded.augment
         generic = plan.transform if augment is None else None  # any pure transform
         step = self._local_step(algorithm, net, names, momentum, weight_decay)
+        if augment is not None and self.compile != "none":
+            # one sample augmented eagerly fills the augmentation's per-shape caches, so the
+            # compiled step never traces (and guards on) a cache miss
+            augment(x_all[padded.index[0, 0, :1]], padded.draws[0, 0, :1])
         bufs = [torch.zeros_like(stacked[k]) for k in names] if momentum != 0.0 else None
         dtype = next((v.dtype for v in stacked.values() if v.is_floating_point()),
                      torch.get_default_dtype())
