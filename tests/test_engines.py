@@ -259,6 +259,6 @@ def test_engine_config_fragment_selects_the_batched_engine(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     fragment = str(Path(QUICK).parent / "engines" / "batched.yaml")
     cli = FederatedCLI(args=["--config", QUICK, "--config", fragment], run=False)
-    assert isinstance(cli.model.engine, BatchedEngine) and cli.model.engine.compile is False
+    assert isinstance(cli.model.engine, BatchedEngine) and cli.model.engine.compile == "none"
     ddp = yaml.safe_load((Path(QUICK).parent / "engines" / "ddp_cpu2.yaml").read_text())
     assert ddp["trainer"] == {"strategy": "ddp", "accelerator": "cpu", "devices": 2}

@@ -31,18 +31,28 @@ from torch.func import functional_call, grad_and_value
 from fl_lightning.errors import ConfigError
 
 __all__ = [
+    "IGNORE_INDEX",
     "Algorithm",
     "ClientResult",
     "LocalContext",
     "Params",
+    "batch_mean",
     "check_nonnegative",
     "check_positive",
     "finish_round",
     "head_parameter_names",
+    "kl_batchmean",
+    "real_samples",
     "weighted_mean",
 ]
 
 Params = dict[str, Tensor]
+
+#: The label of a padding sample (``F.cross_entropy``'s default ``ignore_index``). The batched
+#: engine pads every client's batch to one static shape; its padding samples carry this label,
+#: and every batch mean of the project's losses (:func:`batch_mean`, :func:`cross_entropy`,
+#: :func:`kl_batchmean`) is taken over the other samples only.
+IGNORE_INDEX = -100
 
 
 def head_parameter_names(net: nn.Module) -> list[str]:
@@ -74,6 +84,10 @@ class LocalContext:
         num_clients: number of clients in the whole population (``None`` if unknown).
         total_samples: training samples over the whole population (``None`` if unknown).
         state: the client's persistent state (algorithms that keep none leave it empty).
+        padded: the batches may hold padding samples, labelled :data:`IGNORE_INDEX` (the
+            batched engine's static shapes); a direction that splits its batch (Per-FedAvg)
+            must then split the real samples, and every batch mean must skip the padding
+            (:func:`batch_mean`).
     """
 
     net: nn.Module
@@ -87,6 +101,7 @@ class LocalContext:
     num_clients: int | None = None
     total_samples: int | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    padded: bool = False
     _head: list[str] | None = field(default=None, repr=False)
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -158,16 +173,48 @@ def check_positive(name: str, value: float, option: str, hint: str) -> float:
     return value
 
 
-def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy of ``logits`` ``(B, C)`` against class indices ``y``.
+def real_samples(y: Tensor) -> Tensor:
+    """Mask ``(B,)`` of the samples that are not padding (label != :data:`IGNORE_INDEX`)."""
+    return y != IGNORE_INDEX
 
-    ``F.cross_entropy`` outside a transform; inside one (``vmap``), the same quantity as
-    ``-mean_b log_softmax(logits)[b, y_b]``, whose operations have native batching rules
-    (``F.cross_entropy`` falls back to a decomposition written in Python there).
+
+def batch_mean(values: Tensor, y: Tensor | None = None) -> Tensor:
+    """Mean of the per-sample ``values`` ``(B,)`` over the batch's real samples.
+
+    Outside a ``torch.func`` transform (the sequential engine, which never pads) or without
+    labels it is ``values.mean()``; inside one (the batched engine) the samples labelled
+    :data:`IGNORE_INDEX` are left out: ``sum_b m_b v_b / max(sum_b m_b, 1)``, so a client's
+    loss is exactly its own mean over its real samples and a fully padded batch (a client
+    that has finished its steps) gives 0, not NaN.
+    """
+    if y is None or not in_transform():
+        return values.mean()
+    mask = real_samples(y).to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of ``logits`` ``(B, C)`` against class indices ``y``, over the
+    samples whose label is not :data:`IGNORE_INDEX` (padding).
+
+    ``F.cross_entropy`` outside a transform (its ``ignore_index`` is the same); inside one
+    (``vmap``), the same quantity as ``-mean_b log_softmax(logits)[b, y_b]`` over the real
+    samples, whose operations have native batching rules (``F.cross_entropy`` falls back to
+    a decomposition written in Python there).
     """
     if in_transform():
-        return -torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).mean()
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, y.clamp_min(0).unsqueeze(-1))
+        return batch_mean(-picked.squeeze(-1), y)
     return F.cross_entropy(logits, y)
+
+
+def kl_batchmean(log_q: Tensor, p: Tensor, y: Tensor | None = None) -> Tensor:
+    """``F.kl_div(log_q, p, reduction="batchmean")`` (``KL(p || q)`` per sample, summed over
+    classes, averaged over the batch), over the real samples when ``y`` is given inside a
+    transform (see :func:`batch_mean`)."""
+    if y is None or not in_transform():
+        return F.kl_div(log_q, p, reduction="batchmean")
+    return batch_mean(F.kl_div(log_q, p, reduction="none").sum(-1), y)
 
 
 def cross_entropy_loss(ctx: LocalContext, params: Params, x: Tensor, y: Tensor) -> Tensor:

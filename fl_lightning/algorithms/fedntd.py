@@ -12,15 +12,19 @@ from fl_lightning.algorithms.base import (
     Params,
     check_nonnegative,
     check_positive,
+    cross_entropy,
     grad_of,
+    kl_batchmean,
 )
 
 __all__ = ["FedNTD", "not_true_logits", "ntd_loss"]
 
 
 def not_true_logits(logits: Tensor, y: Tensor) -> Tensor:
-    """The ``C - 1`` logits of the classes other than the true one, in class order."""
+    """The ``C - 1`` logits of the classes other than the true one, in class order (a padding
+    sample's label :data:`~fl_lightning.algorithms.base.IGNORE_INDEX` reads as class 0)."""
     b, c = logits.shape
+    y = y.clamp_min(0)
     # column j keeps class j, or j + 1 from the true class on (no data-dependent shapes, so
     # it also runs under torch.vmap)
     keep = torch.arange(c - 1, device=logits.device).expand(b, c - 1)
@@ -29,10 +33,11 @@ def not_true_logits(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def ntd_loss(logits: Tensor, global_logits: Tensor, y: Tensor, tau: float) -> Tensor:
-    """``tau^2 * KL(softmax(nt(g)/tau) || softmax(nt(l)/tau))``, batch mean (``nt``: not-true)."""
+    """``tau^2 * KL(softmax(nt(g)/tau) || softmax(nt(l)/tau))``, batch mean over the real
+    samples (``nt``: not-true)."""
     local = F.log_softmax(not_true_logits(logits, y) / tau, dim=1)
     target = torch.softmax(not_true_logits(global_logits.detach(), y) / tau, dim=1)
-    return tau**2 * F.kl_div(local, target, reduction="batchmean")
+    return tau**2 * kl_batchmean(local, target, y)
 
 
 class FedNTD(Algorithm):
@@ -76,7 +81,7 @@ class FedNTD(Algorithm):
 
         def total(p: Params) -> tuple[Tensor, Tensor]:
             logits = ctx.forward(p, x)
-            ce = F.cross_entropy(logits, y)
+            ce = cross_entropy(logits, y)
             return ce + self.beta * ntd_loss(logits, g_logits, y, self.tau), ce
 
         return grad_of(total, params, has_aux=True)

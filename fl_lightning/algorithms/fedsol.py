@@ -23,12 +23,14 @@ from fl_lightning.algorithms.base import (
     adaptive_radius,
     check_nonnegative,
     check_positive,
+    cross_entropy,
     foreach_add_,
     foreach_mul,
     foreach_mul_,
     global_norm,
     grad_of,
     in_transform,
+    kl_batchmean,
 )
 from fl_lightning.algorithms.features import FeatureCaller
 from fl_lightning.errors import ConfigError
@@ -36,13 +38,16 @@ from fl_lightning.errors import ConfigError
 __all__ = ["FedSoL", "kl_to_global"]
 
 
-def kl_to_global(local_logits: Tensor, global_logits: Tensor, temperature: float) -> Tensor:
-    """``KL(p_g || p_l)`` of temperature-softened outputs, averaged over the batch.
+def kl_to_global(local_logits: Tensor, global_logits: Tensor, temperature: float,
+                 y: Tensor | None = None) -> Tensor:
+    """``KL(p_g || p_l)`` of temperature-softened outputs, averaged over the batch (over its
+    real samples when the labels ``y`` are given: see
+    :func:`~fl_lightning.algorithms.base.batch_mean`).
 
     ``p = softmax(logits / T)``; no ``T^2`` factor; ``global_logits`` carry no gradient.
     """
     target = torch.softmax(global_logits.detach() / temperature, dim=1)
-    return F.kl_div(F.log_softmax(local_logits / temperature, dim=1), target, reduction="batchmean")
+    return kl_batchmean(F.log_softmax(local_logits / temperature, dim=1), target, y)
 
 
 class FedSoL(Algorithm):
@@ -167,7 +172,7 @@ class FedSoL(Algorithm):
             global_logits = ctx.forward(ctx.global_params, x)
 
         def proximal(p: Params) -> Tensor:
-            return kl_to_global(ctx.forward(p, x), global_logits, self.temperature)
+            return kl_to_global(ctx.forward(p, x), global_logits, self.temperature, y)
 
         return grad_of(proximal, params, names)
 
@@ -216,7 +221,8 @@ class FedSoL(Algorithm):
         """Whether the adaptive radius ``Lambda = |w - w_g| / ||.||`` is exactly 0 (the first
         local step, where ``w = w_g``): then ``eps = 0`` and the proximal pass is skipped (the
         result is the same). Checked only outside ``vmap`` (a data-dependent branch)."""
-        if not self.adaptive or ctx.step != 0 or in_transform():
+        if in_transform() or not self.adaptive or ctx.step != 0:  # (a compiled step must
+            # not read ctx.step: it would be specialized on every step's value)
             return False
         names = ctx.select(params, self.perturb_head, self.perturb_body)
         return all(torch.equal(params[k], ctx.global_params[k]) for k in names)
@@ -255,12 +261,12 @@ class FedSoL(Algorithm):
         z_fixed = z.detach()
         g_head = grad(
             lambda h: kl_to_global(caller.logits(h, buffers, z_fixed), global_logits,
-                                   self.temperature)
+                                   self.temperature, y)
         )(head_params)
         eps = self._scaled(g_head, params, ctx)
         perturbed = self._perturbed(head_params, eps)
         (g_perturbed, g_z), loss = grad_and_value(
-            lambda h, feats: F.cross_entropy(caller.logits(h, buffers, feats), y), argnums=(0, 1)
+            lambda h, feats: cross_entropy(caller.logits(h, buffers, feats), y), argnums=(0, 1)
         )(perturbed, z)
         (g_body,) = body_vjp(g_z)
         return {k: (g_perturbed[k] if k in head else g_body[k]) for k in params}, loss
@@ -283,6 +289,7 @@ class FedSoL(Algorithm):
 
     # The proximal algorithm's client state and server rule are FedSoL's.
     def client_begin(self, ctx: LocalContext) -> None:
+        self._head_only_fast(ctx)  # its feature caller is made here, outside the local step
         if self.proximal is not None:
             self.proximal.client_begin(ctx)
 

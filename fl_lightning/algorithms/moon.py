@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fl_lightning.algorithms.base import (
+    IGNORE_INDEX,
     Algorithm,
     ClientResult,
     LocalContext,
     Params,
     check_nonnegative,
     check_positive,
+    cross_entropy,
     grad_of,
 )
 from fl_lightning.algorithms.features import FeatureCaller
@@ -25,8 +27,11 @@ from fl_lightning.errors import ConfigError
 __all__ = ["MOON", "model_contrastive_loss"]
 
 
-def model_contrastive_loss(z: Tensor, z_global: Tensor, z_prev: Tensor, tau: float) -> Tensor:
-    """``-log( e^{s(z,z_g)/tau} / (e^{s(z,z_g)/tau} + e^{s(z,z_prev)/tau}) )``, batch mean.
+def model_contrastive_loss(z: Tensor, z_global: Tensor, z_prev: Tensor, tau: float,
+                           y: Tensor | None = None) -> Tensor:
+    """``-log( e^{s(z,z_g)/tau} / (e^{s(z,z_g)/tau} + e^{s(z,z_prev)/tau}) )``, batch mean
+    (over the real samples when the labels ``y`` are given: padding samples, labelled
+    :data:`~fl_lightning.algorithms.base.IGNORE_INDEX`, are left out).
 
     ``s`` is the cosine similarity; the global features are the positive pair, the client's
     previous local model's features the negative one.
@@ -34,7 +39,10 @@ def model_contrastive_loss(z: Tensor, z_global: Tensor, z_prev: Tensor, tau: flo
     pos = F.cosine_similarity(z, z_global, dim=-1)
     neg = F.cosine_similarity(z, z_prev, dim=-1)
     logits = torch.stack([pos, neg], dim=1) / tau
-    return F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long, device=z.device))
+    target = torch.zeros(len(z), dtype=torch.long, device=z.device)
+    if y is not None:  # class 0 (the positive pair) for real samples, ignored for padding
+        target = torch.where(y == IGNORE_INDEX, y, target)
+    return cross_entropy(logits, target)
 
 
 class MOON(Algorithm):
@@ -91,6 +99,7 @@ class MOON(Algorithm):
         return self._caller
 
     def client_begin(self, ctx: LocalContext) -> None:
+        self._features(ctx)  # made here, outside the local step (a compiled step cannot)
         gp = ctx.global_params
         if self.initial is None:
             self.initial = {k: v.detach().clone() for k, v in gp.items()}
@@ -106,8 +115,8 @@ class MOON(Algorithm):
             z_g = caller.features(ctx.global_params, ctx.buffers, x)
             z_prev = caller.features(ctx.state["prev"], ctx.buffers, x)
         z = caller.features(params, ctx.buffers, x)
-        ce = F.cross_entropy(caller.logits(params, ctx.buffers, z), y)
-        return ce, model_contrastive_loss(z, z_g, z_prev, self.tau)
+        ce = cross_entropy(caller.logits(params, ctx.buffers, z), y)
+        return ce, model_contrastive_loss(z, z_g, z_prev, self.tau, y)
 
     def proximal_gradient(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from fl_lightning.algorithms.base import Algorithm, LocalContext, Params, check_nonnegative
+from fl_lightning.algorithms.base import (
+    IGNORE_INDEX,
+    Algorithm,
+    LocalContext,
+    Params,
+    check_nonnegative,
+    real_samples,
+)
 
 __all__ = ["PerFedAvg"]
 
@@ -17,6 +25,12 @@ class PerFedAvg(Algorithm):
     returns ``(beta / lr) g(w'; D')``, so that the engine's SGD step of size ``lr`` moves by
     ``beta g(w'; D')`` (momentum and weight decay are applied on top, as the official code's
     shared optimizer does).
+
+    In a padded batch (``ctx.padded``: the batched engine's static shapes, padding samples
+    labelled ``IGNORE_INDEX`` at the end) the halves are those of the ``n`` real samples,
+    ``n // 2`` and the rest, given as label masks on the whole padded batch, which is the
+    same for a network without cross-sample operations (the batched engine pads only
+    those).
 
     Note:
         The official code draws ``D`` and ``D'`` as two consecutive mini-batches and runs
@@ -44,12 +58,29 @@ class PerFedAvg(Algorithm):
     def direction(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
     ) -> tuple[Params, Tensor]:
-        half = max(len(y) // 2, 1)
-        x1, y1 = x[:half], y[:half]
-        x2, y2 = (x[half:], y[half:]) if len(y) > 1 else (x, y)
+        if ctx.padded:
+            x1 = x2 = x
+            y1, y2 = _real_halves(y)
+        else:
+            half = max(len(y) // 2, 1)
+            x1, y1 = x[:half], y[:half]
+            x2, y2 = (x[half:], y[half:]) if len(y) > 1 else (x, y)
         alpha = ctx.lr if self.alpha is None else self.alpha
         g1, loss = self.task_grad(params, x1, y1, ctx)
         inner = {k: params[k] - alpha * g1[k] for k in params}
         g2, _ = self.task_grad(inner, x2, y2, ctx)
         scale = self.beta / ctx.lr if ctx.lr > 0 else 0.0
         return {k: g * scale for k, g in g2.items()}, loss
+
+
+def _real_halves(y: Tensor) -> tuple[Tensor, Tensor]:
+    """The labels of the first ``max(n // 2, 1)`` real samples and of the others (or of all
+    ``n`` when ``n = 1``), the rest relabelled ``IGNORE_INDEX``; padding sits at the end."""
+    real = real_samples(y)
+    n = real.sum()
+    half = torch.clamp(n // 2, min=1)
+    pos = torch.arange(y.shape[-1], device=y.device)
+    ignore = torch.full_like(y, IGNORE_INDEX)
+    first = torch.where(pos < half, y, ignore)
+    second = torch.where(real & ((pos >= half) | (n == 1)), y, ignore)
+    return first, second
