@@ -36,9 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-dir", default=None,
                         help="where final.pt and summary.json go (default: a new temp folder)")
     parser.add_argument("--workdir", default=None, help="Flower homes and logs")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="PyTorch threads per process (as OMP_NUM_THREADS); the weights "
+                        "equal a simulation's bit for bit with the same thread count")
     opts = parser.parse_args(argv)
     if opts.supernodes < 1:
         parser.error(f"--supernodes={opts.supernodes} is invalid: use an integer >= 1")
+    if opts.threads < 1:
+        parser.error(f"--threads={opts.threads} is invalid: use an integer >= 1")
     if opts.rounds < 1:
         parser.error(f"--rounds={opts.rounds} is invalid: use an integer >= 1")
     if not (Path(opts.app) / "pyproject.toml").is_file():
@@ -49,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     run_config = {"rounds": opts.rounds, "args": opts.args, "save-dir": save_dir}
     if opts.config:
         run_config["config"] = os.path.abspath(opts.config)
-    with LocalFederation(opts.supernodes, opts.workdir, data_dir=opts.data_dir) as fed:
+    with LocalFederation(opts.supernodes, opts.workdir, data_dir=opts.data_dir,
+                         threads=opts.threads) as fed:
         print(f"fl-lightning: SuperLink on 127.0.0.1:{fed.port}, {opts.supernodes} SuperNodes; "
               f"logs in {fed.workdir}", flush=True)
         fed.run(opts.app, run_config)

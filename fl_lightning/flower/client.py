@@ -10,6 +10,10 @@ Node config (``flower-supernode --node-config``):
     ``num-partitions``: must equal the run's ``--data.num_clients``.
     ``data-dir`` (optional): where this node's copy of the dataset lives (default: the run's
     ``--data.data_dir``).
+    ``threads`` (optional): PyTorch's intra-op thread count for the local training (default:
+    PyTorch's own, which follows ``OMP_NUM_THREADS``). CPU kernels split their reductions by
+    thread, so the last bits of a result depend on it: a node reproduces a simulation bit for
+    bit only with the simulation's thread count (see ``docs/deployment.md``).
 
 The node computes the run's partition (a pure function of the labels and the seed) and keeps
 only its own samples; its persistent client state (SCAFFOLD's ``c_i``, ...) is kept in the
@@ -98,7 +102,25 @@ def local_partition(
     return (x_own.to(dtype) if dtype is not None else x_own), y_own, own
 
 
+def _node_threads(context: Context) -> None:
+    """Apply the node's ``threads`` setting (if any) to PyTorch's intra-op thread pool."""
+    value = context.node_config.get("threads")
+    if value is None:
+        return
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1 or str(threads) != str(value).strip():
+        raise ConfigError(
+            f"--node-config threads={value!r} is invalid: use an integer >= 1 (e.g. threads=1) "
+            "or leave it out for PyTorch's default"
+        )
+    torch.set_num_threads(threads)
+
+
 def _train(msg: Message, context: Context) -> Message:
+    _node_threads(context)
     cfg = msg.content["config"]
     recipe = json.loads(str(cfg["recipe"]))
     data = recipe["data"]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LocalFederation", "free_port"]
+__all__ = ["LocalFederation", "free_port", "terminate"]
 
 HOST = "127.0.0.1"
 CONNECTION = "fl-lightning-local"
@@ -31,6 +31,79 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live descendants of process ``pid``, read from ``/proc`` (empty where there is
+    none). Flower's SuperLink and SuperNodes start their ``flower-superexec`` in a session of
+    its own, so a signal to their process group does not reach it or the apps it starts."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal(pid: int, sig: int, group: bool) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
+def terminate(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
+    """Stop ``procs`` (each the leader of its own process group) and every process they
+    started: SIGTERM to all of them, SIGKILL to what is left after ``grace`` seconds."""
+    procs = [p for p in procs if p is not None]
+    tree = [d for p in procs for d in _descendants(p.pid)]
+    for p in procs:
+        if p.poll() is None:
+            _signal(p.pid, signal.SIGTERM, group=True)
+    for pid in tree:
+        _signal(pid, signal.SIGTERM, group=False)
+    late = [d for p in procs for d in _descendants(p.pid) if d not in tree]  # started meanwhile
+    for pid in late:
+        _signal(pid, signal.SIGTERM, group=False)
+    tree += late
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal(p.pid, signal.SIGKILL, group=True)
+            p.wait(timeout=grace)
+    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in tree:
+        if _alive(pid):
+            _signal(pid, signal.SIGKILL, group=False)
 
 
 def _toml_value(value: Any) -> str:
@@ -60,6 +133,11 @@ class LocalFederation:
         workdir: where the Flower homes and the logs go (a new temporary folder if ``None``).
         data_dir: passed to every SuperNode as ``--node-config data-dir=...`` (optional).
         start_timeout: seconds to wait for the SuperLink's port.
+        threads: PyTorch's intra-op thread count in every process it starts (their
+            ``OMP_NUM_THREADS``, and each SuperNode's ``--node-config threads=...``); ``None``
+            leaves both to the environment. The weights equal a simulation's bit for bit only
+            when the simulation runs with the same count (``torch.set_num_threads``): CPU
+            kernels split their reductions by thread.
 
     Example (not run here: it starts processes)::
 
@@ -69,10 +147,14 @@ class LocalFederation:
 
     def __init__(
         self, num_supernodes: int, workdir: str | os.PathLike | None = None,
-        data_dir: str | None = None, start_timeout: float = 60.0,
+        data_dir: str | None = None, start_timeout: float = 60.0, threads: int | None = 1,
     ) -> None:
         if num_supernodes < 1:
             raise ValueError(f"num_supernodes={num_supernodes} must be >= 1")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise ValueError(f"threads={threads!r} must be an integer >= 1 or None")
+        self.threads = threads
         self.num_supernodes = num_supernodes
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fl-lightning-flower-"))
         self.data_dir = data_dir
@@ -81,13 +163,15 @@ class LocalFederation:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen | None] = []
         self._logs: list[Any] = []
+        self._runs: list[subprocess.Popen] = []
 
     # ------------------------------------------------------------------ processes
     def _env(self, home: Path) -> dict[str, str]:
         env = dict(os.environ)
         env["FLWR_HOME"] = str(home)
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-        env.setdefault("OMP_NUM_THREADS", "1")
+        if self.threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.threads)
         return env
 
     def _spawn(self, args: list[str], home: Path, log_name: str) -> subprocess.Popen:
@@ -126,6 +210,8 @@ class LocalFederation:
             node_config = f"partition-id={k} num-partitions={self.num_supernodes}"
             if self.data_dir:
                 node_config += f' data-dir="{self.data_dir}"'
+            if self.threads is not None:
+                node_config += f" threads={self.threads}"
             self.supernodes.append(self._spawn(
                 [_executable("flower-supernode"), "--insecure", "--superlink",
                  f"{HOST}:{self.port}", "--host", HOST, "--port", str(free_port()),
@@ -144,32 +230,23 @@ class LocalFederation:
         )
 
     def kill(self, k: int, sig: int = signal.SIGTERM) -> None:
-        """Stop SuperNode ``k`` (``SIGTERM``: it leaves the federation at once; ``SIGKILL``:
-        the SuperLink notices after Flower's heartbeat patience)."""
+        """Stop SuperNode ``k`` and every process it started, as a lost machine
+        (``SIGTERM``: it leaves the federation at once; ``SIGKILL``: the SuperLink notices after
+        Flower's heartbeat patience)."""
         proc = self.supernodes[k]
         if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, sig)
+            tree = _descendants(proc.pid)
+            _signal(proc.pid, sig, group=True)
+            for pid in tree:
+                _signal(pid, sig, group=False)
             proc.wait(timeout=30)
         self.supernodes[k] = None
 
     def stop(self) -> None:
-        """Stop every process this federation started (SIGTERM, then SIGKILL after 15 s)."""
-        procs = [p for p in [*self.supernodes, self.superlink] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(timeout=15)
+        """Stop every process this federation started, the runs it submitted and the
+        processes those started (SIGTERM, then SIGKILL after 15 s)."""
+        terminate([*self._runs, *self.supernodes, self.superlink])
+        self._runs = []
         self.supernodes = [None] * len(self.supernodes)
         self.superlink = None
         for log in self._logs:
@@ -197,10 +274,12 @@ class LocalFederation:
         """Start ``flwr run ... --stream`` for ``app``; its output goes to ``log_name``."""
         log = open(self.workdir / log_name, "w")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             self.run_command(app, run_config), env=self._env(self.workdir / "home-cli"),
             stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True,
         )
+        self._runs.append(proc)
+        return proc
 
     def run(self, app: str | os.PathLike, run_config: dict[str, Any],
             timeout: float = 1800.0) -> subprocess.CompletedProcess:
