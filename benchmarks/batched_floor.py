@@ -35,7 +35,6 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -44,6 +43,7 @@ from datetime import datetime, timezone  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import write_json  # noqa: E402
 
 from fl_lightning.algorithms import FedAvg  # noqa: E402
 from fl_lightning.engine import ClientPlan, RoundPlan  # noqa: E402
@@ -194,10 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in names:
         ratio = "" if n == "bare" else f"  ({out['over_bare'][n]:.3f}x bare)"
         print(f"{n:13s} {out['us_per_client_step_median'][n]:8.1f} us/client-step{ratio}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+    write_json(args.json, out)
     return out
 
 

@@ -47,6 +47,7 @@ from datetime import datetime, timezone  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import perturb_, restore_, write_json  # noqa: E402
 
 from fl_lightning.algorithms import FedAvg, FedSoL  # noqa: E402
 from fl_lightning.algorithms.base import LocalContext  # noqa: E402
@@ -76,21 +77,11 @@ def bare_round(global_net, local, plan, x_all, y_all, mode: str) -> None:
                 grads = torch.autograd.grad(kl_to_global(local(x), g_logits, TEMPERATURE),
                                             params)
                 if mode == "fedsol":
-                    with torch.no_grad():
-                        norm = torch.linalg.vector_norm(
-                            torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                        scale = RHO / (norm + 1e-12)
-                        eps = []
-                        for p, a, g in zip(params, anchors, grads, strict=True):
-                            e = F.normalize((p - a).abs(), p=2.0, dim=0) * g * scale
-                            p.add_(e)
-                            eps.append(e)
+                    eps = perturb_(params, anchors, grads, RHO)
             opt.zero_grad()
             F.cross_entropy(local(x), y).backward()
             if eps is not None:
-                with torch.no_grad():
-                    for p, e in zip(params, eps, strict=True):
-                        p.sub_(e)
+                restore_(params, eps)
             opt.step()
 
 
@@ -210,10 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
                      indent=1))
     if "components_ms" in out:
         print("components (ms/step):", {k: round(v, 2) for k, v in out["components_ms"].items()})
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+    write_json(args.json, out)
     return out
 
 

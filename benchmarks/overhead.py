@@ -32,7 +32,6 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -41,6 +40,7 @@ from datetime import datetime, timezone  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import perturb_, restore_, write_json  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fl_lightning.algorithms import FedAvg, FedSoL  # noqa: E402
@@ -83,22 +83,12 @@ def bare_round(global_net: nn.Module, local: nn.Module, plan: RoundPlan, x_all, 
                     g_logits = global_net(x)
                 kl = kl_to_global(local(x), g_logits, TEMPERATURE)
                 grads = torch.autograd.grad(kl, params)
-                with torch.no_grad():
-                    norm = torch.linalg.vector_norm(
-                        torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                    scale = RHO / (norm + 1e-12)
-                    eps = []
-                    for p, a, g in zip(params, anchors, grads, strict=True):
-                        e = F.normalize((p - a).abs(), p=2.0, dim=0) * g * scale
-                        p.add_(e)
-                        eps.append(e)
+                eps = perturb_(params, anchors, grads, RHO)
             opt.zero_grad()
             loss = F.cross_entropy(local(x), y)
             loss.backward()
             if algorithm == "fedsol":
-                with torch.no_grad():
-                    for p, e in zip(params, eps, strict=True):
-                        p.sub_(e)
+                restore_(params, eps)
             opt.step()
 
 
@@ -191,10 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out["command"] = " ".join(["python", "benchmarks/overhead.py", *(argv or sys.argv[1:])])
     out["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+    write_json(args.json, out)
     return out
 
 
