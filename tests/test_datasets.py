@@ -165,7 +165,9 @@ def test_medmnist_home_folder_not_left_behind(tmp_path):
     code = textwrap.dedent(
         """
         import os, sys
-        from fl_lightning.data.datasets import dataset_info
+        from fl_lightning.data.datasets import dataset_info, load_dataset
+        load_dataset("digits", None, False, "train")  # read without importing scikit-learn
+        assert "sklearn" not in sys.modules
         assert dataset_info("pathmnist").input_shape == (3, 28, 28)
         assert "medmnist" in sys.modules
         assert not os.path.exists(os.path.join(os.environ["HOME"], ".medmnist"))
@@ -215,6 +217,33 @@ def test_digits_constants_are_train_statistics():
     expected = (bunch.images[k] / 16.0 - ds.DIGITS_MEAN) / ds.DIGITS_STD
     np.testing.assert_allclose(x[0, 0].numpy(), expected, rtol=1e-6, atol=1e-6)
     assert int(y[0]) == bunch.target[k]
+
+
+def test_digits_split_bits_are_scikit_learns(monkeypatch):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    def sklearn_test_rows(labels):
+        _, test_idx = train_test_split(
+            np.arange(len(labels)), test_size=ds.DIGITS_TEST_FRACTION,
+            random_state=ds.DIGITS_SPLIT_SEED, stratify=labels,
+        )
+        mask = np.zeros(len(labels), dtype=bool)
+        mask[test_idx] = True
+        return mask
+
+    target = load_digits().target
+    stored = ds.digits_test_rows(target)
+    assert np.array_equal(stored, sklearn_test_rows(target)) and stored.sum() == 360
+    # other labels (another copy of the file): computed by scikit-learn, not the stored bits
+    other = np.random.default_rng(0).permutation(target)
+    computed = ds.digits_test_rows(other)
+    assert np.array_equal(computed, sklearn_test_rows(other))
+    assert not np.array_equal(computed, stored)
+    # a missing bundled file: one line naming the fix
+    monkeypatch.setattr(ds, "DIGITS_FILE", ("datasets", "data", "no-such-digits.csv.gz"))
+    with pytest.raises(DataNotFoundError, match="pip install scikit-learn"):
+        load_dataset("digits", None, False, "train")
 
 
 # ---- MNIST ----

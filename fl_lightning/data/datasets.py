@@ -4,7 +4,9 @@
 ``(N,)``.
 
 * ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes); needs no files. A fixed
-  stratified 80/20 train/test split; pixels / 16, then normalized with the train split's mean/std.
+  stratified 80/20 train/test split (scikit-learn's ``train_test_split``, stored as bits so that
+  loading imports no scikit-learn); pixels / 16, then normalized with the train split's
+  mean/std.
 * ``mnist``: ``torchvision.datasets.MNIST`` (files in ``data_dir/MNIST/raw/*-ubyte``), scaled to
   [0, 1] and normalized with mean 0.1307 / std 0.3081.
 * ``cifar10``, ``svhn``, ``cinic10``: 32x32 RGB, read from their distributed formats by
@@ -20,8 +22,8 @@ which is the same as the official code's ``convert("RGB")`` (and costs a third o
 
 Files are checked against the MD5 checksums the libraries ship (``verify=True``, see
 :mod:`fl_lightning.data.checksums`). Nothing is written into ``data_dir`` unless ``download`` is
-true. torchvision, medmnist, scipy and scikit-learn are imported lazily, inside the functions
-that need them.
+true. PyTorch, torchvision, medmnist, scipy and scikit-learn are imported lazily, inside the
+functions that need them: :func:`load_labels` of ``digits`` imports none of them.
 """
 
 from __future__ import annotations
@@ -29,16 +31,19 @@ from __future__ import annotations
 import os
 import zipfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fl_lightning.data.checksums import MNIST_RAW_MD5, check_file
 from fl_lightning.errors import ConfigError, DataNotFoundError
 from fl_lightning.suggest import did_you_mean
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["DatasetInfo", "NORMALIZATION", "available_datasets", "dataset_info", "load_dataset",
-           "normalization"]
+           "load_labels", "normalization"]
 
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -236,6 +241,19 @@ def load_dataset(
     return _load_medmnist(name, entry, _data_root(name, data_dir), download, split, verify)
 
 
+def load_labels(
+    name: str, data_dir: str | os.PathLike | None, split: str, verify: bool = True
+) -> np.ndarray:
+    """The int64 labels of one split, in :func:`load_dataset`'s order and with its checks
+    (nothing is downloaded). ``digits`` reads them without importing PyTorch or scikit-learn,
+    which is what makes a Flower discovery query cheap; the other datasets load the split."""
+    if _canonical(name) == "digits" and split in SPLITS:
+        labels = _digits_table()[:, -1].astype(np.int64)
+        test = digits_test_rows(labels)
+        return labels[test if split == "test" else ~test]
+    return load_dataset(name, data_dir, False, split, verify)[1].numpy()
+
+
 def _data_root(name: str, data_dir) -> str:
     if data_dir is None or not os.fspath(data_dir):
         raise ConfigError(
@@ -254,6 +272,8 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
 
 def _normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
     """``(images / 255 - mean) / std`` per channel of a uint8 ``(N, C, H, W)`` tensor."""
+    import torch
+
     mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
     return images.to(torch.float32).div_(255.0).sub_(mean_t).div_(std_t).contiguous()
@@ -262,20 +282,75 @@ def _normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
 # digits ------------------------------------------------------------------------------------
 
 
-def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+#: ``train_test_split(arange(1797), test_size=DIGITS_TEST_FRACTION,
+#: random_state=DIGITS_SPLIT_SEED, stratify=target)`` of scikit-learn: its test rows as bits
+#: (``np.packbits``), valid for the labels whose SHA-256 is :data:`DIGITS_LABELS_SHA256`.
+#: Importing scikit-learn costs seconds in every fresh process (each Flower ClientApp, each
+#: command-line start); tests/test_datasets.py checks the bits against scikit-learn itself.
+DIGITS_TEST_BITS = (
+    "000004883524104000064100934205001a00080100240028062c12001000940a009019120420f8a0028110a0"
+    "00080a8820441524494240a00a0000004004d80000818020004805c400104008a0100005404800301000020e"
+    "c409000224840083a8013c20a6980a0000000b08400804a0184802024041c1008004404684376a8102160044"
+    "80004042a0a4180a5000840b8561c608108008004c80c02004068e00010882008100380803c008190000100e"
+    "01008410a0210033282904c044c080680e0102830082008822a6402c24042108a860809081a00c02820242120"
+    "138a41500"
+)
+DIGITS_LABELS_SHA256 = "a3c91c262eddcf7ba8f0e37507c30284493c9b20412ffe4af30d536401f7ba21"
+DIGITS_FILE = ("datasets", "data", "digits.csv.gz")  # inside the scikit-learn package
+
+
+def _digits_table() -> np.ndarray:
+    """scikit-learn's bundled ``digits.csv.gz`` (1797 rows: 64 pixels, then the label), read
+    with numpy from the installed package's folder without importing scikit-learn."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = os.path.join(folders[0], *DIGITS_FILE) if folders else None
+    if path is None or not os.path.isfile(path):
+        raise DataNotFoundError(
+            "the digits dataset is scikit-learn's bundled file "
+            f"sklearn/{'/'.join(DIGITS_FILE)}, which was not found: install scikit-learn "
+            "(pip install scikit-learn) or use another --data.dataset"
+        )
+    try:
+        return np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataNotFoundError(
+            f"{path} is unreadable ({_one_line(exc)}): reinstall scikit-learn "
+            "(pip install --force-reinstall scikit-learn)"
+        ) from None
+
+
+def digits_test_rows(labels: np.ndarray) -> np.ndarray:
+    """Which rows of ``digits`` are the test split (a boolean mask): scikit-learn's stratified
+    ``train_test_split`` with :data:`DIGITS_TEST_FRACTION` and :data:`DIGITS_SPLIT_SEED`,
+    taken from :data:`DIGITS_TEST_BITS` for the known labels, computed otherwise."""
+    import hashlib
+
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    if hashlib.sha256(labels.tobytes()).hexdigest() == DIGITS_LABELS_SHA256:
+        bits = np.frombuffer(bytes.fromhex(DIGITS_TEST_BITS), dtype=np.uint8)
+        return np.unpackbits(bits, count=len(labels)).astype(bool)
     from sklearn.model_selection import train_test_split
 
-    bunch = load_digits()
-    images = bunch.images.astype(np.float32) / 16.0
-    labels = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)),
-        test_size=DIGITS_TEST_FRACTION,
-        random_state=DIGITS_SPLIT_SEED,
-        stratify=labels,
+    _, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION,
+        random_state=DIGITS_SPLIT_SEED, stratify=labels,
     )
-    idx = np.sort(train_idx if split == "train" else test_idx)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[test_idx] = True
+    return mask
+
+
+def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    table = _digits_table()
+    images = table[:, :-1].reshape(-1, 8, 8).astype(np.float32) / 16.0
+    labels = table[:, -1].astype(np.int64)
+    test = digits_test_rows(labels)
+    idx = np.flatnonzero(test if split == "test" else ~test)  # in file order
     x = (torch.from_numpy(images[idx]).unsqueeze(1) - DIGITS_MEAN) / DIGITS_STD
     return x.to(torch.float32).contiguous(), torch.from_numpy(labels[idx])
 
@@ -344,6 +419,7 @@ def _find_bad_mnist_file(raw: str, split: str) -> tuple[str, str] | None:
 def _load_mnist(
     root: str, download: bool, split: str, verify: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
     from torchvision.datasets import MNIST
 
     try:
@@ -384,6 +460,8 @@ def _load_mnist(
 def _load_medmnist(
     flag: str, entry: dict, root: str, download: bool, split: str, verify: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     medmnist = _medmnist()
     fname = f"{flag}.npz"
     candidates = [os.path.join(root, "medmnist"), root]
