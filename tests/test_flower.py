@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("flwr")
 
 import torch  # noqa: E402
+from flwr.app import Context, RecordDict  # noqa: E402
 
 from fl_lightning.cli import FederatedCLI  # noqa: E402
 from fl_lightning.data.plans import sample_clients  # noqa: E402
@@ -45,14 +46,17 @@ RUN_LIMIT_S = 900  # bounds a hung run only
 
 
 class _RecordedDrops(Participation):
-    """The dropouts a Flower run recorded, replayed in the simulation."""
+    """The dropouts a Flower run recorded, replayed in the simulation on top of the run's own
+    participation policy (its planned dropouts and stragglers)."""
 
-    def __init__(self, dropped: dict[int, list[int]]) -> None:
-        super().__init__()
-        self.dropped = dropped
+    def __init__(self, dropped: dict[int, list[int]], policy: Participation | None) -> None:
+        super().__init__(straggler_work=policy.straggler_work if policy else 0.5)
+        self.dropped, self.policy = dropped, policy
 
     def split(self, seed, round_idx, client_ids):
-        return [c for c in client_ids if c in self.dropped.get(round_idx, [])], []
+        planned, slow = self.policy.split(seed, round_idx, client_ids) if self.policy else ([], [])
+        lost = [c for c in client_ids if c in self.dropped.get(round_idx, [])]
+        return planned + [c for c in lost if c not in planned], [c for c in slow if c not in lost]
 
 
 def _simulate(root: Path, args: str, rounds: int, dropped=None) -> dict[str, torch.Tensor]:
@@ -65,7 +69,8 @@ def _simulate(root: Path, args: str, rounds: int, dropped=None) -> dict[str, tor
     try:
         cli = FederatedCLI(args=argv, run=False)
         if dropped:
-            cli.model.systems.participation = _RecordedDrops(dropped)
+            systems = cli.model.systems
+            systems.participation = _RecordedDrops(dropped, systems.participation)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     finally:
         torch.set_num_threads(before)
@@ -89,15 +94,102 @@ def _assert_same(flower: dict, sim: dict, what: str) -> None:
         )
 
 
-def _wait_for(what: str, ready, runs: dict, fed: LocalFederation, deadline: float) -> None:
-    """Poll ``ready()`` until it holds; fails at once if a run stopped, or at ``deadline``."""
+def _wait_for(what: str, ready, runs: dict, fed: LocalFederation, deadline: float,
+              waiter: str) -> None:
+    """Poll ``ready()`` until it holds; fails at once if a run failed, if run ``waiter`` (the
+    one that must reach ``what``) ended without reaching it, or at ``deadline``."""
     while not ready():
         for name, proc in runs.items():  # a finished run is fine, a failed one is not
-            assert proc.poll() in (None, 0), (
-                f"the {name} run failed before {what}; see {fed.workdir}/run-{name}.log"
+            code = proc.poll()
+            ended = name == waiter and code is not None and not ready()
+            assert code in (None, 0) and not ended, (
+                f"the {name} run {'ended' if code == 0 else 'failed'} before {what}; see "
+                f"{fed.workdir}/run-{name}.log:\n" + "\n".join(
+                    _lines(fed.workdir / f"run-{name}.log")[-15:])
             )
         assert time.monotonic() < deadline, f"the runs never reached {what}"
         time.sleep(0.1)
+
+
+def test_discovery_size_is_the_partition_the_node_trains_on():
+    # the query answers from the labels alone; the train handler loads the samples themselves
+    from fl_lightning.flower.client import local_partition, partition_size
+
+    data = {"dataset": "digits", "data_dir": None, "num_clients": 3, "partition": "lda",
+            "shards_per_client": 2, "alpha": 0.5, "seed": 0, "reference_partition": False,
+            "verify_checksums": True}
+    sizes = [partition_size(data, k) for k in range(3)]
+    assert sizes == [len(local_partition(data, k)[1]) for k in range(3)]
+    assert sum(sizes) == 1437 and len(set(sizes)) == 3  # unequal LDA parts of the train split
+
+
+class _MemoryGrid:
+    """Flower's ``Grid`` calls over memory instead of the network: every pushed message is
+    answered at once by the real ClientApp handler with the node's own context (node config,
+    persistent state). Node ``victim`` leaves after the first round."""
+
+    def __init__(self, num_nodes: int, victim: int) -> None:
+        self.state = {k: RecordDict() for k in range(num_nodes)}
+        self.online, self.victim, self.replies, self.pushes = set(range(num_nodes)), victim, {}, 0
+
+    def get_node_ids(self):
+        return [100 + k for k in sorted(self.online)]
+
+    def push_messages(self, messages):
+        from fl_lightning.flower.client import make_client_app
+
+        app, ids = make_client_app(), []
+        for i, msg in enumerate(messages):
+            k = msg.metadata.dst_node_id - 100
+            context = Context(run_id=1, node_id=msg.metadata.dst_node_id, state=self.state[k],
+                              node_config={"partition-id": k, "num-partitions": len(self.state),
+                                           "threads": THREADS}, run_config={})
+            ids.append(f"{self.pushes}.{i}")
+            self.replies[ids[-1]] = app(msg, context)
+        self.pushes += 1
+        if self.pushes == 1:
+            self.online.discard(self.victim)
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in ids:
+            reply = self.replies.pop(mid)
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            out.append(reply)
+        return out
+
+
+def test_the_apps_over_memory_equal_the_simulation_with_stragglers_and_a_lost_node(
+    tmp_path, monkeypatch
+):
+    # the ServerApp's and ClientApp's own code with only the transport replaced: partitions
+    # learnt from the first round (sent to every node), a straggler per round (the node cuts
+    # its steps), a node lost after round 0 (dropped from then on), SCAFFOLD's state on nodes
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl_lightning.flower.server import run_server
+
+    for key in ("run_id", "node_id", "task_id"):  # what a ServerApp process is given
+        monkeypatch.setattr(TaskIdentity, f"_{key}", 1, raising=False)
+    args = ("--model.algorithm fl_lightning.algorithms.SCAFFOLD --model.participation "
+            "fl_lightning.systems.Participation --model.participation.straggler_ratio 0.5")
+    victim = sorted(set.intersection(*[set(sample_clients(NUM_CLIENTS, PER_ROUND, SEED, r))
+                                       for r in range(ROUNDS)]))[0]
+    before = torch.get_num_threads()
+    try:
+        summary = run_server(_MemoryGrid(NUM_CLIENTS, victim),
+                             {"config": str(CONFIG), "args": args, "rounds": ROUNDS,
+                              "save-dir": str(tmp_path / "run")}, APP)
+    finally:
+        torch.set_num_threads(before)
+    history = summary["history"]
+    assert [len(h["bytes_down"]) for h in history] == [NUM_CLIENTS, PER_ROUND - 1]
+    assert all(len(h["stragglers"]) == 1 for h in history), history
+    assert history[0]["dropped"] == [] and history[1]["dropped"] == [victim], history
+    assert "offline" in history[1]["why"][str(victim)]
+    sim = _simulate(tmp_path / "sim", args, ROUNDS, {1: [victim]})
+    _assert_same(_final(tmp_path / "run"), sim, "memory grid")
 
 
 def test_flower_federation_matches_simulation_and_drops_a_killed_supernode(tmp_path):
@@ -111,8 +203,8 @@ def test_flower_federation_matches_simulation_and_drops_a_killed_supernode(tmp_p
     progress = {name: tmp_path / name / "progress.jsonl" for name in ALGORITHMS}
     deadline = time.monotonic() + RUN_LIMIT_S
     # FedAvg, FedSoL and SCAFFOLD as three runs on one federation of 3 SuperNodes. A run
-    # creates progress.jsonl once it has found every partition's node and adds a line per
-    # round. Each run is submitted once the previous one has found its nodes (a ServerApp that
+    # creates progress.jsonl once its ServerApp sees every SuperNode connected and adds a line
+    # per round. Each run is submitted once the previous one got there (a ServerApp that
     # starts slowly beside others on a busy machine misses Flower's activation deadline).
     with LocalFederation(NUM_CLIENTS, tmp_path / "fed", threads=THREADS) as fed:
         runs = {}
@@ -120,11 +212,12 @@ def test_flower_federation_matches_simulation_and_drops_a_killed_supernode(tmp_p
             cfg = {"rounds": ROUNDS, "args": args, "save-dir": str(tmp_path / name),
                    "round-timeout": 300.0}
             runs[name] = fed.submit(APP, cfg, log_name=f"run-{name}.log")
-            _wait_for(f"{name} found its nodes", progress[name].is_file, runs, fed, deadline)
+            _wait_for(f"{name} saw its nodes", progress[name].is_file, runs, fed, deadline,
+                      name)
         # the kill: right after the last run's round 1, which the victim reported in; its round
         # 2 message cannot be answered before (a ClientApp process starts per message)
         _wait_for(f"{last}'s round 1", lambda: bool(_lines(progress[last])), runs, fed,
-                  deadline)
+                  deadline, last)
         fed.kill(victim)
         end = time.monotonic() + RUN_LIMIT_S
         for name, proc in runs.items():

@@ -23,38 +23,39 @@ SuperNode's ``context.state`` between rounds and never sent.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch import Tensor, nn
 
-from fl_lightning.algorithms.base import Algorithm
-from fl_lightning.data.augment import paper_augmentation
-from fl_lightning.data.datasets import load_dataset
-from fl_lightning.data.partition import partition_indices
-from fl_lightning.data.plans import augment_batch, client_batches
-from fl_lightning.engine import ClientPlan, RoundPlan, SequentialEngine
 from fl_lightning.errors import ConfigError
-from fl_lightning.flower.records import (
-    extras_to_content,
-    params_from_record,
-    params_to_record,
-)
 
-__all__ = ["build_components", "local_partition", "make_client_app"]
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
 
-NetFactory = Callable[[int, Sequence[int]], nn.Module]
+    from fl_lightning.algorithms.base import Algorithm
+
+__all__ = ["build_components", "local_partition", "make_client_app", "partition_size"]
+
 STATE_PREFIX = "state."
 SERVER_PREFIX = "server."
+# PyTorch and the training code are imported for local training only: every message starts a
+# fresh ClientApp process, and a node that only reports its partition needs none of them
+# (numpy only, for digits).
 
 
 def build_components(recipe: dict[str, Any]) -> tuple[Algorithm, nn.Module]:
     """The algorithm and the network of a recipe, built as the CLI builds them."""
-    from jsonargparse import ArgumentParser
+    from collections.abc import Callable, Sequence
 
+    import torch
+    from jsonargparse import ArgumentParser
+    from torch import nn
+
+    from fl_lightning.algorithms.base import Algorithm
+
+    NetFactory = Callable[[int, Sequence[int]], nn.Module]  # noqa: N806 - a type, as in the CLI
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--algorithm", type=Algorithm)
     parser.add_argument("--net", type=NetFactory)
@@ -88,6 +89,11 @@ def local_partition(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """This client's training samples ``(x, y)`` (in partition order), nothing else kept, and
     their indices in the whole training set (the keys of their per-epoch order)."""
+    import torch
+
+    from fl_lightning.data.datasets import load_dataset
+    from fl_lightning.data.partition import partition_indices
+
     x, y = load_dataset(
         data["dataset"], data_dir or data["data_dir"], False, "train", data["verify_checksums"]
     )
@@ -102,11 +108,30 @@ def local_partition(
     return (x_own.to(dtype) if dtype is not None else x_own), y_own, own
 
 
+def partition_size(data: dict[str, Any], client_id: int, data_dir: str | None = None) -> int:
+    """How many training samples this client holds: its part of the run's partition, computed
+    from the labels alone (for ``digits`` without importing PyTorch)."""
+    from fl_lightning.data.datasets import load_labels
+    from fl_lightning.data.partition import partition_indices
+
+    labels = load_labels(
+        data["dataset"], data_dir or data["data_dir"], "train", data["verify_checksums"]
+    )
+    parts = partition_indices(
+        labels, data["num_clients"], data["partition"],
+        shards_per_client=data["shards_per_client"], alpha=data["alpha"], seed=data["seed"],
+        reference=data["reference_partition"],
+    )
+    return len(parts[client_id])
+
+
 def _node_threads(context: Context) -> None:
     """Apply the node's ``threads`` setting (if any) to PyTorch's intra-op thread pool."""
     value = context.node_config.get("threads")
     if value is None:
         return
+    import torch
+
     try:
         threads = int(value)
     except (TypeError, ValueError):
@@ -119,12 +144,42 @@ def _node_threads(context: Context) -> None:
     torch.set_num_threads(threads)
 
 
+def _info(client_id: int, num_samples: int) -> ConfigRecord:
+    """Which partition this node holds and how many training samples it has."""
+    return ConfigRecord({"client_id": client_id, "num_samples": num_samples})
+
+
 def _train(msg: Message, context: Context) -> Message:
-    _node_threads(context)
+    """A round's message: train where this node's client is in the round's ``train`` list,
+    else answer with its partition id and size only (how the server learns them)."""
     cfg = msg.content["config"]
     recipe = json.loads(str(cfg["recipe"]))
+    client_id = _node_partition(context, int(recipe["data"]["num_clients"]))
+    if client_id in json.loads(str(cfg["train"])):
+        return _local_training(msg, context, recipe, client_id)
+    size = partition_size(recipe["data"], client_id, context.node_config.get("data-dir"))
+    return Message(RecordDict({"info": _info(client_id, size)}), reply_to=msg)
+
+
+def _local_training(
+    msg: Message, context: Context, recipe: dict[str, Any], client_id: int
+) -> Message:
+    import math
+
+    import torch
+
+    from fl_lightning.data.augment import paper_augmentation
+    from fl_lightning.data.plans import augment_batch, client_batches
+    from fl_lightning.engine import ClientPlan, RoundPlan, SequentialEngine
+    from fl_lightning.flower.records import (
+        extras_to_content,
+        params_from_record,
+        params_to_record,
+    )
+
+    _node_threads(context)
+    cfg = msg.content["config"]
     data = recipe["data"]
-    client_id = _node_partition(context, int(data["num_clients"]))
     algorithm, net = build_components(recipe)
     dtype = getattr(torch, recipe["dtype"])
     x, y, own = local_partition(data, client_id, context.node_config.get("data-dir"), dtype)
@@ -147,8 +202,10 @@ def _train(msg: Message, context: Context) -> Message:
         own, int(data["seed"]), round_idx, client_id, int(recipe["local_epochs"]),
         int(recipe["batch_size"]), positions=True,
     )
-    if "max_steps" in cfg:  # a straggler of the participation policy
-        batches = batches[: int(cfg["max_steps"])]
+    if client_id in json.loads(str(cfg["slow"])):  # a straggler of the participation policy:
+        # the simulation's share of its local steps
+        work = float(cfg["straggler-work"])
+        batches = batches[: max(1, int(math.floor(work * len(batches) + 1e-9)))]
     augmentation = paper_augmentation(data["dataset"]) if data["augment"] == "paper" else None
 
     def transform(xb: Tensor, r: int, c: int, step: int) -> Tensor:
@@ -157,7 +214,8 @@ def _train(msg: Message, context: Context) -> Message:
     plan = RoundPlan(
         round=round_idx, clients=[ClientPlan(client_id, len(y), batches)],
         transform=None if augmentation is None else transform,
-        num_clients=int(cfg["num_clients"]), total_samples=int(cfg["total_samples"]),
+        num_clients=int(cfg["num_clients"]),  # total_samples: absent until every node answered
+        total_samples=int(cfg["total_samples"]) if "total_samples" in cfg else None,
     )
     (result,) = SequentialEngine().run_round(
         algorithm, net, global_params, buffers, plan, (x, y), float(cfg["lr"]),
@@ -170,6 +228,7 @@ def _train(msg: Message, context: Context) -> Message:
         for entry, value in result.state.items():
             context.state[STATE_PREFIX + entry] = params_to_record(value)
     content = RecordDict({
+        "info": _info(client_id, len(y)),
         "params": params_to_record(result.params),
         "metrics": MetricRecord({
             "client_id": client_id, "num_samples": result.num_samples,
@@ -180,19 +239,9 @@ def _train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _query(msg: Message, context: Context) -> Message:
-    recipe = json.loads(str(msg.content["config"]["recipe"]))
-    data = recipe["data"]
-    client_id = _node_partition(context, int(data["num_clients"]))
-    _, y, _ = local_partition(data, client_id, context.node_config.get("data-dir"))
-    reply = ConfigRecord({"client_id": client_id, "num_samples": len(y)})
-    return Message(RecordDict({"info": reply}), reply_to=msg)
-
-
 def make_client_app() -> ClientApp:
-    """A Flower ``ClientApp`` answering ``query`` (which partition, how many samples) and
-    ``train`` (one round of the algorithm's local training) messages."""
+    """A Flower ``ClientApp`` answering ``train`` messages: one round of the algorithm's local
+    training where the node's client is asked to train, its partition id and size otherwise."""
     app = ClientApp()
     app.train()(_train)
-    app.query()(_query)
     return app

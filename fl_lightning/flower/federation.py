@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -106,6 +107,20 @@ def terminate(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
             _signal(pid, signal.SIGKILL, group=False)
 
 
+def _source_root() -> str | None:
+    """The folder holding the ``fl_lightning`` package this process imported, where a fresh
+    interpreter would not find that same package on its own (a source checkout run from its
+    folder or through ``PYTHONPATH``, or an editable install of another checkout); ``None``
+    for an installed package (its site-packages folder is on every interpreter's path)."""
+    import fl_lightning
+
+    root = str(Path(fl_lightning.__file__).resolve().parents[1])
+    installed = {str(Path(p).resolve()) for p in site.getsitepackages()}
+    if hasattr(site, "getusersitepackages"):
+        installed.add(str(Path(site.getusersitepackages()).resolve()))
+    return None if root in installed else root
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -156,7 +171,8 @@ class LocalFederation:
             raise ValueError(f"threads={threads!r} must be an integer >= 1 or None")
         self.threads = threads
         self.num_supernodes = num_supernodes
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fl-lightning-flower-"))
+        # absolute: every process runs in it, and FLWR_HOME is read relative to a process's cwd
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fl-lightning-flower-")).absolute()
         self.data_dir = data_dir
         self.start_timeout = start_timeout
         self.port: int | None = None
@@ -170,8 +186,16 @@ class LocalFederation:
         env = dict(os.environ)
         env["FLWR_HOME"] = str(home)
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        source = _source_root()
+        if source is not None:  # the apps run the fl_lightning this process runs
+            env["PYTHONPATH"] = os.pathsep.join(
+                [source, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+            )
         if self.threads is not None:
             env["OMP_NUM_THREADS"] = str(self.threads)
+        # a federation on 127.0.0.1 talks to nothing else: no telemetry, no update check
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
         return env
 
     def _spawn(self, args: list[str], home: Path, log_name: str) -> subprocess.Popen:

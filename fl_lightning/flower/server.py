@@ -7,9 +7,11 @@ module's sampling settings from it, never loads training data, and per round:
 
 1. samples ``clients_per_round`` clients with the data module's seeded sampler (the same
    ids as the simulation), applies ``--model.participation`` (planned dropouts are not asked;
-   stragglers are told their step budget);
+   stragglers are named, with their share of the work);
 2. sends each sampled client's SuperNode the global weights, the server state its local step
-   reads, and the round's settings (:mod:`fl_lightning.flower.records`);
+   reads, and the round's settings (:mod:`fl_lightning.flower.records`); a node whose partition
+   is not known yet (every node, in the first round) gets the message too and answers with its
+   partition id and size: that is how the server maps partitions to nodes;
 3. collects the replies: a node that is gone, answers with an error, or does not answer within
    ``round-timeout`` seconds is dropped for the round (as a participation dropout: nothing it
    sent is used, nothing of it is stored); non-finite clients follow ``--model.on_nonfinite``;
@@ -30,7 +32,6 @@ Run config (``[tool.flwr.app.config]`` of the Flower app, or ``flwr run --run-co
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import sys
@@ -147,8 +148,8 @@ def _exchange(
     return replies, failures
 
 
-def _discover(grid: Grid, recipe: dict, num_clients: int, wait_s: float, timeout: float):
-    """Map every partition id to its SuperNode and its number of samples."""
+def _wait_for_nodes(grid: Grid, num_clients: int, wait_s: float) -> list[int]:
+    """The connected SuperNodes, once there are ``num_clients`` of them (or an error)."""
     deadline = time.monotonic() + wait_s
     while len(list(grid.get_node_ids())) < num_clients and time.monotonic() < deadline:
         time.sleep(POLL_S)
@@ -159,27 +160,26 @@ def _discover(grid: Grid, recipe: dict, num_clients: int, wait_s: float, timeout
             f"but --data.num_clients={num_clients}: start one SuperNode per partition "
             f"(--node-config \"partition-id=K num-partitions={num_clients}\")"
         )
-    config = ConfigRecord({"recipe": json.dumps(recipe)})
-    msgs = {i: Message(RecordDict({"config": config}), n, "query") for i, n in enumerate(nodes)}
-    replies, failures = _exchange(grid, msgs, timeout)
-    where: dict[int, int] = {}
-    sizes: dict[int, int] = {}
-    for i, reply in replies.items():
-        cid = int(reply.content["info"]["client_id"])
-        if cid in where:
+    return nodes
+
+
+def _learn_partitions(
+    replies: dict[int, Message], nodes: dict[int, int], where: dict[int, int],
+    sizes: dict[int, int], num_clients: int,
+) -> None:
+    """Record which node holds which partition id and its size, from the ``info`` every reply
+    carries (``nodes``: message key -> node id); two nodes with one partition id are an
+    error."""
+    for key, reply in replies.items():
+        info = reply.content["info"]
+        cid, node = int(info["client_id"]), nodes[key]
+        if where.get(cid, node) != node or not 0 <= cid < num_clients:
             raise FederationError(
                 f"two SuperNodes hold partition-id={cid}: give each node its own partition-id"
+                if 0 <= cid < num_clients else
+                f"a SuperNode holds partition-id={cid} but --data.num_clients={num_clients}"
             )
-        where[cid], sizes[cid] = nodes[i], int(reply.content["info"]["num_samples"])
-    missing = [c for c in range(num_clients) if c not in where]
-    if missing:
-        why = next(iter(failures.values()), "no node has it")
-        raise FederationError(
-            f"no SuperNode answered for partition-id={missing[0]} ({why}): start one "
-            f"SuperNode per partition with --node-config \"partition-id=K "
-            f"num-partitions={num_clients}\""
-        )
-    return where, sizes
+        where[cid], sizes[cid] = node, int(info["num_samples"])
 
 
 def _server_state(algorithm) -> dict[str, Any]:
@@ -221,8 +221,12 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
     module, dm, recipe = build_run(config_path, str(run_config.get("args", "")), rounds)
     algorithm, net = module.algorithm, module.net
     num_clients = dm.num_clients
-    where, sizes = _discover(grid, recipe, num_clients, wait_s, timeout)
-    total_samples = sum(sizes.values())
+    nodes = _wait_for_nodes(grid, num_clients, wait_s)
+    # which node holds which partition id (and how many samples) is learnt from the replies:
+    # a node whose partition is not known yet gets every round's message (the first round's
+    # goes to all) and answers it, by training where it is asked to, else with its size only
+    where: dict[int, int] = {}
+    sizes: dict[int, int] = {}
     optimizer = module.configure_optimizers()
     participation = module.systems.participation
     per_round = module.clients_per_round(num_clients)
@@ -234,6 +238,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
         open(progress_path, "w").close()
     history: list[dict[str, Any]] = []
     for r in range(rounds):
+        total_samples = sum(sizes.values()) if len(sizes) == num_clients else None
         sampled = dm.sample_clients(r, per_round)
         planned, slow = participation.split(dm.seed, r, sampled) if participation else ([], [])
         asked = [c for c in sampled if c not in set(planned)]
@@ -252,31 +257,40 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
             content["buffers"] = params_to_record(buffers)
         for key, value in _server_state(algorithm).items():
             content[f"server.{key}"] = params_to_record(value)
-        messages: dict[int, Message] = {}
+        cfg = {"round": r, "lr": module.local_lr_at(r), "num_clients": num_clients,
+               "recipe": recipe_json, "train": json.dumps(asked), "slow": json.dumps(slow),
+               "straggler-work": participation.straggler_work if participation else 1.0}
+        if total_samples is not None:
+            cfg["total_samples"] = total_samples
+        content["config"] = ConfigRecord(cfg)
         online = set(grid.get_node_ids())
+        known = set(where.values())
+        targets = {c: where[c] for c in asked if c in where and where[c] in online}
+        targets.update({-1 - i: n for i, n in enumerate(nodes) if n not in known and n in online})
+        messages = {key: Message(RecordDict(dict(content.items())), node, "train",
+                                 group_id=str(r)) for key, node in targets.items()}
+        replies, failures = _exchange(grid, messages, timeout) if messages else ({}, {})
+        down = [record_bytes(m.content) for m in messages.values()]
+        _learn_partitions(replies, targets, where, sizes, num_clients)
+        by_client = {int(m.content["info"]["client_id"]): m for m in replies.values()}
+        failed = {targets[k]: why for k, why in failures.items()}
         gone: dict[int, str] = {}
         for c in asked:
-            if where[c] not in online:
-                gone[c] = "its SuperNode is offline"
+            if c in by_client:
                 continue
-            cfg = {"round": r, "lr": module.local_lr_at(r), "num_clients": num_clients,
-                   "total_samples": total_samples, "recipe": recipe_json}
-            if c in slow:
-                steps = module.local_epochs * math.ceil(sizes[c] / module.batch_size)
-                cfg["max_steps"] = max(1, int(math.floor(
-                    participation.straggler_work * steps + 1e-9)))
-            msg_content = RecordDict(dict(content.items()))
-            msg_content["config"] = ConfigRecord(cfg)
-            messages[c] = Message(msg_content, where[c], "train", group_id=str(r))
-        replies, failures = _exchange(grid, messages, timeout) if messages else ({}, {})
-        failures.update(gone)
+            node = where.get(c)
+            gone[c] = (failed.get(node, "its SuperNode is offline") if node is not None
+                       else next(iter(failed.values()), "its SuperNode never answered"))
+        failures = gone
         results = []
-        down = [record_bytes(m.content) for m in messages.values()]
         up = []
         for c in asked:
-            if c not in replies:
+            if c not in by_client:
                 continue
-            rc = replies[c].content
+            rc = by_client[c].content
+            if "params" not in rc:  # answered with its size only, although asked to train
+                failures[c] = "its reply holds no trained weights"
+                continue
             up.append(record_bytes(rc))
             m = rc["metrics"]
             result = ClientResult(
@@ -286,6 +300,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
             )
             results.append(result)
         results, skipped = loop._drop_diverged(results, r) if results else ([], [])
+        total_samples = sum(sizes.values()) if len(sizes) == num_clients else None
         if results:
             # the clients committed their own state on their nodes: only the server rule here
             aggregate = algorithm.aggregate(
@@ -310,7 +325,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
     module.attach(dm)
     metrics = module.evaluate()
     summary = {"rounds": rounds, **metrics, "num_clients": num_clients,
-               "client_sizes": [sizes[c] for c in range(num_clients)], "history": history}
+               "client_sizes": [sizes.get(c) for c in range(num_clients)], "history": history}
     if save_dir:
         torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()},
                    os.path.join(save_dir, "final.pt"))
