@@ -45,6 +45,9 @@ from flwr.serverapp import Grid, ServerApp
 __all__ = ["make_server_app", "run_server"]
 
 POLL_S = 0.2
+# replies are polled at first every FIRST_POLL_S, then ever less often, up to every MAX_POLL_S:
+# a local round takes seconds, and every poll is a request the SuperLink serves
+FIRST_POLL_S, MAX_POLL_S = 0.1, 1.0
 SUPPORTED_PRECISION = {"32-true": "float32", "64-true": "float64", "32": "float32",
                        "64": "float64"}
 
@@ -131,6 +134,7 @@ def _exchange(
                 if not mid}
     replies: dict[int, Message] = {}
     deadline = time.monotonic() + timeout
+    wait = FIRST_POLL_S
     while pending:
         for reply in grid.pull_messages(list(pending)):
             key = pending.pop(reply.metadata.reply_to_message_id, None)
@@ -142,7 +146,8 @@ def _exchange(
                 replies[key] = reply
         if not pending or time.monotonic() > deadline:
             break
-        time.sleep(POLL_S)
+        time.sleep(wait)
+        wait = min(MAX_POLL_S, wait * 1.5)
     for key in pending.values():
         failures[key] = f"no reply within round-timeout={timeout:g} s"
     return replies, failures
