@@ -367,6 +367,7 @@ class BatchedEngine(SequentialEngine):
             augment(x_all[padded.index[0, 0, :1]], padded.draws[0, 0, :1])
         bufs = [torch.zeros_like(stacked[k]) for k in names] if momentum != 0.0 else None
         lr_t = ctx.lr
+        lr_eager = lr if self.compile == "none" else None  # a Python float would specialize
         sums = None
         values = [stacked[k] for k in names]
         for s in range(padded.steps):
@@ -379,7 +380,7 @@ class BatchedEngine(SequentialEngine):
             values, bufs, loss = step(
                 stacked, values, bufs, state.batched, ctx, state, x, idx, padded.labels[s],
                 augment, None if padded.draws is None else padded.draws[s],
-                padded.active[s] if masked else None, lr_t,
+                padded.active[s] if masked else None, lr_t, lr_eager,
             )
             stacked.update(zip(names, values, strict=True))
             sums = loss if sums is None else sums + loss
@@ -428,9 +429,9 @@ class BatchedEngine(SequentialEngine):
             return fn(params, batched, x, y)
 
         def step(stacked, values, bufs, batched, ctx, state, x, idx, y, augment, draws,
-                 active, lr_t):
-            if idx is not None:
-                x = x[idx]
+                 active, lr_t, lr_eager=None):
+            if idx is not None:  # one row gather (index_select: ~6x x[idx] on the CPU)
+                x = x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
             if augment is not None:
                 x = augment(x.flatten(0, 1), draws.flatten(0, 1)).view(x.shape)
             if channels_last:
@@ -441,8 +442,16 @@ class BatchedEngine(SequentialEngine):
                                                      enabled=autocast):
                 direction, loss = directions(params, batched, x, y, ctx, state)
             with torch.no_grad():
-                new_values, new_bufs = _sgd(values, [direction[k] for k in names], bufs,
-                                            lr_t, momentum, weight_decay, active)
+                grads = [direction[k] for k in names]
+                if lr_eager is not None and active is None:
+                    # eager and every client steps: the sequential engine's in-place update
+                    # on the stacked rows (no new K x parameter tensors: ~2x less memory
+                    # traffic on the CPU than the out-of-place form)
+                    new_bufs = sgd_step(values, grads, bufs, lr_eager, momentum, weight_decay)
+                    new_values = values
+                else:
+                    new_values, new_bufs = _sgd(values, grads, bufs, lr_t, momentum,
+                                                weight_decay, active)
                 loss = loss.detach().to(lr_t.dtype)
                 if active is not None:
                     loss = torch.where(active, loss, torch.zeros_like(loss))
