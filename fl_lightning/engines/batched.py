@@ -389,10 +389,11 @@ class BatchedEngine(SequentialEngine):
     def _local_step(self, algorithm: Algorithm, net: nn.Module, names: list[str],
                     momentum: float, weight_decay: float):
         """``step(stacked, values, bufs, batched state, ctx, state, x, idx, y, augment, draws,
-        active, lr) -> (values, bufs, losses)``: gather the step's batches ``x[idx]`` from the
-        round plan, augment them, take every client's direction in one vmapped call and the
-        SGD update, masked to the clients that have this step (``active``; ``None``:
-        everyone). With ``compile`` set it is compiled (``fullgraph``: no graph break) once per
+        active, lr_t, lr_eager) -> (values, bufs, losses)``: gather the step's batches (rows
+        ``idx`` of ``x``) from the round plan, augment them, take every client's direction in
+        one vmapped call and the SGD update, masked to the clients that have this step
+        (``active``; ``None``: everyone; eager, with ``lr_eager`` given, that update is in
+        place). With ``compile`` set it is compiled (``fullgraph``: no graph break) once per
         engine, algorithm, network and SGD configuration, and reused by every later round."""
         cls = type(algorithm)
         fast = (cls.direction is Algorithm.direction and cls.task_grad is Algorithm.task_grad
