@@ -20,13 +20,28 @@ drives the client engines directly (no CLI, so no jsonargparse), on MNIST read f
   convolutions) against 10 dense per-client calls: max |difference| of the gradients and the
   time of each.
 
-Device options (``--tf32``, ``--cudnn-benchmark``, ``--channels-last``, ``--bf16``) are off by
-default so that the numbers are comparable; ``--smoke`` shrinks everything to seconds (the
-unit tests run ``--device cpu --smoke`` on tiny MNIST files).
+Engine and device options are off by default so that the numbers are comparable; each is
+handed to every ``BatchedEngine`` the suite builds (``fl_lightning.engines.BatchedEngine``,
+docs/engines.md) and recorded under ``config`` in the JSON:
+
+- ``--compile none|default|reduce-overhead|max-autotune`` and ``--compile-backend`` (default
+  inductor): ``torch.compile`` of the whole local step (``reduce-overhead``: CUDA graphs);
+  the warm-up round pays the compilation;
+- ``--tf32``, ``--cudnn-benchmark`` (the engine's flags, also set process-wide here for the
+  sequential engine and the bare loop), ``--channels-last`` (NHWC model, data and stacked
+  client weights), ``--autocast bf16`` (bfloat16 autocast of the batched local step);
+- ``--bf16``: bfloat16 weights and data everywhere (not autocast).
+
+``--sections`` and ``--algorithms`` run a subset (e.g. only ``rounds`` of ``fedavg`` with
+another compile mode); ``--smoke`` shrinks everything to seconds and skips the warm-up rounds
+(the unit tests run ``--device cpu --smoke`` on tiny MNIST files).
 
 Example:
     PYTHONPATH=$PWD python benchmarks/gpu_suite.py --data-dir ../shared/data \
         --out runs/bench/gpu_suite.json
+    PYTHONPATH=$PWD python benchmarks/gpu_suite.py --data-dir ../shared/data \
+        --compile reduce-overhead --tf32 --sections rounds,bare \
+        --out runs/bench/gpu_suite_cudagraphs.json
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ from fl_lightning.algorithms.base import finish_round
 from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.engine import SequentialEngine
 from fl_lightning.engines import BatchedEngine
+from fl_lightning.engines.batched import AUTOCAST, COMPILE_MODES
 from fl_lightning.models.cnn import FedAvgCNN
 
 ALGORITHMS = {
@@ -56,8 +72,21 @@ ALGORITHMS = {
     "fedsol_head": lambda: FedSoL(rho=2.0, perturb_body=False),
     "scaffold": SCAFFOLD,
 }
-ENGINES = {"sequential": SequentialEngine, "batched": BatchedEngine}
+SECTIONS = ("profile", "rounds", "bare", "grouped_conv", "scaffold_1000")
 LR, MOMENTUM, WD = 0.01, 0.9, 1e-5
+
+
+def engine_options(args) -> dict:
+    """The ``BatchedEngine`` keyword arguments the command line asks for."""
+    return {"compile": args.compile, "compile_backend": args.compile_backend,
+            "tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark,
+            "channels_last": args.channels_last, "autocast": args.autocast}
+
+
+def engines(args) -> dict:
+    """Engine name -> a factory of fresh engines (the batched one with the asked options)."""
+    options = engine_options(args)
+    return {"sequential": SequentialEngine, "batched": lambda: BatchedEngine(**options)}
 
 
 def _sync(device: torch.device) -> None:
@@ -112,16 +141,24 @@ def _round(setup: _Setup, engine, algorithm, net, round_idx: int) -> float:
     return time.perf_counter() - tic
 
 
+def _warm(args) -> int:
+    """Untimed warm-up rounds before a measurement: 1 (compilation, first allocations,
+    SCAFFOLD's first state), 0 under ``--smoke``, whose numbers only show that it runs."""
+    return 0 if args.smoke else 1
+
+
 def _steps(setup: _Setup, round_idx: int) -> int:
     return max(len(c.batches) for c in setup.plan(round_idx).clients)
 
 
 def bench_rounds(setup: _Setup, args) -> dict:
     out = {}
-    for engine_name, engine_cls in ENGINES.items():
-        for algo_name, algo_cls in ALGORITHMS.items():
+    for engine_name, engine_cls in engines(args).items():
+        for algo_name in args.algorithms:
+            algo_cls = ALGORITHMS[algo_name]
             net, algorithm, engine = setup.net(), algo_cls(), engine_cls()
-            _round(setup, engine, algorithm, net, 0)  # warm-up (and SCAFFOLD's first state)
+            if _warm(args):
+                _round(setup, engine, algorithm, net, 0)  # warm-up (and SCAFFOLD's 1st state)
             secs = [_round(setup, engine, algorithm, net, 1 + r) for r in range(args.repeats)]
             out[f"{algo_name}/{engine_name}"] = {
                 "seconds_per_round": min(secs), "median": statistics.median(secs),
@@ -136,7 +173,7 @@ def bench_bare(setup: _Setup, args) -> dict:
     net = setup.net()
     x_all, y_all = setup.data
     secs = []
-    for r in range(1 + args.repeats):
+    for r in range(_warm(args) + args.repeats):
         plan = setup.plan(r)
         opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
         steps = max(len(c.batches) for c in plan.clients)
@@ -150,21 +187,22 @@ def bench_bare(setup: _Setup, args) -> dict:
             opt.step()
         _sync(setup.device)
         secs.append(time.perf_counter() - tic)
-    secs = secs[1:]
+    secs = secs[_warm(args):]
     return {"seconds_per_round": min(secs), "median": statistics.median(secs),
             "total_batch": setup.per_round * setup.batch}
 
 
-def bench_profile(setup: _Setup) -> dict:
+def bench_profile(setup: _Setup, args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if setup.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     out = {}
-    for engine_name, engine_cls in ENGINES.items():
+    for engine_name, engine_cls in engines(args).items():
         net, algorithm, engine = setup.net(), FedAvg(), engine_cls()
-        _round(setup, engine, algorithm, net, 0)
+        if _warm(args):
+            _round(setup, engine, algorithm, net, 0)
         with profile(activities=activities) as prof:
             _round(setup, engine, algorithm, net, 1)
         plan = setup.plan(1)
@@ -192,11 +230,12 @@ def bench_scaffold_1000(args) -> dict:
     setup = _Setup(args, clients, per_round, 1)
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
-    net, algorithm, engine = setup.net(), SCAFFOLD(), BatchedEngine()
+    net, algorithm, engine = setup.net(), SCAFFOLD(), BatchedEngine(**engine_options(args))
     gp = {k: p.detach() for k, p in net.named_parameters()}
     for cid in range(clients):  # the steady state: every client holds a control variate
         algorithm.clients.put(cid, {"c_i": {k: torch.zeros_like(v) for k, v in gp.items()}})
-    secs = [_round(setup, engine, algorithm, net, r) for r in range(1 + args.repeats)][1:]
+    warm = _warm(args)
+    secs = [_round(setup, engine, algorithm, net, r) for r in range(warm + args.repeats)][warm:]
     peak = (torch.cuda.max_memory_allocated(setup.device) if setup.device.type == "cuda"
             else None)
     return {"num_clients": clients, "clients_per_round": per_round, "local_epochs": 1,
@@ -272,16 +311,27 @@ def _machine(args) -> dict:
 def print_table(result: dict) -> None:
     print("\n| configuration | s / round | client-steps / s |")
     print("|---|---:|---:|")
-    for key, row in result["rounds"].items():
+    for key, row in result.get("rounds", {}).items():
         print(f"| {key} | {row['seconds_per_round']:.3f} | "
               f"{row['client_steps_per_second']:.1f} |")
-    print(f"| bare centralized loop, batch {result['bare']['total_batch']} | "
-          f"{result['bare']['seconds_per_round']:.3f} | |")
+    if "bare" in result:
+        print(f"| bare centralized loop, batch {result['bare']['total_batch']} | "
+              f"{result['bare']['seconds_per_round']:.3f} | |")
     for key, value in result["ratios"].items():
         print(f"- {key}: {value:.3f}")
-    print(f"- profile: {json.dumps(result['profile'])}")
-    print(f"- scaffold_1000: {json.dumps(result['scaffold_1000'])}")
-    print(f"- grouped_conv: {json.dumps(result['grouped_conv'])}")
+    print(f"- config: {json.dumps(result['config'])}")
+    for section in ("profile", "scaffold_1000", "grouped_conv"):
+        if section in result:
+            print(f"- {section}: {json.dumps(result[section])}")
+
+
+def _names(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise SystemExit(f"gpu_suite.py: error: {option} {text!r}: "
+                         f"use a comma-separated subset of {','.join(allowed)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -293,11 +343,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (tests)")
     parser.add_argument("--no-verify", action="store_true", help="skip MNIST checksums")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU only)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS),
+                        help=f"rounds section: comma-separated subset of {','.join(ALGORITHMS)}")
+    parser.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                        help="torch.compile mode of the batched local step")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (inductor; eager / aot_eager to test)")
     parser.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions")
     parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument("--channels-last", action="store_true", help="NHWC inputs and model")
+    parser.add_argument("--autocast", default="none", choices=AUTOCAST,
+                        help="bfloat16 autocast of the batched local step")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights and data")
     args = parser.parse_args(argv)
+    sections = _names(args.sections, SECTIONS, "--sections")
+    args.algorithms = _names(args.algorithms, tuple(ALGORITHMS), "--algorithms")
     _configure(args)
     if args.smoke:
         args.repeats = 1
@@ -309,22 +371,28 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": _machine(args),
         "config": {"clients": setup.dm.num_clients, "clients_per_round": setup.per_round,
                    "local_epochs": setup.epochs, "batch_size": setup.batch, "repeats": args.repeats,
-                   "smoke": args.smoke, "tf32": args.tf32, "bf16": args.bf16,
-                   "cudnn_benchmark": args.cudnn_benchmark,
-                   "channels_last": args.channels_last},
-        "profile": bench_profile(setup),
-        "rounds": bench_rounds(setup, args),
-        "bare": bench_bare(setup, args),
-        "grouped_conv": bench_grouped_conv(setup, args),
-        "scaffold_1000": bench_scaffold_1000(args),
+                   "smoke": args.smoke, "bf16": args.bf16, "sections": sections,
+                   "algorithms": args.algorithms, "batched_engine": engine_options(args)},
     }
-    sec = {k: r["seconds_per_round"] for k, r in result["rounds"].items()}
-    result["ratios"] = {
-        "batched fedavg throughput / bare loop (target >= 0.7)":
-            result["bare"]["seconds_per_round"] / sec["fedavg/batched"],
-        **{f"{a}: sequential / batched (speed-up)": sec[f"{a}/sequential"] / sec[f"{a}/batched"]
-           for a in ALGORITHMS},
+    benches = {
+        "profile": lambda: bench_profile(setup, args),
+        "rounds": lambda: bench_rounds(setup, args),
+        "bare": lambda: bench_bare(setup, args),
+        "grouped_conv": lambda: bench_grouped_conv(setup, args),
+        "scaffold_1000": lambda: bench_scaffold_1000(args),
     }
+    for section in SECTIONS:
+        if section in sections:
+            result[section] = benches[section]()
+    sec = {k: r["seconds_per_round"] for k, r in result.get("rounds", {}).items()}
+    result["ratios"] = {}
+    if "fedavg/batched" in sec and "bare" in result:
+        result["ratios"]["batched fedavg throughput / bare loop (target >= 0.7)"] = (
+            result["bare"]["seconds_per_round"] / sec["fedavg/batched"])
+    result["ratios"].update({
+        f"{a}: sequential / batched (speed-up)": sec[f"{a}/sequential"] / sec[f"{a}/batched"]
+        for a in args.algorithms if f"{a}/batched" in sec
+    })
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)

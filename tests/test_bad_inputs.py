@@ -29,7 +29,7 @@ BAD_INPUTS = [
     (["--data.alpha", "inf"], "--data.alpha"),
     (["--data.partition", "shard", "--data.shards_per_client", "100"], "--data.shards_per_client"),
     (["--data.partition", "shard", "--data.shards_per_client", "0"], "--data.shards_per_client"),
-    (["--data.partition", "dirichlet"], "--data.partition"),
+    (["--data.partition", "dirichlet", "--data.client_size", "1000"], "--data.client_size"),
     (["--data.num_clients", "5000"], "--data.num_clients"),
     (["--data.num_clients", "0"], "--data.num_clients"),
     (["--data.num_clients", "-3"], "--data.num_clients"),

@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
-from fl_lightning.algorithms import SCAFFOLD
+from fl_lightning.algorithms import MOON, SCAFFOLD, PerFedAvg
 from fl_lightning.algorithms.base import finish_round
 from fl_lightning.data.augment import BatchAugment
 from fl_lightning.data.module import FederatedDataModule
@@ -61,6 +61,21 @@ def test_the_whole_local_step_compiles_once_without_graph_breaks():
     diff = max(float((a - b).abs().max()) for a, b in zip(net.parameters(), eager.parameters(),
                                                           strict=True))
     assert diff < 1e-12
+
+
+@pytest.mark.parametrize("algorithm", [MOON, PerFedAvg], ids=["moon", "perfedavg"])
+def test_moon_and_perfedavg_compile_once_while_the_lr_decays(algorithm):
+    # MOON's previous models are the same initial model for every client in round 1 and
+    # per-client rows later; Per-FedAvg reads ctx.lr, which decays (0.1 / (r + 1)): neither
+    # may compile a second frame (dynamo's trace of the first round is most of the cost)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounter()
+    engine = BatchedEngine(compile="default", compile_backend=backend)
+    _, frames, _ = _rounds(engine, algorithm(), backend=backend)
+    assert frames == [1, 1, 1] and not counters["graph_break"]
+    # (the eager batched Per-FedAvg with the tensor lr equals the sequential engine < 1e-12:
+    # tests/test_engines.py)
 
 
 @pytest.mark.parametrize("value", ["fast", 2, None])

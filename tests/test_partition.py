@@ -27,7 +27,7 @@ def _assert_disjoint_cover(parts: list[np.ndarray], n: int) -> None:
 
 
 def test_methods_constant():
-    assert PARTITION_METHODS == ("iid", "shard", "lda")
+    assert PARTITION_METHODS == ("iid", "shard", "lda", "dirichlet")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -221,7 +221,7 @@ BAD = [
     (dict(num_clients=-3, method="lda"), "--data.num_clients", "-3"),
     (dict(num_clients=2.5, method="iid"), "--data.num_clients", "2.5"),
     (dict(num_clients=101, method="iid"), "--data.num_clients", "101"),
-    (dict(num_clients=5, method="dirichlet"), "--data.partition", "dirichlet"),
+    (dict(num_clients=5, method="dirichlet_lda"), "--data.partition", "dirichlet_lda"),
     (dict(num_clients=5, method="lda", alpha=0.0), "--data.alpha", "0.0"),
     (dict(num_clients=5, method="lda", alpha=-1.0), "--data.alpha", "-1.0"),
     (dict(num_clients=5, method="lda", alpha=math.nan), "--data.alpha", "nan"),

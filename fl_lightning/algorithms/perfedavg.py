@@ -69,8 +69,16 @@ class PerFedAvg(Algorithm):
         g1, loss = self.task_grad(params, x1, y1, ctx)
         inner = {k: params[k] - alpha * g1[k] for k in params}
         g2, _ = self.task_grad(inner, x2, y2, ctx)
-        scale = self.beta / ctx.lr if ctx.lr > 0 else 0.0
+        scale = _meta_scale(self.beta, ctx.lr)
         return {k: g * scale for k, g in g2.items()}, loss
+
+
+def _meta_scale(beta: float, lr: float | Tensor) -> float | Tensor:
+    """``beta / lr``, 0 for ``lr = 0``. The batched engine passes ``lr`` as a 0-d tensor:
+    then no Python branch on its value, so a compiled step serves every learning rate."""
+    if isinstance(lr, Tensor):
+        return torch.where(lr > 0, beta / lr, torch.zeros_like(lr))
+    return beta / lr if lr > 0 else 0.0
 
 
 def _real_halves(y: Tensor) -> tuple[Tensor, Tensor]:

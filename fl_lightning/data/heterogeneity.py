@@ -233,7 +233,7 @@ def describe(dm) -> str:
     part = dm.partition
     if part == "shard":
         part += f" s={dm.shards_per_client}"
-    elif part == "lda":
+    elif part in ("lda", "dirichlet"):
         part += f" alpha={dm.alpha:g}"
     ref = ", reference" if dm.reference_partition else ""
     return f"{dm.dataset}, {dm.num_clients} clients, {part}{ref}, seed {dm.seed}"

@@ -23,7 +23,7 @@ from fl_lightning.suggest import did_you_mean
 
 __all__ = ["FederatedDataModule", "RoundAugmentation"]
 
-PARTITIONS = ("iid", "shard", "lda")
+PARTITIONS = ("iid", "shard", "lda", "dirichlet")
 AUGMENTATIONS = ("paper", "none")
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -49,10 +49,15 @@ class FederatedDataModule(pl.LightningDataModule):
             ``docs/data.md``). Nothing is written there unless ``download`` is true.
         download: download missing files (needs a network).
         num_clients: number of clients the training set is split across.
-        partition: ``iid``, ``shard`` (``shards_per_client`` label-sorted shards per client) or
-            ``lda`` (Dirichlet(``alpha``) class proportions per client).
+        partition: ``iid``, ``shard`` (``shards_per_client`` label-sorted shards per client),
+            ``lda`` (per class, Dirichlet(``alpha``) shares over the clients; the FedSoL code's
+            procedure) or ``dirichlet`` (per client, Dirichlet(``alpha``) class priors and
+            ``client_size`` samples; pfl-research's CIFAR-10 benchmark procedure).
         shards_per_client: ``s`` of the shard partition.
-        alpha: concentration of the LDA partition (smaller is more heterogeneous).
+        alpha: concentration of the ``lda`` and ``dirichlet`` partitions (smaller is more
+            heterogeneous).
+        client_size: samples per client of the ``dirichlet`` partition (default: training
+            samples // ``num_clients``); rejected with the other partitions.
         seed: seed of the partition, the client sampling and the local data order.
         reference_partition: reproduce the official FedSoL code's partition exactly (its
             procedure and its random number stream, seeded by ``seed``; the paper used 19940817).
@@ -79,9 +84,10 @@ class FederatedDataModule(pl.LightningDataModule):
         data_dir: str = "data",
         download: bool = False,
         num_clients: int = 100,
-        partition: Literal["iid", "shard", "lda"] = "lda",
+        partition: Literal["iid", "shard", "lda", "dirichlet"] = "lda",
         shards_per_client: int = 2,
         alpha: float = 0.1,
+        client_size: int | None = None,
         seed: int = 0,
         reference_partition: bool = False,
         sampling: Literal["seeded", "official"] = "seeded",
@@ -102,11 +108,17 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"--data.num_clients={num_clients!r} is invalid: it must be an integer >= 1"
             )
-        if partition == "lda" and not (math.isfinite(float(alpha)) and float(alpha) > 0):
+        bad_alpha = not (math.isfinite(float(alpha)) and float(alpha) > 0)
+        if partition in ("lda", "dirichlet") and bad_alpha:
             raise ConfigError(
                 f"--data.alpha={alpha!r} is invalid: the Dirichlet concentration must be a finite "
                 "number > 0 "
                 "(e.g. 0.1 for strong, 1.0 for mild heterogeneity)"
+            )
+        if client_size is not None and partition != "dirichlet":
+            raise ConfigError(
+                f"--data.client_size={client_size!r} is only used by --data.partition "
+                f"dirichlet (got --data.partition {partition}): drop it or use dirichlet"
             )
         if partition == "shard" and int(shards_per_client) < 1:
             raise ConfigError(
@@ -138,6 +150,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.partition = partition
         self.shards_per_client = int(shards_per_client)
         self.alpha = float(alpha)
+        self.client_size = client_size
         self.seed = int(seed)
         self.reference_partition = bool(reference_partition)
         self.sampling = sampling
@@ -186,6 +199,7 @@ class FederatedDataModule(pl.LightningDataModule):
                 alpha=self.alpha,
                 seed=self.seed,
                 reference=self.reference_partition,
+                client_size=self.client_size,
             )
             self.client_indices = [torch.as_tensor(p, dtype=torch.long) for p in parts]
             empty = [k for k, p in enumerate(self.client_indices) if len(p) == 0]

@@ -1,16 +1,21 @@
 """Split a labelled dataset's sample indices among federated clients.
 
-Three procedures are offered (see ``docs/partitioning.md``):
+Four procedures are offered (see ``docs/partitioning.md``):
 
-* ``iid``   -- a random permutation cut into near-equal parts;
-* ``shard`` -- the label-sorted sharding of McMahan et al. (2017);
-* ``lda``   -- per-class Dirichlet(alpha) proportions (Hsu et al. 2019), with the balancing
-  trick of the FedSoL code base.
+* ``iid``       -- a random permutation cut into near-equal parts;
+* ``shard``     -- the label-sorted sharding of McMahan et al. (2017);
+* ``lda``       -- per-class Dirichlet(alpha) proportions over the clients (the FedSoL code
+  base's procedure, with its balancing trick);
+* ``dirichlet`` -- per-client Dirichlet(alpha) class priors and a fixed client size, one sample
+  drawn at a time (Hsu et al. 2019 as implemented by pfl-research,
+  ``pfl.data.partition.partition_by_dirichlet_class_distribution``; its CIFAR-10 benchmark).
 
 ``reference=True`` replays, call for call, the random draws of the official FedSoL code
 (``Lee-Gihun/FedSOL``, ``train_tools/preprocessing/partition_strategy.py``) on a private
 ``np.random.RandomState(seed)``, so that ``seed=19940817`` yields the very client index sets
-of that code base, quirks included.
+of that code base, quirks included. ``dirichlet`` always replays the random draws of
+pfl-research's benchmark (``np.random.seed(seed)``, then a permutation of the data and the
+partition) on a private ``np.random.RandomState(seed)``.
 
 Every function here is pure: it builds its own random generator from ``seed`` and never reads or
 changes numpy's or torch's global random state.
@@ -30,7 +35,13 @@ from fl_lightning.errors import ConfigError
 __all__ = ["PARTITION_METHODS", "partition_indices"]
 
 #: Valid values of ``--data.partition``.
-PARTITION_METHODS: tuple[str, ...] = ("iid", "shard", "lda")
+PARTITION_METHODS: tuple[str, ...] = ("iid", "shard", "lda", "dirichlet")
+
+#: pfl-research's ``spread_distribution_after_num_fails`` and
+#: ``spread_distribution_after_fails_percentage`` defaults: every ``client_size * 20`` class
+#: draws of one client, 0.02 is added to each class prior and the priors are renormalized.
+DIRICHLET_SPREAD_EVERY = 20
+DIRICHLET_SPREAD_BY = 0.02
 
 #: How many full Dirichlet draws the default ``lda`` makes before it repairs the last one.
 LDA_MAX_TRIES = 1000
@@ -52,24 +63,29 @@ def partition_indices(
     seed: int = 0,
     reference: bool = False,
     min_size: int = 10,
+    client_size: int | None = None,
 ) -> list[np.ndarray]:
     """Return one int64 array of sample indices per client.
 
     Args:
         labels: 1-D numpy array or torch tensor of integer class labels, one per sample.
         num_clients: number of clients (``--data.num_clients``).
-        method: ``"iid"``, ``"shard"`` or ``"lda"`` (``--data.partition``).
+        method: ``"iid"``, ``"shard"``, ``"lda"`` or ``"dirichlet"`` (``--data.partition``).
         shards_per_client: shards dealt to each client by ``shard`` (``--data.shards_per_client``).
-        alpha: Dirichlet concentration used by ``lda`` (``--data.alpha``).
+        alpha: Dirichlet concentration used by ``lda`` and ``dirichlet`` (``--data.alpha``).
         seed: seed of the private random generator. With ``reference=True`` it plays the role
             of the ``np.random.seed`` value set by the official code (19940817 there).
         reference: reproduce the official FedSoL partitions exactly, quirks included.
         min_size: ``lda`` redraws until every client holds at least this many samples.
+        client_size: samples of every client under ``dirichlet`` (``--data.client_size``;
+            ``None``: ``len(labels) // num_clients``). Only ``dirichlet`` takes it.
 
     Returns:
         ``num_clients`` int64 arrays. In the default mode they are sorted, pairwise disjoint
         and together cover every sample. In reference mode they keep the official code's order
-        and quirks (see ``docs/partitioning.md``).
+        and quirks (see ``docs/partitioning.md``). Under ``dirichlet`` each holds exactly
+        ``client_size`` samples, in the order pfl-research assigns them; they are pairwise
+        disjoint and cover ``num_clients * client_size`` samples.
 
     Raises:
         ConfigError: for an invalid option or an impossible combination of options.
@@ -81,7 +97,23 @@ def partition_indices(
             f"--data.partition={method!r} is not a known partition method; "
             f"use one of {', '.join(PARTITION_METHODS)}"
         )
-    seed = _check_seed(seed, reference)
+    seed = _check_seed(seed, reference or method == "dirichlet")
+    if client_size is not None and method != "dirichlet":
+        raise ConfigError(
+            f"--data.client_size={client_size!r} is only used by --data.partition dirichlet "
+            f"(got --data.partition {method}); drop --data.client_size or use dirichlet"
+        )
+
+    if method == "dirichlet":
+        if reference:
+            raise ConfigError(
+                "--data.reference_partition=true replays the FedSoL code's partitions, which "
+                "have no dirichlet mode; --data.partition dirichlet always replays "
+                "pfl-research's draws: set --data.reference_partition false"
+            )
+        a = _check_alpha(alpha)
+        size = _check_client_size(client_size, n, len(y))
+        return _pfl_dirichlet(y, n, a, size, np.random.RandomState(seed))
 
     if method == "iid":
         if reference:
@@ -181,6 +213,25 @@ def _check_min_size(min_size, num_clients: int, num_samples: int) -> int:
     return int(min_size)
 
 
+def _check_client_size(client_size, num_clients: int, num_samples: int) -> int:
+    if client_size is None:
+        return num_samples // num_clients  # >= 1: num_clients <= num_samples was checked
+    if not _is_int(client_size) or client_size < 1:
+        raise ConfigError(
+            f"--data.client_size={client_size!r} is invalid; use an integer >= 1 (or leave it "
+            "unset for len(train set) // num_clients)"
+        )
+    if num_clients * client_size > num_samples:
+        raise ConfigError(
+            f"--data.partition dirichlet cannot give --data.num_clients={num_clients} clients "
+            f"--data.client_size={client_size} samples each ({num_clients * client_size} > "
+            f"{num_samples} training samples); lower --data.client_size to at most "
+            f"{num_samples // num_clients} or --data.num_clients to at most "
+            f"{num_samples // client_size}"
+        )
+    return int(client_size)
+
+
 def _lda_gave_up(alpha: float, num_clients: int, min_size: int) -> ConfigError:
     return ConfigError(
         f"--data.alpha={alpha} with --data.num_clients={num_clients}: no reference lda draw "
@@ -277,6 +328,89 @@ def _top_up(
             clients[short] = np.concatenate((clients[short], clients[donor][chosen]))
             clients[donor] = clients[donor][keep]
     return clients
+
+
+# --------------------------------------------------------------------------------------------
+# pfl-research's per-client Dirichlet class priors
+# --------------------------------------------------------------------------------------------
+
+
+def _pfl_dirichlet(
+    y: np.ndarray, num_clients: int, alpha: float, size: int, rs: np.random.RandomState
+) -> list[np.ndarray]:
+    """pfl-research's CIFAR-10 partition, random draw for random draw.
+
+    pfl shuffles the data (``np.random.permutation``) and then builds one user after the
+    other: it draws the user's class priors ``p ~ Dir(alpha, ..., alpha)`` and fills the user
+    one sample at a time, each time drawing a class from ``p`` (a uniform ``u``; the first class
+    whose cumulative prior exceeds ``u``) and taking the last remaining sample of that class in
+    the shuffled order; a draw of an exhausted class takes nothing. After every
+    ``size * DIRICHLET_SPREAD_EVERY`` draws of one user, ``DIRICHLET_SPREAD_BY`` is added to each
+    prior and the priors are renormalized, so the last users, who find most classes exhausted,
+    still fill up. pfl's quirk at that point is kept: it sets the last *prior* (not the last
+    cumulative value) to 1 after recomputing the cumulative priors, which tilts the next spread
+    towards the last class; and a ``u`` at or above the last cumulative prior (rounding) picks
+    class 0, as pfl's ``argmax`` over an all-false mask does.
+
+    The draws of one user are made in blocks (up to the next spread) and the block is cut where
+    the user is full; the generator is then rewound and advanced by exactly the draws used, so
+    the stream, and every user, equals pfl's scalar loop on the same labels and seed.
+    """
+    num_samples = len(y)
+    order = rs.permutation(num_samples)
+    # each class's positions in the shuffled order, ascending; a class is consumed from its end
+    pools = _class_pools(y[order])
+    num_classes = len(pools)
+    flat = np.concatenate(pools)
+    start = np.cumsum([0] + [len(p) for p in pools[:-1]])
+    left = np.array([len(p) for p in pools], dtype=np.int64)
+    period = size * DIRICHLET_SPREAD_EVERY
+    concentration = np.full(num_classes, alpha)
+    clients: list[np.ndarray] = []
+    for _ in range(num_clients):
+        priors = rs.dirichlet(concentration)
+        cdf = np.cumsum(priors)
+        cdf[-1] = 1.0
+        got: list[np.ndarray] = []
+        need, draws = size, 0
+        while need:
+            block = period - draws % period
+            state = rs.get_state()
+            u = rs.random_sample(block)
+            cls = np.searchsorted(cdf, u, side="right")
+            cls[cls == num_classes] = 0
+            rank = _occurrence_rank(cls, num_classes)
+            # the k-th draw of class c in the block succeeds iff c had more than k samples left
+            hits = np.flatnonzero(rank < left[cls])
+            if len(hits) >= need:
+                hits = hits[:need]
+                used = int(hits[-1]) + 1
+                rs.set_state(state)
+                rs.random_sample(used)  # the stream advances by the draws pfl made
+            else:
+                used = block
+            c, k = cls[hits], rank[hits]
+            got.append(order[flat[start[c] + left[c] - 1 - k]])
+            left -= np.bincount(c, minlength=num_classes)
+            need -= len(hits)
+            draws += used
+            if need and draws % period == 0:
+                priors = priors + DIRICHLET_SPREAD_BY
+                priors = priors / sum(priors.tolist())  # pfl's Python sum (left to right)
+                cdf = np.cumsum(priors)
+                priors[-1] = 1.0  # pfl's quirk (see the docstring)
+        clients.append(np.concatenate(got).astype(np.int64))
+    return clients
+
+
+def _occurrence_rank(values: np.ndarray, num_values: int) -> np.ndarray:
+    """For each entry, how many earlier entries hold the same value."""
+    order = np.argsort(values, kind="stable")
+    counts = np.bincount(values, minlength=num_values)
+    first = np.cumsum(counts) - counts
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[order] = np.arange(len(values)) - np.repeat(first, counts)
+    return rank
 
 
 # --------------------------------------------------------------------------------------------
