@@ -117,10 +117,12 @@ def test_discovery_size_is_the_partition_the_node_trains_on():
 
     data = {"dataset": "digits", "data_dir": None, "num_clients": 3, "partition": "lda",
             "shards_per_client": 2, "alpha": 0.5, "seed": 0, "reference_partition": False,
-            "verify_checksums": True}
+            "client_size": None, "verify_checksums": True}
     sizes = [partition_size(data, k) for k in range(3)]
     assert sizes == [len(local_partition(data, k)[1]) for k in range(3)]
     assert sum(sizes) == 1437 and len(set(sizes)) == 3  # unequal LDA parts of the train split
+    fixed = {**data, "partition": "dirichlet", "alpha": 0.1, "client_size": 400}
+    assert [partition_size(fixed, k) for k in range(3)] == [400] * 3
 
 
 class _MemoryGrid:

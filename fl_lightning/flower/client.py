@@ -92,17 +92,11 @@ def local_partition(
     import torch
 
     from fl_lightning.data.datasets import load_dataset
-    from fl_lightning.data.partition import partition_indices
 
     x, y = load_dataset(
         data["dataset"], data_dir or data["data_dir"], False, "train", data["verify_checksums"]
     )
-    parts = partition_indices(
-        y.numpy(), data["num_clients"], data["partition"],
-        shards_per_client=data["shards_per_client"], alpha=data["alpha"], seed=data["seed"],
-        reference=data["reference_partition"],
-    )
-    own = torch.as_tensor(parts[client_id], dtype=torch.long)
+    own = torch.as_tensor(_partition(data, y.numpy())[client_id], dtype=torch.long)
     x_own, y_own = x[own].clone(), y[own].clone()
     del x, y
     return (x_own.to(dtype) if dtype is not None else x_own), y_own, own
@@ -112,17 +106,22 @@ def partition_size(data: dict[str, Any], client_id: int, data_dir: str | None = 
     """How many training samples this client holds: its part of the run's partition, computed
     from the labels alone (for ``digits`` without importing PyTorch)."""
     from fl_lightning.data.datasets import load_labels
-    from fl_lightning.data.partition import partition_indices
 
     labels = load_labels(
         data["dataset"], data_dir or data["data_dir"], "train", data["verify_checksums"]
     )
-    parts = partition_indices(
+    return len(_partition(data, labels)[client_id])
+
+
+def _partition(data: dict[str, Any], labels) -> list:
+    """The run's partition of the training labels, as the data module computes it."""
+    from fl_lightning.data.partition import partition_indices
+
+    return partition_indices(
         labels, data["num_clients"], data["partition"],
         shards_per_client=data["shards_per_client"], alpha=data["alpha"], seed=data["seed"],
-        reference=data["reference_partition"],
+        reference=data["reference_partition"], client_size=data.get("client_size"),
     )
-    return len(parts[client_id])
 
 
 def _node_threads(context: Context) -> None:

@@ -113,6 +113,7 @@ def build_run(config_path: str, args: str, rounds: int):
             "dataset": dm.dataset, "data_dir": dm.data_dir, "num_clients": dm.num_clients,
             "partition": dm.partition, "shards_per_client": dm.shards_per_client,
             "alpha": dm.alpha, "seed": dm.seed, "reference_partition": dm.reference_partition,
+            "client_size": dm.client_size,
             "augment": dm.augment, "verify_checksums": dm.verify_checksums,
         },
     }
