@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # At most 2 threads, and no more than OMP_NUM_THREADS when it is set: on a shared, busy machine
@@ -47,3 +48,12 @@ def pytest_collection_modifyitems(config, items):
         return len(LONG_FIRST)
 
     items.sort(key=rank)  # stable
+
+
+@pytest.fixture(autouse=True)
+def _flush_denormal_off():
+    """Every test starts with PyTorch's default, denormals kept: a benchmark's ``main()`` run
+    in process (tests/test_gpu_suite.py) turns flush-to-zero on for the whole process, which
+    would otherwise change the arithmetic of every later test on that worker."""
+    torch.set_flush_denormal(False)
+    yield
