@@ -12,9 +12,9 @@ from typing import Any, NoReturn
 
 import torch
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import Namespace, class_from_function
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
 
 from fl_lightning import registry
 from fl_lightning.argcheck import check_config_files, explain_parser_error, finite_spellings
@@ -101,6 +101,12 @@ class FederatedCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"prog": "fl-lightning"})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", FederatedArgumentParser)
+        raw = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
+        #: the subcommand named first on the command line; only its parser is built
+        self._invoked: str | None = (
+            raw[0] if isinstance(raw, (list, tuple)) and raw and raw[0] in self.subcommands()
+            else None
+        )
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ parser, subcommands
@@ -110,6 +116,25 @@ class FederatedCLI(LightningCLI):
         commands = dict(LightningCLI.subcommands())
         commands.pop("predict", None)
         return commands
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Like Lightning's, but for ``fl-lightning fit ...`` only the ``fit`` parser is built:
+        each subcommand parser introspects the Trainer, module and data module signatures again
+        (about a second of every start). Without a leading subcommand (``--help``, a typo) all
+        are built, so help and error messages list every subcommand."""
+        if self._invoked is None:
+            super()._add_subcommands(parser, **kwargs)
+            return
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        name = self._invoked
+        trainer_class = (self.trainer_class if isinstance(self.trainer_class, type)
+                         else class_from_function(self.trainer_class))
+        description = _get_short_description(getattr(trainer_class, name))
+        sub_kwargs = kwargs.get(name, {})
+        sub_kwargs.setdefault("description", description)
+        sub = self._prepare_subcommand_parser(trainer_class, name, **sub_kwargs)
+        self._subcommand_parsers[name] = sub
+        parser.add_subcommands().add_subcommand(name, sub, help=description)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Every (sub)command parser gets the compact help; project classes get short names."""

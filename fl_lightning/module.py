@@ -61,9 +61,13 @@ def _positive_int(value: Any, option: str) -> int:
     return value
 
 
-def _number(value: Any, option: str, low: float, high: float, hint: str) -> float:
+def _number(value: Any, option: str, low: float, high: float, hint: str,
+            above_low: bool = False) -> float:
+    """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``above_low``)."""
     v = float(value)
-    if not (math.isfinite(v) and low <= v <= high):
+    # an exclusive bound, not ``math.ulp(0.0)``: with flush-to-zero on (torch.set_flush_denormal,
+    # which the benchmarks turn on) that denormal compares equal to 0 and 0 would pass
+    if not (math.isfinite(v) and (low < v if above_low else low <= v) and v <= high):
         raise ConfigError(f"{option}={value!r} is invalid: {hint}")
     return v
 
@@ -142,8 +146,8 @@ class FederatedModule(pl.LightningModule):
         ])
         self.automatic_optimization = False
         self.sample_ratio = _number(
-            sample_ratio, "--model.sample_ratio", math.ulp(0.0), 1.0,
-            "the share of clients sampled per round must be in (0, 1] (e.g. 0.1)",
+            sample_ratio, "--model.sample_ratio", 0.0, 1.0,
+            "the share of clients sampled per round must be in (0, 1] (e.g. 0.1)", above_low=True,
         )
         self.local_epochs = _positive_int(local_epochs, "--model.local_epochs")
         self.batch_size = _positive_int(batch_size, "--model.batch_size")
@@ -151,7 +155,8 @@ class FederatedModule(pl.LightningModule):
             local_lr, "--model.local_lr", 0.0, math.inf, "it must be a finite number >= 0"
         )
         self.lr_decay = _number(
-            lr_decay, "--model.lr_decay", math.ulp(0.0), 1e6, "it must be a number > 0 (e.g. 0.99)"
+            lr_decay, "--model.lr_decay", 0.0, 1e6, "it must be a number > 0 (e.g. 0.99)",
+            above_low=True,
         )
         self.momentum = _number(
             momentum, "--model.momentum", 0.0, 1.0, "it must be in [0, 1] (the paper uses 0.9)"

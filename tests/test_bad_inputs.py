@@ -210,3 +210,20 @@ def test_bad_input_states_the_rule_or_the_closest_name(args, expected, tmp_path,
     for part in expected:
         assert part in err[0], err[0]
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_zero_is_refused_with_denormals_flushed():
+    """With flush-to-zero on (torch.set_flush_denormal, as the benchmarks run), 0 still fails
+    the ``> 0`` checks (a bound of ``math.ulp(0.0)`` compared equal to 0 then)."""
+    import torch
+
+    from fl_lightning.errors import ConfigError
+    from fl_lightning.module import FederatedModule
+
+    torch.set_flush_denormal(True)
+    try:
+        for option in ("sample_ratio", "lr_decay"):
+            with pytest.raises(ConfigError, match=f"--model.{option}=0 is invalid"):
+                FederatedModule(num_classes=10, input_shape=(1, 8, 8), **{option: 0})
+    finally:
+        torch.set_flush_denormal(False)

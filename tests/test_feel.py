@@ -103,20 +103,24 @@ def test_short_names_resolve(capsys):
     assert names["ClassWiseAccuracy"] == "fl_lightning.callbacks.ClassWiseAccuracy"
 
 
-def test_missing_tensorboard_is_one_line_exit_2(tmp_path):
-    shim = (  # tensorboard made unimportable, whether installed or not
-        "import sys; sys.modules['tensorboard'] = None; sys.modules['tensorboardX'] = None; "
-        "from fl_lightning.cli import main; main()"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", shim, "fit", "--config", QUICK, "--trainer.logger",
-         "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir",
-         "lightning_logs"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True,
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+def test_missing_tensorboard_is_one_line_exit_2(tmp_path, monkeypatch, capfd):
+    for name in ("tensorboard", "tensorboardX"):  # unimportable, whether installed or not
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(sys, "argv", ["fl-lightning"])  # as from a terminal: args only
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop, warnings.catch_warnings(record=True) as shown:
+        warnings.resetwarnings()  # what a terminal shows (pytest records warnings instead)
+        warnings.simplefilter("default")
+        main(["fit", "--config", QUICK, "--trainer.logger",
+              "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir",
+              "lightning_logs"])
+    assert stop.value.code == 2
+    hidden_by_python = (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                        ResourceWarning)
+    assert [str(w.message) for w in shown if not issubclass(w.category, hidden_by_python)] == []
+    err = capfd.readouterr().err  # the file descriptor: Lightning's own log lines too
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert "tensorboard" in lines[0] and "fl-lightning[tensorboard]" in lines[0]
     assert list(tmp_path.iterdir()) == []
 

@@ -75,10 +75,12 @@ def test_fedavg_one_full_batch_step_is_gradient_descent_on_the_global_objective(
 
 def test_several_local_steps_bias_fedavg_but_not_scaffold_or_feddyn():
     net, x, y, w_star = problem()
-    lr, steps, rounds = 0.02, 10, 150
-    w_avg = run(ls(FedAvg), net, x, y, rounds, steps, lr)
-    w_scaffold = run(ls(SCAFFOLD), net, x, y, rounds, steps, lr)
-    w_dyn = run(ls(FedDyn, alpha=1.0), net, x, y, 2 * rounds, steps, lr)
+    lr, steps = 0.02, 10
+    # rounds to converge to 1e-8: FedAvg and SCAFFOLD ~60 (at 80: |dw| ~1e-13 from their
+    # fixed points), FedDyn (alpha=1) ~250
+    w_avg = run(ls(FedAvg), net, x, y, 80, steps, lr)
+    w_scaffold = run(ls(SCAFFOLD), net, x, y, 80, steps, lr)
+    w_dyn = run(ls(FedDyn, alpha=1.0), net, x, y, 300, steps, lr)
     # FedAvg's fixed point with K > 1 local steps is not the global optimum ...
     assert float((w_avg - w_star).norm()) > 1e-2
     # ... SCAFFOLD's and FedDyn's are (full participation, equal sizes): tolerance 1e-8
