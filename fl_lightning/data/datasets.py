@@ -248,9 +248,8 @@ def load_labels(
     (nothing is downloaded). ``digits`` reads them without importing PyTorch or scikit-learn,
     which is what makes a Flower discovery query cheap; the other datasets load the split."""
     if _canonical(name) == "digits" and split in SPLITS:
-        labels = _digits_table()[:, -1].astype(np.int64)
-        test = digits_test_rows(labels)
-        return labels[test if split == "test" else ~test]
+        table, rows = _digits_split(split)
+        return table[rows, -1].astype(np.int64)
     return load_dataset(name, data_dir, False, split, verify)[1].numpy()
 
 
@@ -343,16 +342,20 @@ def digits_test_rows(labels: np.ndarray) -> np.ndarray:
     return mask
 
 
+def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The bundled table and the rows of ``split`` in it, in file order."""
+    table = _digits_table()
+    test = digits_test_rows(table[:, -1].astype(np.int64))
+    return table, np.flatnonzero(test if split == "test" else ~test)
+
+
 def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
-    table = _digits_table()
-    images = table[:, :-1].reshape(-1, 8, 8).astype(np.float32) / 16.0
-    labels = table[:, -1].astype(np.int64)
-    test = digits_test_rows(labels)
-    idx = np.flatnonzero(test if split == "test" else ~test)  # in file order
-    x = (torch.from_numpy(images[idx]).unsqueeze(1) - DIGITS_MEAN) / DIGITS_STD
-    return x.to(torch.float32).contiguous(), torch.from_numpy(labels[idx])
+    table, rows = _digits_split(split)
+    images = table[rows, :-1].reshape(-1, 8, 8).astype(np.float32) / 16.0
+    x = (torch.from_numpy(images).unsqueeze(1) - DIGITS_MEAN) / DIGITS_STD
+    return x.to(torch.float32).contiguous(), torch.from_numpy(table[rows, -1].astype(np.int64))
 
 
 # mnist -------------------------------------------------------------------------------------
