@@ -155,13 +155,13 @@ def _train(msg: Message, context: Context) -> Message:
     recipe = json.loads(str(cfg["recipe"]))
     client_id = _node_partition(context, int(recipe["data"]["num_clients"]))
     if client_id in json.loads(str(cfg["train"])):
-        return _local_training(msg, context, recipe, client_id)
+        return _local_training(msg, context, cfg, recipe, client_id)
     size = partition_size(recipe["data"], client_id, context.node_config.get("data-dir"))
     return Message(RecordDict({"info": _info(client_id, size)}), reply_to=msg)
 
 
 def _local_training(
-    msg: Message, context: Context, recipe: dict[str, Any], client_id: int
+    msg: Message, context: Context, cfg: ConfigRecord, recipe: dict[str, Any], client_id: int
 ) -> Message:
     import math
 
@@ -177,7 +177,6 @@ def _local_training(
     )
 
     _node_threads(context)
-    cfg = msg.content["config"]
     data = recipe["data"]
     algorithm, net = build_components(recipe)
     dtype = getattr(torch, recipe["dtype"])

@@ -179,13 +179,20 @@ def _learn_partitions(
     for key, reply in replies.items():
         info = reply.content["info"]
         cid, node = int(info["client_id"]), nodes[key]
-        if where.get(cid, node) != node or not 0 <= cid < num_clients:
+        if not 0 <= cid < num_clients:
             raise FederationError(
-                f"two SuperNodes hold partition-id={cid}: give each node its own partition-id"
-                if 0 <= cid < num_clients else
                 f"a SuperNode holds partition-id={cid} but --data.num_clients={num_clients}"
             )
+        if where.get(cid, node) != node:
+            raise FederationError(
+                f"two SuperNodes hold partition-id={cid}: give each node its own partition-id"
+            )
         where[cid], sizes[cid] = node, int(info["num_samples"])
+
+
+def _population(sizes: dict[int, int], num_clients: int) -> int | None:
+    """Training samples over every partition, once every node has reported (else ``None``)."""
+    return sum(sizes.values()) if len(sizes) == num_clients else None
 
 
 def _server_state(algorithm) -> dict[str, Any]:
@@ -244,7 +251,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
         open(progress_path, "w").close()
     history: list[dict[str, Any]] = []
     for r in range(rounds):
-        total_samples = sum(sizes.values()) if len(sizes) == num_clients else None
+        total_samples = _population(sizes, num_clients)
         sampled = dm.sample_clients(r, per_round)
         planned, slow = participation.split(dm.seed, r, sampled) if participation else ([], [])
         asked = [c for c in sampled if c not in set(planned)]
@@ -306,7 +313,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
             )
             results.append(result)
         results, skipped = loop._drop_diverged(results, r) if results else ([], [])
-        total_samples = sum(sizes.values()) if len(sizes) == num_clients else None
+        total_samples = _population(sizes, num_clients)
         if results:
             # the clients committed their own state on their nodes: only the server rule here
             aggregate = algorithm.aggregate(
