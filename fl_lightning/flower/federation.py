@@ -34,6 +34,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...), or
+    ``None`` where the process is gone or ``/proc`` unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _descendants(pid: int) -> list[int]:
     """The live descendants of process ``pid``, read from ``/proc`` (empty where there is
     none). Flower's SuperLink and SuperNodes start their ``flower-superexec`` in a session of
@@ -44,14 +54,9 @@ def _descendants(pid: int) -> list[int]:
     except OSError:
         return []
     for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
+        fields = _stat(entry) if entry.isdigit() else None
+        if fields is not None and len(fields) > 1 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -67,28 +72,33 @@ def _signal(pid: int, sig: int, group: bool) -> None:
         pass
 
 
+def _signal_tree(pid: int, sig: int) -> list[int]:
+    """Send ``sig`` to the process group led by ``pid`` and to every descendant of ``pid``
+    (those in sessions of their own included); returns the descendants."""
+    tree = _descendants(pid)
+    _signal(pid, sig, group=True)
+    for child in tree:
+        _signal(child, sig, group=False)
+    return tree
+
+
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+    fields = _stat(pid)
+    if fields is not None:
+        return fields[0] != "Z"  # a zombie has exited
+    try:  # no /proc entry to read: ask the kernel
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def terminate(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
     """Stop ``procs`` (each the leader of its own process group) and every process they
     started: SIGTERM to all of them, SIGKILL to what is left after ``grace`` seconds."""
     procs = [p for p in procs if p is not None]
-    tree = [d for p in procs for d in _descendants(p.pid)]
-    for p in procs:
-        if p.poll() is None:
-            _signal(p.pid, signal.SIGTERM, group=True)
-    for pid in tree:
-        _signal(pid, signal.SIGTERM, group=False)
+    # an exited leader's children were handed to init: it has no descendants left to read
+    tree = [d for p in procs if p.poll() is None for d in _signal_tree(p.pid, signal.SIGTERM)]
     late = [d for p in procs for d in _descendants(p.pid) if d not in tree]  # started meanwhile
     for pid in late:
         _signal(pid, signal.SIGTERM, group=False)
@@ -259,10 +269,7 @@ class LocalFederation:
         Flower's heartbeat patience)."""
         proc = self.supernodes[k]
         if proc is not None and proc.poll() is None:
-            tree = _descendants(proc.pid)
-            _signal(proc.pid, sig, group=True)
-            for pid in tree:
-                _signal(pid, sig, group=False)
+            _signal_tree(proc.pid, sig)
             proc.wait(timeout=30)
         self.supernodes[k] = None
 
