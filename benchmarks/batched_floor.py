@@ -38,12 +38,11 @@ import argparse  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import write_json  # noqa: E402
+from common import interleaved, write_json  # noqa: E402
 
 from fl_lightning.algorithms import FedAvg  # noqa: E402
 from fl_lightning.engine import ClientPlan, RoundPlan  # noqa: E402
@@ -170,15 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs = {"bare": bare, "manual_seq": manual_seq, "bmm_autograd": bmm_autograd,
             "bmm_manual": bmm_manual, "engine": engine}
-    for fn in runs.values():  # warm-up
-        fn()
     names = list(runs)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.process_time()
-            runs[name]()
-            times[name].append((time.process_time() - start) / (k * steps))
+    times = {n: [t / (k * steps) for t in v]  # per client-step
+             for n, v in interleaved(runs, args.repeats).items()}
     out = {
         "clients": k, "batch": batch, "steps": steps,
         "us_per_client_step_median": {n: 1e6 * statistics.median(v) for n, v in times.items()},

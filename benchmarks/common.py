@@ -1,4 +1,5 @@
-"""Pieces the benchmark scripts share: the bare PyTorch FedSoL perturbation and the JSON report.
+"""Pieces the benchmark scripts share: the bare PyTorch FedSoL perturbation, the interleaved
+timing loop and the JSON report.
 
 Imported by the scripts in this folder (``python benchmarks/<script>.py`` puts the folder on
 ``sys.path``); not part of the package.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,3 +45,23 @@ def write_json(path: str | None, out: dict) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as fh:
             json.dump(out, fh, indent=2)
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int,
+                report: bool = False) -> dict[str, list[float]]:
+    """CPU seconds (``time.process_time``) of every call in ``runs``, ``repeats`` times each
+    after one warm-up call each; repeat ``r`` starts at the ``r``-th entry, so no entry is
+    always first or last under a machine's changing load. ``report`` prints every repeat."""
+    for fn in runs.values():  # warm-up
+        fn()
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.process_time()
+            runs[name]()
+            times[name].append(time.process_time() - start)
+        if report:
+            print(f"repeat {r}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names),
+                  flush=True)
+    return times

@@ -47,7 +47,7 @@ from datetime import datetime, timezone  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import perturb_, restore_, write_json  # noqa: E402
+from common import interleaved, perturb_, restore_, write_json  # noqa: E402
 
 from fl_lightning.algorithms import FedAvg, FedSoL  # noqa: E402
 from fl_lightning.algorithms.base import LocalContext  # noqa: E402
@@ -159,17 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seq_fedavg": seq(fedavg),
         "seq_fedsol": seq(fedsol),
     }
-    for fn in runs.values():  # warm-up
-        fn()
-    names = list(runs)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for r in range(args.repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.process_time()
-            runs[name]()
-            times[name].append(time.process_time() - start)
-        print(f"repeat {r}: " + ", ".join(f"{k} {times[k][-1]:.2f} s" for k in names),
-              flush=True)
+    times = interleaved(runs, args.repeats, report=True)
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(u / v for u, v in zip(times[a], times[b], strict=True))
