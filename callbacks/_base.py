@@ -33,6 +33,10 @@ class _RoundCallback(pl.Callback):
     """
 
     prefix = "analysis"
+    #: whether the measurement reads every client's result of the round
+    #: (``RoundResult.clients``): under DDP the round then gathers every client's result on
+    #: every rank instead of all-reducing the mean (each rank trains only its share)
+    needs_client_results = False
 
     def __init__(self, every_n_rounds: int = 1, criterion: Criterion | None = None) -> None:
         self._errors: list[str] = []
@@ -109,18 +113,28 @@ class _RoundCallback(pl.Callback):
         self.seconds = float(state_dict.get("seconds", 0.0))
 
     # ------------------------------------------------------------------ output files
-    @staticmethod
-    def _out_dir(trainer: Any) -> str | None:
-        log_dir = getattr(trainer, "log_dir", None)
-        if log_dir is None:
+    def _out_dir(self, trainer: Any) -> str | None:
+        """``<log_dir>/analysis`` (created) on rank zero, ``None`` on every other rank.
+
+        Every rank must call it at the same point: ``trainer.log_dir`` is a broadcast under
+        DDP, and a rank that does not ask leaves the others waiting forever. The folder is
+        kept for :meth:`_save_figure` and :meth:`_write_history`, which never ask again.
+        """
+        log_dir = getattr(trainer, "log_dir", None)  # a collective under DDP: every rank asks
+        if log_dir is None or not getattr(trainer, "is_global_zero", True):
+            self._dir: str | None = None
             return None
-        path = os.path.join(log_dir, "analysis")
-        os.makedirs(path, exist_ok=True)
-        return path
+        self._dir = os.path.join(log_dir, "analysis")
+        os.makedirs(self._dir, exist_ok=True)
+        return self._dir
 
     def _save_figure(self, trainer: Any, fig: Any, name: str) -> str | None:
-        """Save ``fig`` as ``<log_dir>/analysis/<name>.png`` and hand it to image loggers."""
-        out = self._out_dir(trainer)
+        """Save ``fig`` as ``<log_dir>/analysis/<name>.png`` and hand it to image loggers.
+
+        Into the folder the hook's :meth:`_out_dir` call found (nothing is written on ranks
+        other than zero, and no collective is started here).
+        """
+        out = getattr(self, "_dir", None)
         path = None
         if out is not None:
             path = os.path.join(out, f"{name}.png")
@@ -138,7 +152,7 @@ class _RoundCallback(pl.Callback):
         return path
 
     def _write_history(self, trainer: Any) -> None:
-        out = self._out_dir(trainer)
+        out = getattr(self, "_dir", None)
         if out is None:
             return
         with open(os.path.join(out, f"{self.prefix}.json"), "w") as fh:
@@ -152,7 +166,7 @@ class _RoundCallback(pl.Callback):
         """Draw this callback's figure (subclasses)."""
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not getattr(trainer, "is_global_zero", True):
+        if self._out_dir(trainer) is None:  # on every rank (see _out_dir); writes on rank zero
             return
         self._write_history(trainer)
         if self.history:

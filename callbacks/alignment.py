@@ -65,6 +65,7 @@ class GradientAlignment(_RoundCallback):
     """
 
     prefix = "alignment"
+    needs_client_results = True
 
     def __init__(
         self,

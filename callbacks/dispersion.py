@@ -55,6 +55,7 @@ class ClientUpdateDispersion(_RoundCallback):
     """
 
     prefix = "dispersion"
+    needs_client_results = True
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ class WeightDivergence(_RoundCallback):
     """
 
     prefix = "divergence"
+    needs_client_results = True
 
     def __init__(self, every_n_rounds: int = 1, per_layer: bool = False) -> None:
         super().__init__(every_n_rounds)

@@ -43,11 +43,12 @@ class HeterogeneityReport(Callback):
         self.paths: tuple[str, str] | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # trainer.log_dir is a broadcast under DDP: every rank must ask, only rank zero writes
+        folder = self.dirpath or trainer.log_dir or os.getcwd()
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "client_indices"):
             return
-        folder = self.dirpath or trainer.log_dir or os.getcwd()
         self.report = datamodule_report(dm)
         self.paths = write_report(self.report, os.path.join(folder, self.filename), describe(dm))

@@ -44,6 +44,7 @@ class KnowledgePreservation(_RoundCallback):
     """
 
     prefix = "knowledge"
+    needs_client_results = True
 
     def __init__(
         self,

@@ -65,12 +65,16 @@ class RoundLoop:
         """Whether, under DDP, every rank needs every client's result (not just the weighted
         mean of the weights): the algorithm keeps client state (every rank then commits every
         kept client's state, so each rank's store is the full one and any rank can train any
-        client) or has its own server rule, or a systems mechanism acts on each update."""
+        client) or has its own server rule, or a systems mechanism acts on each update, or a
+        callback reads every client's result (``needs_client_results``: its measurement on
+        one rank's clients alone would be wrong)."""
         module = self.module
         algorithm = module.algorithm
+        callbacks = module.trainer.callbacks if module._trainer is not None else []
         return (
             module.systems.active or bool(algorithm.client_state)
             or algorithm.server_rule != "mean"
+            or any(getattr(cb, "needs_client_results", False) for cb in callbacks)
         )
 
     def run_round(self, round_idx: int) -> RoundResult:

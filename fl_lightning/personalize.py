@@ -414,7 +414,10 @@ class PersonalizedEvaluation(pl.Callback):
         return float(self.lr)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step == 0 or not trainer.is_global_zero:
+        if trainer.global_step == 0:
+            return
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if not trainer.is_global_zero:
             return
         module = pl_module
         dm = module.datamodule
@@ -445,7 +448,6 @@ class PersonalizedEvaluation(pl.Callback):
             f"{result['acc_mean']:.4f} +- {result['acc_std']:.4f} (before fine-tuning "
             f"{result['before_mean']:.4f} +- {result['before_std']:.4f})"
         )
-        log_dir = trainer.log_dir
         if log_dir is not None:
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, "personalized_metrics.json"), "w") as fh:

@@ -32,6 +32,28 @@ BASE = [
 ]
 DDP = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
 
+_CB = "--trainer.callbacks"
+#: every analysis callback of fl_lightning.callbacks, on cheap settings
+ANALYSIS = [
+    f"{_CB}+=HessianEigenvalues", f"{_CB}.every_n_rounds=1", f"{_CB}.k=2", f"{_CB}.num_iter=4",
+    f"{_CB}.batch_size=100",
+    f"{_CB}+=LossLandscape", f"{_CB}.every_n_rounds=1", f"{_CB}.directions=random",
+    f"{_CB}.resolution=3", f"{_CB}.batch_size=100", f"{_CB}.num_batches=1",
+    f"{_CB}+=WeightDivergence", f"{_CB}+=GlobalOscillation", f"{_CB}.window=2",
+    f"{_CB}+=ClientUpdateDispersion", f"{_CB}.max_samples=50",
+    f"{_CB}+=KnowledgePreservation", f"{_CB}.max_samples=100",
+    f"{_CB}+=ClassWiseAccuracy", f"{_CB}+=HeterogeneityReport",
+    f"{_CB}+=GradientAlignment", f"{_CB}.max_clients=2",
+    f"{_CB}+=HeterogeneityFloor", f"{_CB}.every_n_rounds=2", f"{_CB}.num_clients=2",
+    f"{_CB}.max_steps=20",
+    f"{_CB}+=ClientOptimaProbe", f"{_CB}.every_n_rounds=2", f"{_CB}.num_clients=2",
+    f"{_CB}.max_steps=20",
+]
+#: the files the analysis case must have written (rank zero) when training ended
+ANALYSIS_FILES = ("hessian.json", "hessian.png", "landscape_round1.pt", "landscape_round2.png",
+                  "divergence.json", "oscillation.json", "dispersion.json", "knowledge.json",
+                  "classwise.png", "alignment.json", "floor.json", "optima.json")
+
 #: case -> extra options (after BASE); quickstart = FedSoL on digits, 20 unequal LDA clients,
 #: 5 per round.
 CASES: dict[str, list[str]] = {
@@ -50,6 +72,9 @@ CASES: dict[str, list[str]] = {
         "--config", str(ALGO / "scaffold.yaml"), "--config", str(SYS / "topk_10.yaml"),
         "--config", str(SYS / "label_flip_20.yaml"), "--config", str(SYS / "stragglers_30.yaml"),
     ],
+    # every analysis callback (each writes files at the end, the landscape every round): the
+    # steps every rank must take (trainer.log_dir is a broadcast) are taken on every rank
+    "analysis": ANALYSIS,
 }
 #: resumed under DDP from the round-2 checkpoint of the (DDP) scaffold case, up to round 3
 RESUME = ("scaffold_resume", "scaffold", 2, 3)

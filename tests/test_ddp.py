@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -101,7 +102,12 @@ def test_two_gloo_processes_give_the_results_of_one(tmp_path, monkeypatch):
             for case in DDP_CASES:
                 ddp_cases.fit(ddp_cases.CASES[case], tmp_path / "one" / case)
         finally:
-            proc.wait()
+            try:  # a hang guard, not a speed limit: a run that hangs fails with its log
+                proc.wait(timeout=1800)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                pytest.fail("the DDP cases hung:\n" + log.read_text()[-4000:])
     assert proc.returncode == 0, log.read_text()[-4000:]
     diffs = {}
     for case in DDP_CASES:
@@ -125,6 +131,26 @@ def test_two_gloo_processes_give_the_results_of_one(tmp_path, monkeypatch):
     for rank in (0, 1):
         calls = json.loads((out / "fedsol" / f"comm_calls_rank{rank}.json").read_text())
         assert calls == {"calls": 0, "world": 2}
+    # every analysis callback ran under DDP to the end of training (none hung on a collective
+    # taken on rank zero only): its files written once, its numbers those of one process, and
+    # the run's own outputs complete
+    for where in (out, tmp_path / "one"):
+        run = where / "analysis" / "lightning_logs" / "fl" / "version_0"
+        for name in ddp_cases.ANALYSIS_FILES:
+            assert (run / "analysis" / name).is_file(), (where, name)
+        assert (run / "final_metrics.json").is_file() and (run / "heterogeneity.json").is_file()
+        rows = list(csv.DictReader(open(run / "metrics.csv")))
+        assert [int(float(r["round"])) for r in rows] == [1, 2] and rows[-1]["val_acc"], rows
+    assert not (out / "analysis" / "lightning_logs" / "fl" / "version_1").exists()
+    for name in ("divergence", "dispersion", "alignment", "knowledge", "hessian", "floor"):
+        hist = [json.loads((w / "analysis" / "lightning_logs" / "fl" / "version_0" / "analysis"
+                            / f"{name}.json").read_text())["history"] for w in (out,
+                                                                             tmp_path / "one")]
+        assert [sorted(r) for r in hist[0]] == [sorted(r) for r in hist[1]] and hist[0], name
+        for a, b in zip(*hist, strict=True):
+            for key in a:
+                if key != "seconds":
+                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (name, key)
     gathered = [json.loads((out / f"gather_rank{r}.json").read_text()) for r in (0, 1)]
     # rank 0 sends 30 float32 values (2 x (10 weights + 1 loss + 4 extras)) and 12 float64
     # (2 x 6 state), rank 1 half of that; each all-gather pads to the longest rank
