@@ -1,8 +1,9 @@
 """Command-line input checked before and while jsonargparse reads it.
 
 - :func:`check_config_files`: every ``--config`` file is read first; a missing file, a YAML
-  syntax error (tabs, a bad indent) or a top level that is not a mapping stops the run with one
-  line naming the file, the line and the rule;
+  syntax error (tabs, a bad indent), a key repeated in one mapping (YAML would keep the last
+  one silently) or a top level that is not a mapping stops the run with one line naming the
+  file, the line(s) and the rule;
 - :func:`finite_spellings`: ``nan``/``inf`` on the command line are spelt the YAML way
   (``.nan``/``.inf``) so that they reach the option's own check, which says what the rule is
   (``--data.alpha=nan is invalid: ... must be a finite number > 0``) instead of jsonargparse's
@@ -23,6 +24,7 @@ import yaml
 
 from fl_lightning.errors import ConfigError
 from fl_lightning.suggest import class_choices, closest, did_you_mean, init_options, suggest_class
+from fl_lightning.yamlcheck import DuplicateKeyError, safe_load_unique
 
 __all__ = ["check_config_files", "explain_parser_error", "finite_spellings"]
 
@@ -77,7 +79,12 @@ def check_config_files(args: Sequence[str]) -> list[str]:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
         try:
-            data = yaml.safe_load(text)
+            data = safe_load_unique(text)
+        except DuplicateKeyError as err:
+            raise ConfigError(
+                f"--config={path}: {err}: YAML would silently keep only the second; delete "
+                "or merge one of them"
+            ) from None
         except yaml.MarkedYAMLError as err:
             mark = err.problem_mark or err.context_mark
             line = text.splitlines()[mark.line] if mark and mark.line < len(

@@ -138,6 +138,11 @@ CONFIG_FILES = {
     "tab.yaml": "trainer:\n\tmax_steps: 3\n",
     "typo.yaml": "trainer:\n  max_stepz: 3\n",
     "badclass.yaml": "model:\n  algorithm:\n    class_path: fl_lightning.algorithms.FedSAMM\n",
+    # a repeated key: YAML keeps the last value silently (local_lr 5.0 trained, issue #26)
+    "dupkey.yaml": "model:\n  local_lr: 0.01\n  batch_size: 10\n  local_lr: 5.0\n",
+    "dupsection.yaml": "model:\n  local_lr: 0.01\ntrainer:\n  max_steps: 3\nmodel:\n"
+                       "  batch_size: 10\n",
+    "anchors.yaml": "base: &b {local_lr: 0.02}\nmodel:\n  <<: *b\n  batch_size: 10\n",
 }
 CLEAR_MESSAGES = [
     # the rule that failed, not the type
@@ -175,6 +180,12 @@ CLEAR_MESSAGES = [
     (["--config", "badclass.yaml"],
      ["--config badclass.yaml", "did you mean fl_lightning.algorithms.FedSAM?"]),
     (["--config", "absent.yaml"], ["--config=absent.yaml", "no such file"]),
+    (["--config", "ok.yaml", "--config", "dupkey.yaml"],
+     ["--config=dupkey.yaml", "key 'local_lr' appears twice", "lines 2 and 4", "delete"]),
+    (["--config", "dupsection.yaml"],
+     ["--config=dupsection.yaml", "key 'model' appears twice", "lines 1 and 5"]),
+    # merge keys (<<: *anchor) are not repeated keys; the unknown 'base' key is what is wrong
+    (["--config", "anchors.yaml"], ["base", "--config anchors.yaml"]),
     # Trainer options the federated loop cannot honour, with what to use instead
     (["--trainer.val_check_interval", "0"],
      ["--trainer.val_check_interval=0", "positive integer number of rounds"]),
