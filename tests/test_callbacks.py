@@ -178,10 +178,9 @@ def test_global_oscillation_spread_of_the_last_evaluations():
         (lambda: GradientAlignment(proximal="l1"), "GradientAlignment.proximal='l1'"),
     ],
 )
-def test_bad_options_raise_one_line_config_errors_at_setup(make, needle):
-    cb = make()
+def test_bad_options_raise_one_line_config_errors_in_init(make, needle):
     with pytest.raises(ConfigError) as err:
-        cb.setup(None, None, "fit")
+        make()
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
