@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value
+from typing_extensions import override
 
 from fl_lightning.algorithms.base import LocalContext
 from fl_lightning.algorithms.fedsol import kl_to_global
@@ -134,6 +135,7 @@ class GradientAlignment(RoundCallback):
         return {"cos_update_prox": float(t[0]), "cos_ce_prox": float(t[1]),
                 "cos_update_ce": float(t[2]), "prox_loss": float(t[3])}
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
         if not self.is_due(result.round):
             return

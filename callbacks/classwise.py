@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from fl_lightning.callbacks.base import (
     RoundCallback,
@@ -65,6 +66,7 @@ class ClassWiseAccuracy(RoundCallback):
         out["acc"] = float(correct.sum() / count.sum())
         return out
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
         if not self.is_due(result.round):
             return

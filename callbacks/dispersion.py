@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from fl_lightning.callbacks.base import (
     Criterion,
@@ -93,6 +94,7 @@ class ClientUpdateDispersion(RoundCallback):
         _, g = loss_and_grad(module.net, params, buffers_of(module), batches, self.criterion)
         return g
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
         if not self.is_due(result.round):
             return

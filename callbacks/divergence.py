@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from typing_extensions import override
 
 from fl_lightning.callbacks.base import RoundCallback
 from fl_lightning.callbacks.functional import weight_divergence
@@ -43,6 +44,7 @@ class WeightDivergence(RoundCallback):
         super().__init__(every_n_rounds)
         self.per_layer = bool(per_layer)
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
         if not self.is_due(result.round):
             return

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from fl_lightning.callbacks.base import (
     Criterion,
@@ -145,6 +146,7 @@ class HessianEigenvalues(RoundCallback):
         out["seconds"] = seconds
         return out
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
         if not self.is_due(result.round):
             return

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from fl_lightning.callbacks.base import (
     Criterion,
@@ -145,6 +146,7 @@ class LossLandscape(RoundCallback):
                 )
         return {"a": coords, "b": coords.clone(), "loss": loss}
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
         if not self.is_due(result.round):
             return
