@@ -67,6 +67,8 @@ class RoundCallback(pl.Callback):
     :meth:`check_choice` or :meth:`fail`: a bad value raises a one-line
     :class:`~fl_lightning.errors.ConfigError` naming the option
     (``--trainer.callbacks.<Class>.<name>``), the value and the fix, before any training.
+    (jsonargparse wraps an error raised while it builds a callback in a multi-line "Union
+    subtypes" message; ``fl-lightning`` prints the ``ConfigError`` inside it as one line.)
 
     Args:
         every_n_rounds: measure after every n-th round (an integer >= 1).
