@@ -1,9 +1,12 @@
 """Lightning callbacks for federated analyses (round-hook protocol: see fl_lightning.hooks).
 
-This folder is installed and imported as ``fl_lightning.callbacks`` (``package-dir`` in
-``pyproject.toml``), so it cannot collide with a ``callbacks`` module of your own project. The
-old top-level name ``callbacks`` still works from a source checkout, with a
-``DeprecationWarning``.
+This folder is installed and imported as ``fl_lightning.callbacks`` (see the comment in
+``fl_lightning/__init__.py``), so it cannot collide with a ``callbacks`` module of your own
+project. The old top-level name ``callbacks`` still works, with a ``DeprecationWarning``, for
+one more release.
+
+Write your own analysis by subclassing :class:`~fl_lightning.callbacks.base.RoundCallback`
+(docs/analysis.md, "Writing your own analysis callback").
 
 Add any of them to a run with ``--trainer.callbacks+=<Name>`` (e.g. ``+=HessianEigenvalues``,
 or the full ``fl_lightning.callbacks.HessianEigenvalues``); the analysis callbacks
@@ -15,27 +18,25 @@ in each class's docstring; the kernels are pure functions in
 (docs/analysis.md).
 """
 
-import sys as _sys
+if __name__ == "callbacks":  # the old name imported before fl_lightning: its finder serves it
+    import importlib as _importlib
+    import sys as _sys
 
-if __name__ == "callbacks":  # the deprecated top-level name: alias the real package
-    import warnings as _warnings
+    del _sys.modules["callbacks"]
+    import fl_lightning  # noqa: F401  (installs the finder)
 
-    _warnings.warn(
-        "the top-level package 'callbacks' is deprecated: import fl_lightning.callbacks "
-        "(in configs: class_path: fl_lightning.callbacks.<Name>, or the short <Name>)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    import fl_lightning.callbacks as _package
-
-    for _name, _module in list(_sys.modules.items()):
-        if _name.startswith("fl_lightning.callbacks."):
-            _sys.modules["callbacks." + _name[len("fl_lightning.callbacks."):]] = _module
-    _sys.modules["callbacks"] = _package
-    globals().update({k: getattr(_package, k) for k in _package.__all__})
-    __all__ = list(_package.__all__)
+    _sys.modules["callbacks"] = _importlib.import_module("callbacks")
 else:
     from fl_lightning.callbacks.alignment import GradientAlignment
+    from fl_lightning.callbacks.base import (
+        RoundCallback,
+        as_input,
+        buffers_of,
+        client_batches,
+        eval_batches,
+        fixed_batches,
+        split_tensors,
+    )
     from fl_lightning.callbacks.classwise import ClassWiseAccuracy
     from fl_lightning.callbacks.dispersion import ClientUpdateDispersion
     from fl_lightning.callbacks.divergence import WeightDivergence
@@ -58,5 +59,12 @@ else:
         "HeterogeneityReport",
         "KnowledgePreservation",
         "LossLandscape",
+        "RoundCallback",
         "WeightDivergence",
+        "as_input",
+        "buffers_of",
+        "client_batches",
+        "eval_batches",
+        "fixed_batches",
+        "split_tensors",
     ]

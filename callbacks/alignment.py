@@ -9,10 +9,15 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value
+from typing_extensions import override
 
 from fl_lightning.algorithms.base import LocalContext
 from fl_lightning.algorithms.fedsol import kl_to_global
-from fl_lightning.callbacks._base import _buffers, _client_batches, _RoundCallback
+from fl_lightning.callbacks.base import (
+    RoundCallback,
+    buffers_of,
+    client_batches,
+)
 from fl_lightning.callbacks.functional import flatten
 from fl_lightning.hooks import RoundResult
 
@@ -24,7 +29,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a.double(), b.double())) / den if den > 0 else 0.0
 
 
-class GradientAlignment(_RoundCallback):
+class GradientAlignment(RoundCallback):
     """Cosine between the local update gradient and the proximal gradient, and the proximal loss.
 
     Measured at the end of local training (where the client is farthest from the global model)
@@ -57,7 +62,7 @@ class GradientAlignment(_RoundCallback):
         batch_size: samples per batch.
 
     Raises:
-        ConfigError: (at setup, see ``validate``) for an unknown ``proximal``.
+        ConfigError: for an unknown ``proximal``.
 
     Example:
         >>> GradientAlignment(proximal="kl").proximal
@@ -77,16 +82,13 @@ class GradientAlignment(_RoundCallback):
         batch_size: int = 50,
     ) -> None:
         super().__init__(every_n_rounds)
-        opt = "--trainer.callbacks.GradientAlignment"
-        if proximal not in ("auto", "kl", "l2"):
-            self._fail(f"{opt}.proximal={proximal!r} is unknown: use auto, kl or l2")
-        self.proximal = proximal
+        self.proximal = self.check_choice(proximal, "proximal", ("auto", "kl", "l2"))
         self.temperature = temperature
-        self.max_clients = None if max_clients is None else self._int(
-            max_clients, f"{opt}.max_clients"
+        self.max_clients = (
+            None if max_clients is None else self.check_int(max_clients, "max_clients")
         )
-        self.num_batches = self._int(num_batches, f"{opt}.num_batches")
-        self.batch_size = self._int(batch_size, f"{opt}.batch_size")
+        self.num_batches = self.check_int(num_batches, "num_batches")
+        self.batch_size = self.check_int(batch_size, "batch_size")
 
     def _mode(self, algorithm: Any) -> tuple[str, float]:
         temp = self.temperature
@@ -101,11 +103,11 @@ class GradientAlignment(_RoundCallback):
     ) -> dict[str, float]:
         client = result.clients[index]
         mode, temp = self._mode(module.algorithm)
-        buffers = _buffers(module)
+        buffers = buffers_of(module)
         net = module.net
         w = {k: v.detach() for k, v in client.params.items()}
         wg = {k: v.detach() for k, v in result.global_before.items()}
-        batches = _client_batches(module, client.client_id, self.batch_size)[: self.num_batches]
+        batches = client_batches(module, client.client_id, self.batch_size)[: self.num_batches]
         rows = []
         for x, y in batches:
             def ce(p, x=x, y=y):
@@ -133,8 +135,9 @@ class GradientAlignment(_RoundCallback):
         return {"cos_update_prox": float(t[0]), "cos_ce_prox": float(t[1]),
                 "cos_update_ce": float(t[2]), "prox_loss": float(t[3])}
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self._due(result.round):
+        if not self.is_due(result.round):
             return
         start = time.perf_counter()
         n = len(result.clients) if self.max_clients is None else min(
@@ -144,9 +147,9 @@ class GradientAlignment(_RoundCallback):
             per = [self.measure_client(module, result, i) for i in range(n)]
         self.seconds += time.perf_counter() - start
         keys = per[0].keys()
-        self._record(trainer, result.round + 1,
+        self.log_round(trainer, result.round + 1,
                      {k: sum(p[k] for p in per) / len(per) for k in keys})
 
-    def _plot(self, trainer: Any) -> None:
-        self._plot_series(trainer, ["cos_update_prox", "cos_ce_prox", "prox_loss"], "alignment",
+    def plot(self, trainer: Any) -> None:
+        self.plot_series(trainer, ["cos_update_prox", "cos_ce_prox", "prox_loss"], "alignment",
                           "update vs proximal gradient at the end of local training")

@@ -7,15 +7,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
-from fl_lightning.callbacks._base import _buffers, _eval_batches, _RoundCallback
+from fl_lightning.callbacks.base import (
+    RoundCallback,
+    buffers_of,
+    eval_batches,
+)
 from fl_lightning.callbacks.functional import class_accuracy
 from fl_lightning.hooks import RoundResult
 
 __all__ = ["ClassWiseAccuracy"]
 
 
-class ClassWiseAccuracy(_RoundCallback):
+class ClassWiseAccuracy(RoundCallback):
     """Accuracy of the global model on each class of the test split, with a heatmap.
 
     ``acc_c = #{i : y_i = c, argmax f(w; x_i) = c} / #{i : y_i = c}`` at the global weights
@@ -43,16 +48,15 @@ class ClassWiseAccuracy(_RoundCallback):
         self, every_n_rounds: int = 1, max_samples: int | None = None, batch_size: int = 1000
     ) -> None:
         super().__init__(every_n_rounds)
-        opt = "--trainer.callbacks.ClassWiseAccuracy"
-        self.max_samples = None if max_samples is None else self._int(
-            max_samples, f"{opt}.max_samples"
+        self.max_samples = (
+            None if max_samples is None else self.check_int(max_samples, "max_samples")
         )
-        self.batch_size = self._int(batch_size, f"{opt}.batch_size")
+        self.batch_size = self.check_int(batch_size, "batch_size")
 
     def measure(self, module: Any, params: dict[str, torch.Tensor]) -> dict[str, float]:
-        batches = _eval_batches(module, self.max_samples, self.batch_size)
+        batches = eval_batches(module, self.max_samples, self.batch_size)
         correct, count, _ = class_accuracy(
-            module.net, params, _buffers(module), batches, module.num_classes
+            module.net, params, buffers_of(module), batches, module.num_classes
         )
         acc = correct / count.clamp_min(1.0)
         present = count > 0
@@ -62,15 +66,16 @@ class ClassWiseAccuracy(_RoundCallback):
         out["acc"] = float(correct.sum() / count.sum())
         return out
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self._due(result.round):
+        if not self.is_due(result.round):
             return
         start = time.perf_counter()
         metrics = self.measure(module, result.global_after)
         self.seconds += time.perf_counter() - start
-        self._record(trainer, result.round + 1, metrics)
+        self.log_round(trainer, result.round + 1, metrics)
 
-    def _plot(self, trainer: Any) -> None:
+    def plot(self, trainer: Any) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -94,4 +99,4 @@ class ClassWiseAccuracy(_RoundCallback):
         ax.set_ylabel("class")
         ax.set_title("class-wise test accuracy of the global model")
         fig.colorbar(im, ax=ax, label="accuracy")
-        self._save_figure(trainer, fig, "classwise")
+        self.save_figure(trainer, fig, "classwise")

@@ -7,8 +7,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
-from fl_lightning.callbacks._base import Criterion, _buffers, _client_batches, _RoundCallback
+from fl_lightning.callbacks.base import (
+    Criterion,
+    RoundCallback,
+    buffers_of,
+    client_batches,
+)
 from fl_lightning.callbacks.functional import (
     b_local_dissimilarity,
     flatten,
@@ -21,7 +27,7 @@ from fl_lightning.hooks import RoundResult
 __all__ = ["ClientUpdateDispersion"]
 
 
-class ClientUpdateDispersion(_RoundCallback):
+class ClientUpdateDispersion(RoundCallback):
     """Spread and cosines of the client updates, and FedProx's B-local dissimilarity.
 
     With ``u_k = w_k - w_g`` the update of sampled client ``k`` and ``p_k = n_k / sum_j n_j``
@@ -66,17 +72,16 @@ class ClientUpdateDispersion(_RoundCallback):
         criterion: Criterion | None = None,
     ) -> None:
         super().__init__(every_n_rounds, criterion)
-        opt = "--trainer.callbacks.ClientUpdateDispersion"
         self.b_local = bool(b_local)
-        self.max_samples = None if max_samples is None else self._int(
-            max_samples, f"{opt}.max_samples"
+        self.max_samples = (
+            None if max_samples is None else self.check_int(max_samples, "max_samples")
         )
-        self.batch_size = self._int(batch_size, f"{opt}.batch_size")
+        self.batch_size = self.check_int(batch_size, "batch_size")
 
     def client_gradient(self, module: Any, client_id: int,
                         params: dict[str, torch.Tensor]) -> torch.Tensor:
         """``grad f_k(w)`` of one client's mean loss, flat."""
-        batches = _client_batches(module, client_id, self.batch_size)
+        batches = client_batches(module, client_id, self.batch_size)
         if self.max_samples is not None:
             kept, total = [], 0
             for x, y in batches:
@@ -86,11 +91,12 @@ class ClientUpdateDispersion(_RoundCallback):
                 kept.append((x[:take], y[:take]))
                 total += take
             batches = kept
-        _, g = loss_and_grad(module.net, params, _buffers(module), batches, self.criterion)
+        _, g = loss_and_grad(module.net, params, buffers_of(module), batches, self.criterion)
         return g
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self._due(result.round):
+        if not self.is_due(result.round):
             return
         start = time.perf_counter()
         p = normalize_weights(result.client_sizes, len(result.clients))
@@ -105,8 +111,8 @@ class ClientUpdateDispersion(_RoundCallback):
                 ])
             metrics["b_local"] = b_local_dissimilarity(grads, p)
         self.seconds += time.perf_counter() - start
-        self._record(trainer, result.round + 1, metrics)
+        self.log_round(trainer, result.round + 1, metrics)
 
-    def _plot(self, trainer: Any) -> None:
-        self._plot_series(trainer, ["relative_dispersion", "cos_pairwise_mean", "b_local"],
+    def plot(self, trainer: Any) -> None:
+        self.plot_series(trainer, ["relative_dispersion", "cos_pairwise_mean", "b_local"],
                           "dispersion", "client update dispersion")

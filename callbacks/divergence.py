@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from typing_extensions import override
 
-from fl_lightning.callbacks._base import _RoundCallback
+from fl_lightning.callbacks.base import RoundCallback
 from fl_lightning.callbacks.functional import weight_divergence
 from fl_lightning.hooks import RoundResult
 
 __all__ = ["WeightDivergence"]
 
 
-class WeightDivergence(_RoundCallback):
+class WeightDivergence(RoundCallback):
     """Distances between the global model a round started from and the clients' local models.
 
     With ``w_g`` the weights sent to the clients (``RoundResult.global_before``) and ``w_k`` the
@@ -43,14 +44,15 @@ class WeightDivergence(_RoundCallback):
         super().__init__(every_n_rounds)
         self.per_layer = bool(per_layer)
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self._due(result.round):
+        if not self.is_due(result.round):
             return
         metrics = weight_divergence(
             result.global_before, [c.params for c in result.clients], self.per_layer
         )
-        self._record(trainer, result.round + 1, metrics)
+        self.log_round(trainer, result.round + 1, metrics)
 
-    def _plot(self, trainer: Any) -> None:
-        self._plot_series(trainer, ["div_mean", "div_max", "pairwise_mean"], "divergence",
+    def plot(self, trainer: Any) -> None:
+        self.plot_series(trainer, ["div_mean", "div_max", "pairwise_mean"], "divergence",
                           "client weight divergence ||w_g - w_k||")

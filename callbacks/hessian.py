@@ -9,8 +9,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
-from fl_lightning.callbacks._base import Criterion, _buffers, _fixed_batches, _RoundCallback
+from fl_lightning.callbacks.base import (
+    Criterion,
+    RoundCallback,
+    buffers_of,
+    fixed_batches,
+)
 from fl_lightning.callbacks.functional import hessian_eigenvalues
 from fl_lightning.hooks import RoundResult
 
@@ -44,7 +50,7 @@ def condition_ratio(lambda_1: float, lambda_k: float) -> float:
     return lambda_1 / lambda_k
 
 
-class HessianEigenvalues(_RoundCallback):
+class HessianEigenvalues(RoundCallback):
     """Top-``k`` eigenvalues of the global model's loss Hessian, every ``every_n_rounds`` rounds.
 
     At the global weights ``w`` after the round, with a fixed set of batches ``B`` drawn once
@@ -85,7 +91,7 @@ class HessianEigenvalues(_RoundCallback):
         last_round: the round (from 1) of the last measurement.
 
     Raises:
-        ConfigError: (at setup, see ``validate``) for ``k``, ``num_iter``, ``num_batches``
+        ConfigError: for ``k``, ``num_iter``, ``num_batches``
             or ``batch_size`` below 1, or ``num_iter < k``.
 
     Example:
@@ -108,28 +114,26 @@ class HessianEigenvalues(_RoundCallback):
         criterion: Criterion | None = None,
     ) -> None:
         super().__init__(every_n_rounds, criterion)
-        opt = "--trainer.callbacks.HessianEigenvalues"
-        self.k = self._int(k, f"{opt}.k")
-        self.num_iter = self._int(num_iter, f"{opt}.num_iter")
+        self.k = self.check_int(k, "k")
+        self.num_iter = self.check_int(num_iter, "num_iter")
         if self.num_iter < self.k:
-            self._fail(
-                f"{opt}.num_iter={num_iter} is invalid: it must be >= k={k} (e.g. {2 * k + 10})"
+            self.fail(
+                f"{self.option('num_iter')}={num_iter} is invalid: it must be >= k={k} "
+                f"(e.g. {2 * k + 10})"
             )
-        self.num_batches = self._int(num_batches, f"{opt}.num_batches")
-        self.batch_size = self._int(batch_size, f"{opt}.batch_size")
-        if split not in ("train", "test"):
-            self._fail(f"{opt}.split={split!r} is unknown: use 'train' or 'test'")
-        self.split = split
+        self.num_batches = self.check_int(num_batches, "num_batches")
+        self.batch_size = self.check_int(batch_size, "batch_size")
+        self.split = self.check_choice(split, "split", ("train", "test"))
         self.seed = int(seed)
         self.eigenvectors: torch.Tensor | None = None
         self.last_round: int | None = None
 
     def measure(self, module: Any, params: dict[str, torch.Tensor]) -> dict[str, float]:
         """Eigenvalues of the Hessian at ``params`` (a dict like ``module.net``'s parameters)."""
-        batches = _fixed_batches(module, self.split, self.num_batches, self.batch_size, self.seed)
+        batches = fixed_batches(module, self.split, self.num_batches, self.batch_size, self.seed)
         start = time.perf_counter()
         evals, evecs = hessian_eigenvalues(
-            module.net, params, _buffers(module), batches, k=self.k, num_iter=self.num_iter,
+            module.net, params, buffers_of(module), batches, k=self.k, num_iter=self.num_iter,
             criterion=self.criterion, seed=self.seed,
         )
         seconds = time.perf_counter() - start
@@ -142,16 +146,17 @@ class HessianEigenvalues(_RoundCallback):
         out["seconds"] = seconds
         return out
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self._due(result.round):
+        if not self.is_due(result.round):
             return
         with torch.enable_grad():
             metrics = self.measure(module, result.global_after)
         self.last_round = result.round + 1
-        self._record(trainer, result.round + 1, metrics)
+        self.log_round(trainer, result.round + 1, metrics)
 
-    def _plot(self, trainer: Any) -> None:
-        self._plot_series(
+    def plot(self, trainer: Any) -> None:
+        self.plot_series(
             trainer, ["lambda_1", f"ratio_1_{self.k}"], "hessian",
             "Hessian spectrum of the global model", logy=False,
         )

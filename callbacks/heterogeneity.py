@@ -33,7 +33,7 @@ class HeterogeneityReport(Callback):
         >>> cb.filename
         'heterogeneity'
 
-        On the command line: ``--trainer.callbacks+=callbacks.HeterogeneityReport``.
+        On the command line: ``--trainer.callbacks+=HeterogeneityReport``.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "heterogeneity") -> None:

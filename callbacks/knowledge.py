@@ -7,15 +7,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
-from fl_lightning.callbacks._base import _buffers, _eval_batches, _RoundCallback
+from fl_lightning.callbacks.base import (
+    RoundCallback,
+    buffers_of,
+    eval_batches,
+)
 from fl_lightning.callbacks.functional import class_accuracy
 from fl_lightning.hooks import RoundResult
 
 __all__ = ["KnowledgePreservation"]
 
 
-class KnowledgePreservation(_RoundCallback):
+class KnowledgePreservation(RoundCallback):
     """Test accuracy of every local model right after its local training (FedSoL, section 5).
 
     For each sampled client ``k`` (at most ``max_clients``, in training order), the accuracy
@@ -54,38 +59,38 @@ class KnowledgePreservation(_RoundCallback):
         batch_size: int = 1000,
     ) -> None:
         super().__init__(every_n_rounds)
-        opt = "--trainer.callbacks.KnowledgePreservation"
-        self.max_clients = None if max_clients is None else self._int(
-            max_clients, f"{opt}.max_clients"
+        self.max_clients = (
+            None if max_clients is None else self.check_int(max_clients, "max_clients")
         )
-        self.max_samples = None if max_samples is None else self._int(
-            max_samples, f"{opt}.max_samples"
+        self.max_samples = (
+            None if max_samples is None else self.check_int(max_samples, "max_samples")
         )
-        self.batch_size = self._int(batch_size, f"{opt}.batch_size")
+        self.batch_size = self.check_int(batch_size, "batch_size")
 
     def _accuracy(self, module: Any, params: dict[str, torch.Tensor], batches: list) -> float:
         correct, count, _ = class_accuracy(
-            module.net, params, _buffers(module), batches, module.num_classes
+            module.net, params, buffers_of(module), batches, module.num_classes
         )
         return float(correct.sum() / count.sum())
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self._due(result.round):
+        if not self.is_due(result.round):
             return
         start = time.perf_counter()
-        batches = _eval_batches(module, self.max_samples, self.batch_size)
+        batches = eval_batches(module, self.max_samples, self.batch_size)
         clients = result.clients[: self.max_clients]
         accs = torch.tensor([self._accuracy(module, c.params, batches) for c in clients],
                             dtype=torch.float64)
         start_acc = self._accuracy(module, result.global_before, batches)
         self.seconds += time.perf_counter() - start
-        self._record(trainer, result.round + 1, {
+        self.log_round(trainer, result.round + 1, {
             "local_acc_mean": float(accs.mean()),
             "local_acc_std": float(accs.std(unbiased=False)),
             "start_acc": start_acc,
             "forgetting": start_acc - float(accs.mean()),
         })
 
-    def _plot(self, trainer: Any) -> None:
-        self._plot_series(trainer, ["local_acc_mean", "start_acc", "forgetting"], "knowledge",
+    def plot(self, trainer: Any) -> None:
+        self.plot_series(trainer, ["local_acc_mean", "start_acc", "forgetting"], "knowledge",
                           "local models on the global test set")

@@ -8,12 +8,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
-from fl_lightning.callbacks._base import (
+from fl_lightning.callbacks.base import (
     Criterion,
-    _buffers,
-    _fixed_batches,
-    _RoundCallback,
+    RoundCallback,
+    buffers_of,
+    fixed_batches,
 )
 from fl_lightning.callbacks.functional import (
     filter_normalized_direction,
@@ -27,7 +28,7 @@ from fl_lightning.hooks import RoundResult
 __all__ = ["LossLandscape"]
 
 
-class LossLandscape(_RoundCallback):
+class LossLandscape(RoundCallback):
     """Loss of the global model on a grid ``w + a d_1 + b d_2``, drawn as a contour plot.
 
     ``a, b`` run over ``resolution`` points of ``[-span, span]``; the loss is the mean
@@ -61,7 +62,7 @@ class LossLandscape(_RoundCallback):
         criterion: loss ``criterion(logits, y)`` (default: mean cross-entropy).
 
     Raises:
-        ConfigError: (at setup, see ``validate``) for an unknown ``directions`` or a bad number.
+        ConfigError: for an unknown ``directions`` or a bad number.
 
     Example:
         >>> LossLandscape(directions="random", resolution=11).resolution
@@ -84,19 +85,14 @@ class LossLandscape(_RoundCallback):
         criterion: Criterion | None = None,
     ) -> None:
         super().__init__(every_n_rounds, criterion)
-        opt = "--trainer.callbacks.LossLandscape"
-        if directions not in ("hessian", "random"):
-            self._fail(
-                f"{opt}.directions={directions!r} is unknown: use 'hessian' or 'random'"
-            )
-        self.directions = directions
-        self.resolution = self._int(resolution, f"{opt}.resolution", 2)
-        self.span = self._pos(span, f"{opt}.span")
-        self.num_batches = self._int(num_batches, f"{opt}.num_batches")
-        self.batch_size = self._int(batch_size, f"{opt}.batch_size")
+        self.directions = self.check_choice(directions, "directions", ("hessian", "random"))
+        self.resolution = self.check_int(resolution, "resolution", 2)
+        self.span = self.check_positive(span, "span")
+        self.num_batches = self.check_int(num_batches, "num_batches")
+        self.batch_size = self.check_int(batch_size, "batch_size")
         self.split = split
         self.seed = int(seed)
-        self.num_iter = self._int(num_iter, f"{opt}.num_iter", 2)
+        self.num_iter = self.check_int(num_iter, "num_iter", 2)
         self.grids: dict[int, dict[str, torch.Tensor]] = {}
 
     def _shared_eigenvectors(self, trainer: Any, round_number: int) -> torch.Tensor | None:
@@ -124,7 +120,7 @@ class LossLandscape(_RoundCallback):
         else:
             with torch.enable_grad():
                 _, vecs = hessian_eigenvalues(
-                    module.net, params, _buffers(module), batches, k=2,
+                    module.net, params, buffers_of(module), batches, k=2,
                     num_iter=self.num_iter, criterion=self.criterion, seed=self.seed,
                 )
         return unflatten(vecs[:, 0].contiguous(), params), unflatten(
@@ -136,12 +132,12 @@ class LossLandscape(_RoundCallback):
              shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``{"a", "b", "loss"}``: the coordinates and the ``[len(b), len(a)]`` loss grid."""
         params = {k: v.detach() for k, v in params.items()}
-        batches = _fixed_batches(module, self.split, self.num_batches, self.batch_size, self.seed)
+        batches = fixed_batches(module, self.split, self.num_batches, self.batch_size, self.seed)
         d1, d2 = self._directions(module, params, batches, shared)
         coords = torch.linspace(-self.span, self.span, self.resolution, dtype=torch.float64)
         base, v1, v2 = flatten(params), flatten(d1), flatten(d2)
         loss = torch.zeros(self.resolution, self.resolution, dtype=torch.float64)
-        buffers = _buffers(module)
+        buffers = buffers_of(module)
         for i, b in enumerate(coords.tolist()):
             for j, a in enumerate(coords.tolist()):
                 point = unflatten(base + a * v1 + b * v2, params)
@@ -150,8 +146,9 @@ class LossLandscape(_RoundCallback):
                 )
         return {"a": coords, "b": coords.clone(), "loss": loss}
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self._due(result.round):
+        if not self.is_due(result.round):
             return
         start = time.perf_counter()
         shared = None
@@ -164,13 +161,13 @@ class LossLandscape(_RoundCallback):
         self.grids[r] = g
         loss = g["loss"]
         center = float(loss[self.resolution // 2, self.resolution // 2])
-        self._record(trainer, r, {
+        self.log_round(trainer, r, {
             "center_loss": center,
             "max_loss": float(loss.max()),
             "mean_rise": float((loss - center).mean()),
             "seconds": seconds,
         })
-        out = self._out_dir(trainer)
+        out = self.output_dir(trainer)
         if out is not None:
             torch.save({**g, "directions": self.directions, "round": r},
                        os.path.join(out, f"landscape_round{r}.pt"))
@@ -192,4 +189,4 @@ class LossLandscape(_RoundCallback):
         ax.set_xlabel(f"d1 ({unit})")
         ax.set_ylabel(f"d2 ({unit})")
         ax.set_title(f"loss landscape, round {r} ({self.directions} directions)")
-        self._save_figure(trainer, fig, f"landscape_round{r}")
+        self.save_figure(trainer, fig, f"landscape_round{r}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import sys
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
@@ -403,9 +405,37 @@ def _check_optional_logger(class_path: str) -> None:
         _require("tensorboard", f"--trainer.logger {class_path}")
 
 
+@contextlib.contextmanager
+def current_folder_importable() -> Iterator[None]:
+    """Make modules of the current folder importable, as ``python -m fl_lightning.cli`` does.
+
+    ``python -m`` puts the current folder first on ``sys.path``; a console script puts its own
+    folder there instead, so ``--model.algorithm my_algorithms.MyAlg`` would not import. The
+    folder is added for the duration of the block (unless already there) and removed after.
+    """
+    cwd = os.getcwd()
+    present = any(os.path.realpath(p or os.curdir) == os.path.realpath(cwd) for p in sys.path)
+    if not present:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if not present and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``fl-lightning`` console script."""
+    """Entry point of the ``fl-lightning`` console script.
+
+    Modules of the current folder are importable (see :func:`current_folder_importable`).
+    """
     quiet_expected_messages()
+    with current_folder_importable():
+        _main(args)
+
+
+def _main(args: list[str] | None) -> None:
+    """Run the CLI; a known failure becomes one line on stderr and an exit status."""
     try:
         FederatedCLI(args=args)
     except (ConfigError, DivergenceError) as err:

@@ -21,7 +21,7 @@ __all__ = ["CompactHelpFormatter", "first_sentence"]
 _MAX_HELP = 110  # characters of an option's own description
 #: base classes that are listed as a choice only when they are the only one
 _BASES = ("Algorithm", "Attack", "Compressor", "RobustAggregator", "FederatedNet",
-          "ClientEngine")
+          "ClientEngine", "RoundCallback")
 #: options left out of --help (still accepted): there is no predict subcommand
 _HIDDEN = ("trainer.limit_predict_batches",)
 

@@ -17,6 +17,12 @@ A setting is ``DATASET:PARTITION[:VALUE]``: ``mnist:lda:0.1`` (``--data.alpha 0.
 ``mnist:shard:2`` (``--data.shards_per_client 2``), ``mnist:iid``. An algorithm is the name of
 a file in ``configs/algorithms`` (``fedsol``) or the path of any YAML config.
 
+Config files (``--base`` and the algorithms) are looked up first relative to the current
+folder, then in the ``configs/`` folder of the repository the package was installed from
+(:data:`CONFIGS`; the wheel does not ship ``configs/``, an editable install or a source
+checkout has it): ``--base quickstart.yaml`` or ``--base mnist/fedavg_lda.yaml`` works from any
+folder. Each cell runs with absolute config paths.
+
 Resumable: a cell whose run finished (``result.json`` in its folder) is skipped; a cell that
 was interrupted resumes from its newest checkpoint (``--ckpt_path``), written every
 ``--checkpoint-every`` rounds, in a new logger version; its learning curve joins the versions.
@@ -39,11 +45,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NoReturn
 
 __all__ = ["Cell", "Setting", "main", "parse_setting", "summarize"]
 
 PARTITION_OPTION = {"lda": "--data.alpha", "shard": "--data.shards_per_client"}
 BASELINE = "fedavg"
+#: the repository's ``configs/`` folder, beside the installed ``fl_lightning`` package
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 @dataclass(frozen=True)
@@ -88,17 +97,36 @@ def parse_setting(text: str) -> Setting:
     )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"fl-lightning-grid: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
+def resolve_config(name: str, option: str, folder: str = "") -> str:
+    """The absolute path of config ``name``: relative to the current folder, else in
+    :data:`CONFIGS` (``<CONFIGS>/<folder>/<name>``, then ``<CONFIGS>/<name>``; a leading
+    ``configs/`` is dropped there).
+
+    Raises:
+        SystemExit: (2) with one line naming ``option``, the value and every place searched.
+    """
+    inside = name[len("configs/"):] if name.startswith("configs/") else name
+    places = [os.path.abspath(name)]
+    if not os.path.isabs(name):
+        places += [os.path.join(CONFIGS, folder, inside)] if folder else []
+        places += [os.path.join(CONFIGS, inside)]
+    for path in dict.fromkeys(places):
+        if os.path.isfile(path):
+            return path
+    _fail(f"{option} {name!r} was not found in {', '.join(dict.fromkeys(places))}: give a "
+          "path relative to the current folder or a config name such as quickstart.yaml")
+
+
 def _algorithm_config(name: str) -> str:
-    path = name if name.endswith((".yaml", ".yml")) else f"configs/algorithms/{name}.yaml"
-    if not os.path.isfile(path):
-        _fail(f"--algorithms entry {name!r}: {path} does not exist; name a file of "
-              "configs/algorithms (e.g. fedsol) or give a YAML path")
-    return path
+    """The config of an ``--algorithms`` entry, ``fedsol`` or a YAML path (see
+    :func:`resolve_config`)."""
+    yaml_name = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    return resolve_config(yaml_name, f"--algorithms entry {name!r}:", "algorithms")
 
 
 def _algorithm_name(name: str) -> str:
@@ -145,7 +173,8 @@ def cell_command(cell: Cell, args: argparse.Namespace) -> list[str]:
     versions = _versions(folder)
     cmd = [
         sys.executable, "-m", "fl_lightning.cli", "fit",
-        "--config", args.base, "--config", _algorithm_config(cell.algorithm),
+        "--config", resolve_config(args.base, "--base"),
+        "--config", _algorithm_config(cell.algorithm),
         *cell.setting.options(),
         "--data.data_dir", args.data_dir,
         "--data.seed", str(cell.seed), "--seed_everything", str(cell.seed),
@@ -333,8 +362,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True,
                    help="comma-separated DATASET:lda:ALPHA | DATASET:shard:S | DATASET:iid")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds")
-    p.add_argument("--base", default="configs/mnist/fedavg_lda.yaml",
-                   help="base config with the learning setup (the algorithm config goes on top)")
+    p.add_argument("--base", default="mnist/fedavg_lda.yaml",
+                   help="base config with the learning setup (the algorithm config goes on "
+                   "top): a path, or a name in the repository's configs/ folder")
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=1, help="rounds between test evaluations")
     p.add_argument("--checkpoint-every", type=int, default=10)
@@ -355,9 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     algorithms = [a for a in args.algorithms.split(",") if a]
     for a in algorithms:
         _algorithm_config(a)
-    if not os.path.isfile(args.base):
-        _fail(f"--base {args.base} does not exist; give a config such as "
-              "configs/mnist/fedavg_lda.yaml")
+    resolve_config(args.base, "--base")
     settings = [parse_setting(s) for s in args.settings.split(",") if s]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]

@@ -2,7 +2,7 @@
 
 Lightning's ``fit --ckpt_path`` restores weights and optimizer state but knows nothing of the
 federated settings; LightningCLI even re-applies the model hyper-parameters stored in the
-checkpoint over the command line (DESIGN.md trap 4). A resumed run must instead either be the
+checkpoint over the command line. A resumed run must instead either be the
 same experiment as the one that wrote the checkpoint, or say loudly that it is not:
 
 - every checkpoint written through the CLI carries the whole resolved config

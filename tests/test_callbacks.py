@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -30,6 +31,16 @@ from fl_lightning.callbacks import (
 from fl_lightning.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write_doc_example(folder) -> None:
+    """Write docs/analysis.md's example callback as ``<folder>/my_callbacks.py``."""
+    text = open(os.path.join(REPO, "docs", "analysis.md")).read()
+    block = text.split("<!-- example: my_callbacks.py -->\n```python\n", 1)[1].split("```", 1)[0]
+    with open(os.path.join(folder, "my_callbacks.py"), "w") as fh:
+        fh.write(block)
 
 
 def _classifier_problem(seed=0, n=60, classes=3, dim=4, clients=3):
@@ -178,18 +189,47 @@ def test_global_oscillation_spread_of_the_last_evaluations():
         (lambda: GradientAlignment(proximal="l1"), "GradientAlignment.proximal='l1'"),
     ],
 )
-def test_bad_options_raise_one_line_config_errors_at_setup(make, needle):
-    cb = make()
+def test_bad_options_raise_one_line_config_errors_in_init(make, needle):
     with pytest.raises(ConfigError) as err:
-        cb.setup(None, None, "fit")
+        make()
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_docs_example_callback_measures_logs_and_checks(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from fl_lightning.callbacks import RoundCallback
+    from fl_lightning.cli import main
+
+    _write_doc_example(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_callbacks", raising=False)
+    UpdateNorm = importlib.import_module("my_callbacks").UpdateNorm
+    assert issubclass(UpdateNorm, RoundCallback)
+    zero = {"w": torch.zeros(2, dtype=torch.float64)}
+    cb = UpdateNorm(p=1)
+    cb.on_round_end(fake_trainer(), None, round_result(
+        0, zero, [{"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.5, 0.0])}], [3, 4],
+        global_after={"w": torch.tensor([3.0, 4.0])}))
+    assert cb.history == [{"round": 1.0, "server": 7.0, "client_max": 3.0}]
+    assert cb.summary() == {"p": 1.0}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:  # a bad value: one line, before training
+        main(["fit", "--config", os.path.join(REPO, "configs", "quickstart.yaml"),
+              "--trainer.callbacks+=my_callbacks.UpdateNorm", "--trainer.callbacks.p=0"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in err
+    assert err == ("fl-lightning: error: --trainer.callbacks.UpdateNorm.p=0.0 is invalid: it "
+                   "must be a finite number > 0")
+    assert not (tmp_path / "lightning_logs").exists()
 
 
 def test_cli_run_on_digits_logs_the_analyses(tmp_path, monkeypatch, capsys):
     from fl_lightning.cli import main
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = REPO
     monkeypatch.chdir(tmp_path)
+    _write_doc_example(tmp_path)  # docs/analysis.md's own callback, from the current folder
     cb = "--trainer.callbacks"
     main([
         "fit", "--config", os.path.join(root, "configs", "quickstart.yaml"),
@@ -204,7 +244,9 @@ def test_cli_run_on_digits_logs_the_analyses(tmp_path, monkeypatch, capsys):
         f"{cb}+=GlobalOscillation", f"{cb}.window=3",
         f"{cb}+=ClientUpdateDispersion", f"{cb}.max_samples=50",
         f"{cb}+=KnowledgePreservation", f"{cb}.max_samples=200",
+        f"{cb}+=my_callbacks.UpdateNorm",
     ])
+    sys.modules.pop("my_callbacks", None)
     log_dir = tmp_path / "lightning_logs" / "fl" / "version_0"
     rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
     by_step: dict[int, dict[str, str]] = {}
@@ -214,10 +256,13 @@ def test_cli_run_on_digits_logs_the_analyses(tmp_path, monkeypatch, capsys):
     for step, got in by_step.items():  # analyses share the step of the round's own metrics
         assert float(got["round"]) == step + 1
         for key in ("hessian/lambda_1", "hessian/ratio_1_3", "divergence/div_mean",
+                    "update_norm/server", "update_norm/client_max",
                     "oscillation/step_norm", "dispersion/b_local", "knowledge/local_acc_mean"):
             assert key in got, (step, key)
         assert float(got["hessian/lambda_1"]) >= float(got["hessian/lambda_3"])
     assert "oscillation/acc_std" in by_step[2] and "landscape/center_loss" in by_step[2]
     for name in ("hessian.png", "divergence.png", "oscillation.png", "landscape_round3.png",
-                 "hessian.json", "landscape_round3.pt"):
+                 "hessian.json", "landscape_round3.pt", "update_norm.png"):
         assert (log_dir / "analysis" / name).exists(), name
+    written = json.loads((log_dir / "analysis" / "update_norm.json").read_text())
+    assert [r["round"] for r in written["history"]] == [1.0, 2.0, 3.0] and written["p"] == 2.0

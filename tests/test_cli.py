@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,21 @@ def test_medmnist_runs_on_a_tiny_npz(tmp_path, monkeypatch):
     ])
     saved = yaml.unsafe_load((tmp_path / "lightning_logs/fl/version_0/hparams.yaml").read_text())
     assert saved["num_classes"] == 8 and list(saved["input_shape"]) == [3, 28, 28]
+
+
+def test_console_script_imports_a_module_of_the_current_folder(tmp_path, monkeypatch, capsys):
+    # as from the fl-lightning console script: sys.path[0] is the script's folder, not the cwd
+    (tmp_path / "my_algorithms.py").write_text(
+        "from fl_lightning.algorithms import FedAvg\n\n\nclass MyAlg(FedAvg):\n    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    here = {str(tmp_path), "", "."}
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in here])
+    before = list(sys.path)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", QUICK, "--model.algorithm", "my_algorithms.MyAlg",
+              "--print_config"])
+    assert stop.value.code in (0, None)
+    assert "class_path: my_algorithms.MyAlg" in capsys.readouterr().out
+    assert sys.path == before  # the folder was added for the run only
+    sys.modules.pop("my_algorithms", None)

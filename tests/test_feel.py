@@ -82,6 +82,8 @@ def test_fit_help_is_short_and_lists_only_project_models(capsys, monkeypatch):
     engine = out[out.index("--model.engine VALUE"):out.index("--model.on_nonfinite")]
     assert "BatchedEngine" in engine and "SequentialEngine" in engine
     assert "HessianEigenvalues" in out and "RoundProgressBar" in out
+    callbacks = out[out.index("--trainer.callbacks VALUE"):out.index("--trainer.fast_dev_run")]
+    assert "WeightDivergence" in callbacks and "RoundCallback" not in callbacks  # a base
 
 
 def test_short_names_resolve(capsys):
@@ -189,6 +191,24 @@ def test_old_callbacks_name_warns_and_is_the_same_package(monkeypatch):
     from callbacks.hessian import HessianEigenvalues
 
     assert callbacks is new and HessianEigenvalues is new.HessianEigenvalues
+    # the alias leaves the real package as it was (its __spec__ names the real module)
+    assert new.__spec__.name == "fl_lightning.callbacks"
+    assert callbacks.hessian.__spec__.name == "fl_lightning.callbacks.hessian"
+
+
+def test_a_callbacks_package_of_your_own_wins_over_the_old_name(tmp_path, monkeypatch):
+    import fl_lightning.callbacks  # noqa: F401  (the finder is installed)
+
+    (tmp_path / "callbacks").mkdir()
+    (tmp_path / "callbacks" / "__init__.py").write_text("MINE = True\n")
+    for name in [n for n in sys.modules if n == "callbacks" or n.startswith("callbacks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no deprecation: it is yours
+        import callbacks
+    assert callbacks.MINE and callbacks.__file__ == str(tmp_path / "callbacks" / "__init__.py")
+    monkeypatch.delitem(sys.modules, "callbacks")
 
 
 def test_every_subpackage_is_packaged():

@@ -10,7 +10,16 @@ import sys
 
 import pytest
 
-from fl_lightning.grid import _newest_checkpoint, parse_setting, read_curve, summarize
+from fl_lightning.grid import (
+    _newest_checkpoint,
+    parse_setting,
+    read_curve,
+    resolve_config,
+    summarize,
+)
+from fl_lightning.grid import main as grid_main
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def test_parse_setting_options():
@@ -77,3 +86,26 @@ def test_tiny_grid_runs_skips_and_tabulates(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.returncode == 0
     assert "rc=" not in again.stdout  # every cell was finished: nothing ran again
+
+
+def test_config_names_resolve_against_the_package_configs_and_paths_against_cwd(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # not the repository: its configs/ are not relative to here
+    assert resolve_config("quickstart.yaml", "--base") == os.path.join(CONFIGS, "quickstart.yaml")
+    assert resolve_config("mnist/fedavg_lda.yaml", "--base") == os.path.join(
+        CONFIGS, "mnist", "fedavg_lda.yaml")
+    assert resolve_config("configs/quickstart.yaml", "--base") == os.path.join(
+        CONFIGS, "quickstart.yaml")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "quickstart.yaml").write_text("trainer: {}\n")
+    assert resolve_config("mine/quickstart.yaml", "--base") == str(tmp_path / "mine" /
+                                                                   "quickstart.yaml")
+    with pytest.raises(SystemExit) as info:  # --algorithms: names in configs/algorithms
+        grid_main(["--algorithms", "fedsol,nosuch", "--settings", "digits:iid",
+                   "--base", "quickstart.yaml", "--report-only"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'nosuch'" in err
+    assert os.path.join(tmp_path, "nosuch.yaml") in err
+    assert os.path.join(CONFIGS, "algorithms", "nosuch.yaml") in err
