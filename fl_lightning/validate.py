@@ -6,7 +6,7 @@ one grammar::
     <option>=<value> is invalid: it must be <rule>[ (<hint>)]
     --model.local_lr=-1 is invalid: it must be a finite number > 0 (e.g. 0.01)
     --model.engine.autocast='bf61' is invalid: it must be one of 'none', 'bf16' (did you
-        mean bf16?)
+        mean --model.engine.autocast bf16?)
     --model.aggregator.beta=0.5 is invalid: it must be in [0, 0.5) (the share trimmed at
         each end; e.g. 0.2)
 
@@ -173,12 +173,12 @@ def choice(value: Any, option: str, choices: Iterable[Any], hint: str | None = N
 
     Raises:
         ConfigError: ``<option>=<value> is invalid: it must be one of <choices> (did you mean
-            <closest>?)``.
+            <option> <closest>?)``.
     """
     choices = list(choices)
     if any(value == c and type(value) is type(c) for c in choices):
         return value
-    hits = did_you_mean(str(value), [str(c) for c in choices]).strip()
+    hits = did_you_mean(str(value), [str(c) for c in choices], prefix=f"{option} ").strip()
     hint = "; ".join(h for h in (hint, hits[1:-1] if hits else "") if h) or None
     listed = ", ".join(repr(c) for c in choices)
     raise invalid(option, value, f"one of {listed}", hint)
@@ -321,53 +321,66 @@ def explain_parser_error(
     """
     key_match = re.search(r'Parser key "([\w.]+)"', message)
     key = key_match.group(1) if key_match else None
+    for explain in (_unknown_class_option, _unknown_class, _not_in_literal):
+        line = explain(message, key, files) if key else None
+        if line is not None:
+            return line
+    return _unknown_option(message, options, files)
 
+
+def _unknown_class_option(message: str, key: str, files: Sequence[str]) -> str | None:
     unknown = re.search(r"Option '(\w+)' is not accepted", message)
     class_path = re.search(r"class_path '([\w.]+)'", message)
-    if unknown and key and class_path:
-        name, cls = unknown.group(1), class_path.group(1)
-        accepted = init_options(cls)
-        hint = did_you_mean(name, accepted, prefix=f"--{key}.")
-        listing = f"; it accepts {', '.join(accepted)}" if accepted else ""
-        return (
-            f"--{key}.{name}: {cls.rsplit('.', 1)[-1]} has no option '{name}'{hint}{listing}"
-            f"{_in_file(f'{key}.{name}', files)}"
-        )
+    if not (unknown and class_path):
+        return None
+    name, cls = unknown.group(1), class_path.group(1)
+    accepted = init_options(cls)
+    hint = did_you_mean(name, accepted, prefix=f"--{key}.")
+    listing = f"; it accepts {', '.join(accepted)}" if accepted else ""
+    return (
+        f"--{key}.{name}: {cls.rsplit('.', 1)[-1]} has no option '{name}'{hint}{listing}"
+        f"{_in_file(f'{key}.{name}', files)}"
+    )
 
+
+def _unknown_class(message: str, key: str, files: Sequence[str]) -> str | None:
     not_found = re.search(r"Expected a path but (\S+) either not accessible or invalid", message)
+    class_path = re.search(r"class_path '([\w.]+)'", message)
     value = not_found.group(1) if not_found else None
     if value is None and class_path and re.search(r"has no attribute|No module named", message):
         value = class_path.group(1)
-    if value is not None and key:
-        if "." not in value:
-            reason = "a class is given by its import path"
-        elif missing := re.search(r"No module named '([\w.]+)'", message):
-            reason = f"no module {missing.group(1)}"
-        else:
-            reason = f"{value.rsplit('.', 1)[0]} has no class {value.rsplit('.', 1)[1]}"
-        hint = suggest_class(key, value)
-        if not hint:
-            shorts = [c.rsplit(".", 1)[-1] for c in class_choices(key, value)]
-            hint = f"; choose one of {', '.join(dict.fromkeys(shorts))}" if shorts else ""
-        return f"--{key}={value}: not found ({reason}){hint}{_in_file(key, files, value)}"
+    if value is None:
+        return None
+    if "." not in value:
+        reason = "a class is given by its import path"
+    elif missing := re.search(r"No module named '([\w.]+)'", message):
+        reason = f"no module {missing.group(1)}"
+    else:
+        reason = f"{value.rsplit('.', 1)[0]} has no class {value.rsplit('.', 1)[1]}"
+    hint = suggest_class(key, value)
+    if not hint:
+        shorts = [c.rsplit(".", 1)[-1] for c in class_choices(key, value)]
+        hint = f"; choose one of {', '.join(dict.fromkeys(shorts))}" if shorts else ""
+    return f"--{key}={value}: not found ({reason}){hint}{_in_file(key, files, value)}"
 
+
+def _not_in_literal(message: str, key: str, files: Sequence[str]) -> str | None:
     literal = re.search(r"Expected a typing\.Literal\[(.*?)\]\. Got value: (\S+)", message)
-    if literal and key:
-        allowed = [a.strip().strip("'\"") for a in literal.group(1).split(",")]
-        value = literal.group(2)
-        hint = did_you_mean(value, allowed, prefix=f"--{key} ")
-        return (
-            f"--{key}={value} is not one of {', '.join(allowed)}{hint}"
-            f"{_in_file(key, files, value)}"
-        )
+    if not literal:
+        return None
+    allowed = [a.strip().strip("'\"") for a in literal.group(1).split(",")]
+    value = literal.group(2)
+    hint = did_you_mean(value, allowed, prefix=f"--{key} ")
+    return (f"--{key}={value} is invalid: it must be one of {', '.join(allowed)}{hint}"
+            f"{_in_file(key, files, value)}")
 
+
+def _unknown_option(message: str, options: Sequence[str], files: Sequence[str]) -> str | None:
     unrecognized = re.match(r"unrecognized arguments: (\S+)", message)
     if unrecognized:
         given = unrecognized.group(1).split("=", 1)[0]
         if given.startswith("-"):
-            hint = did_you_mean(given, options)
-            return f"{given} is not an option{hint}"
-
+            return f"{given} is not an option{did_you_mean(given, options)}"
     config_key = re.search(r"does not accept option '([\w.]+)'", message)
     if config_key:
         name = config_key.group(1)

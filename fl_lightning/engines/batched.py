@@ -27,7 +27,7 @@ from fl_lightning.engines.stacked import (
 )
 from fl_lightning.engines.vmapped import grouped_round, padded_round
 from fl_lightning.errors import ConfigError
-from fl_lightning.validate import boolean, choice, invalid
+from fl_lightning.validate import boolean, choice, conflict, invalid
 
 if TYPE_CHECKING:  # the plan types import the engines
     from fl_lightning.engine import RoundPlan
@@ -155,11 +155,9 @@ class BatchedEngine(ClientEngine):
         """Raise a one-line ``ConfigError`` if this engine cannot run ``algorithm`` on ``net``."""
         reason = unbatchable_reason(algorithm, net, self.randomness)
         if reason is not None:
-            raise ConfigError(
-                f"--model.engine=BatchedEngine cannot run --model.algorithm="
-                f"{type(algorithm).__name__} here: {reason}; or use --model.engine "
-                "fl_lightning.engine.SequentialEngine"
-            )
+            raise conflict("--model.engine=BatchedEngine",
+                           f"--model.algorithm={type(algorithm).__name__} here", reason,
+                           "or use --model.engine SequentialEngine")
 
     @contextmanager
     def device_options(self) -> Iterator[None]:
