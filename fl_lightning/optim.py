@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import torch
 
+from fl_lightning.validate import positive, share
+
 __all__ = ["FedAdagrad", "FedYogi", "ServerSGD"]
 
 
@@ -33,6 +35,16 @@ class ServerSGD(torch.optim.SGD):
             params, lr=lr, momentum=momentum, dampening=dampening,
             weight_decay=weight_decay, nesterov=nesterov,
         )
+
+
+def _check_adaptive(lr: float, tau: float, betas: dict[str, Iterable[float]]) -> None:
+    """The options of the adaptive server optimizers: ``lr > 0``, ``tau > 0``, betas in
+    ``[0, 1)`` (one ``ConfigError`` line naming the option)."""
+    positive(lr, "--model.server_optimizer.lr", "e.g. 0.01")
+    positive(tau, "--model.server_optimizer.tau", "the adaptivity; e.g. 1e-3")
+    for name, values in betas.items():
+        for b in values:
+            share(b, f"--model.server_optimizer.{name}", "e.g. 0.9")
 
 
 class FedYogi(torch.optim.Optimizer):
@@ -70,11 +82,7 @@ class FedYogi(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         tau: float = 1e-3,
     ) -> None:
-        if not lr > 0.0 or not tau > 0.0 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(
-                f"FedYogi needs lr > 0, tau > 0 and betas in [0, 1): got lr={lr}, tau={tau}, "
-                f"betas={betas}"
-            )
+        _check_adaptive(lr, tau, {"betas": betas})
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "tau": tau})
 
     @torch.no_grad()
@@ -127,11 +135,7 @@ class FedAdagrad(torch.optim.Optimizer):
     def __init__(
         self, params: Iterable, lr: float = 0.01, beta1: float = 0.9, tau: float = 1e-3
     ) -> None:
-        if not lr > 0.0 or not tau > 0.0 or not 0.0 <= beta1 < 1.0:
-            raise ValueError(
-                f"FedAdagrad needs lr > 0, tau > 0 and beta1 in [0, 1): got lr={lr}, "
-                f"tau={tau}, beta1={beta1}"
-            )
+        _check_adaptive(lr, tau, {"beta1": (beta1,)})
         super().__init__(params, {"lr": lr, "beta1": beta1, "tau": tau})
 
     @torch.no_grad()

@@ -80,8 +80,8 @@ def test_moon_and_perfedavg_compile_once_while_the_lr_decays(algorithm):
 
 @pytest.mark.parametrize("value", ["fast", 2, None])
 def test_a_bad_compile_mode_is_one_clear_error(value):
-    with pytest.raises(ConfigError, match=r"--model.engine.compile=.* none, default, "
-                                          r"reduce-overhead"):
+    with pytest.raises(ConfigError, match=r"--model.engine.compile=.* 'none', 'default', "
+                                          r"'reduce-overhead'"):
         BatchedEngine(compile=value)
 
 

@@ -13,7 +13,8 @@ from fl_lightning.algorithms.base import IGNORE_INDEX, batch_mean, cross_entropy
 from fl_lightning.algorithms.perfedavg import _real_halves
 from fl_lightning.engine import ClientPlan, RoundPlan
 from fl_lightning.engines import BatchedEngine
-from fl_lightning.engines.batched import PaddedRound, _sgd
+from fl_lightning.engines.base import sgd_update
+from fl_lightning.engines.batched import PaddedRound
 from fl_lightning.models import MLP2NN
 
 
@@ -101,11 +102,11 @@ def test_masked_sgd_keeps_inactive_rows_bit_for_bit():
     g = [torch.randn_like(t) for t in w]
     b = [torch.randn_like(t) for t in w]
     active = torch.tensor([True, False, True])
-    new_w, new_b = _sgd(w, g, b, torch.tensor(0.1), 0.9, 1e-2, active)
+    new_w, new_b = sgd_update(w, g, b, torch.tensor(0.1), 0.9, 1e-2, active)
     for n, o, nb, ob in zip(new_w, w, new_b, b, strict=True):
         assert torch.equal(n[1], o[1]) and torch.equal(nb[1], ob[1])
         assert not torch.equal(n[0], o[0]) and not torch.equal(nb[2], ob[2])
-    full_w, full_b = _sgd(w, g, b, torch.tensor(0.1), 0.9, 1e-2, None)
+    full_w, full_b = sgd_update(w, g, b, torch.tensor(0.1), 0.9, 1e-2, None)
     assert torch.equal(full_w[0][[0, 2]], new_w[0][[0, 2]])
 
 

@@ -234,7 +234,8 @@ def test_dropout_is_rejected_unless_per_client_randomness_is_asked_for():
     assert "dropout 'body.5'" in message and "--model.engine.randomness different" in message
     assert "\n" not in message
     BatchedEngine(randomness="different").check(FedAvg(), _DropNet())
-    with pytest.raises(ConfigError, match="randomness='same' is unknown"):
+    rule = "randomness='same' is invalid: it must be one of 'error', 'different'"
+    with pytest.raises(ConfigError, match=rule):
         BatchedEngine(randomness="same")
 
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from fl_lightning.validate import invalid
+
 __all__ = ["check_input_shape", "to_rgb"]
 
 
@@ -13,14 +15,13 @@ def check_input_shape(model: str, input_shape: Sequence[int], min_size: int = 1)
     """``(C, H, W)`` as ints; ``C`` must be 1 or 3 and ``H, W >= min_size``.
 
     Raises:
-        ValueError: one line naming the model, the shape and what it accepts.
+        ConfigError: one line naming the option, the shape, what the model accepts.
     """
     shape = tuple(int(v) for v in input_shape)
     if len(shape) != 3 or shape[0] not in (1, 3) or min(shape[1:]) < min_size:
-        raise ValueError(
-            f"{model} takes input_shape (C, H, W) with C in (1, 3) and H, W >= {min_size}, got "
-            f"{tuple(input_shape)}"
-        )
+        raise invalid("--model.net.input_shape", tuple(input_shape),
+                      f"(C, H, W) with C in (1, 3) and H, W >= {min_size}",
+                      f"{model}; it follows the data set")
     return shape
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fl_lightning.models._common import check_input_shape
 from fl_lightning.models.base import FederatedNet
 
 __all__ = ["FedAvgCNN"]
@@ -37,11 +38,7 @@ class FedAvgCNN(FederatedNet):
 
     def __init__(self, num_classes: int = 10, input_shape: Sequence[int] = (3, 32, 32)) -> None:
         super().__init__()
-        channels, height, width = (int(v) for v in input_shape)
-        if channels not in (1, 3):
-            raise ValueError(f"FedAvgCNN takes 1 or 3 channels, got input_shape={input_shape}")
-        if height < 4 or width < 4:
-            raise ValueError(f"FedAvgCNN needs inputs of at least 4x4 pixels, got {input_shape}")
+        channels, height, width = check_input_shape("FedAvgCNN", input_shape, min_size=4)
         self.num_classes = int(num_classes)
         self.input_channels = channels
         flat = 64 * (height // 4) * (width // 4)

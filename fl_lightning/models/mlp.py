@@ -9,6 +9,7 @@ from torch import nn
 
 from fl_lightning.models._common import check_input_shape
 from fl_lightning.models.base import FederatedNet
+from fl_lightning.validate import integer
 
 __all__ = ["MLP2NN"]
 
@@ -42,8 +43,7 @@ class MLP2NN(FederatedNet):
     ) -> None:
         super().__init__()
         c, h, w = check_input_shape("MLP2NN", input_shape)
-        if int(hidden) < 1:
-            raise ValueError(f"MLP2NN needs hidden >= 1, got {hidden}")
+        integer(int(hidden), "--model.net.hidden", 1, hint="MLP2NN's hidden width; e.g. 200")
         self.features = nn.Sequential(
             nn.Flatten(),
             nn.Linear(c * h * w, hidden),

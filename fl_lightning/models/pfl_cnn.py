@@ -9,6 +9,7 @@ from torch import nn
 
 from fl_lightning.models._common import check_input_shape
 from fl_lightning.models.base import FederatedNet
+from fl_lightning.validate import share
 
 __all__ = ["PflSimpleCNN"]
 
@@ -54,8 +55,7 @@ class PflSimpleCNN(FederatedNet):
         super().__init__()
         c, h, w = check_input_shape("PflSimpleCNN", input_shape, min_size=6)
         for name, p in (("dropout1", dropout1), ("dropout2", dropout2)):
-            if not 0.0 <= float(p) < 1.0:
-                raise ValueError(f"PflSimpleCNN {name}={p!r} must be in [0, 1) (e.g. 0.25)")
+            share(p, f"--model.net.{name}", "PflSimpleCNN's dropout probability; e.g. 0.25")
         flat = 64 * ((h - 4) // 2) * ((w - 4) // 2)
         self.features = nn.Sequential(
             nn.Conv2d(c, 32, 3),

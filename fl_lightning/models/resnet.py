@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from fl_lightning.models._common import check_input_shape, to_rgb
 from fl_lightning.models.base import FederatedNet
+from fl_lightning.validate import choice, invalid
 
 __all__ = ["ResNet18"]
 
@@ -81,10 +82,10 @@ class ResNet18(FederatedNet):
     ) -> None:
         super().__init__()
         check_input_shape("ResNet18", input_shape, min_size=8)
-        if norm not in ("bn", "gn"):
-            raise ValueError(f"ResNet18 norm={norm!r} is unknown: use 'bn' or 'gn'")
+        choice(norm, "--model.net.norm", ("bn", "gn"), "ResNet18's normalization layers")
         if norm == "gn" and (int(groups) < 1 or 64 % int(groups)):
-            raise ValueError(f"ResNet18 groups={groups!r} must divide 64 (e.g. 2)")
+            raise invalid("--model.net.groups", groups, "a divisor of 64",
+                          "ResNet18's GroupNorm groups; e.g. 2")
         groups = int(groups)
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False), _norm(norm, 64, groups), nn.ReLU()

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from fl_lightning.models._common import check_input_shape, to_rgb
 from fl_lightning.models.base import FederatedNet
+from fl_lightning.validate import invalid
 
 __all__ = ["SLViT"]
 
@@ -124,9 +125,8 @@ class SLViT(FederatedNet):
         _, height, width = check_input_shape("SLViT", input_shape, min_size=2)
         patch = int(patch_size) if patch_size is not None else min(height // 4, 16)
         if patch < 1 or height % patch or width % patch:
-            raise ValueError(
-                f"SLViT patch_size={patch} must divide the image size {height}x{width}"
-            )
+            raise invalid("--model.net.patch_size", patch,
+                          f"a divisor of the image size {height}x{width}", "SLViT")
         num_patches = (height // patch) * (width // patch)
         self.tokens = _ShiftedPatchTokens(3, patch, dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fl_lightning.algorithms.base import check_positive
-from fl_lightning.systems._common import STREAM_MALICIOUS, generator, ratio
+from fl_lightning.systems._common import STREAM_MALICIOUS, generator
+from fl_lightning.validate import positive
+from fl_lightning.validate import share as share_of
 
 __all__ = [
     "Attack",
@@ -64,9 +65,8 @@ class Attack:
     flips_labels = False
 
     def __init__(self, share: float = 0.2) -> None:
-        self.share = ratio(
-            share, "--model.attack.share", "the share of malicious clients"
-        )
+        self.share = share_of(share, "--model.attack.share",
+                              "the share of malicious clients; e.g. 0.2")
 
     def malicious(self, seed: int, num_clients: int) -> list[int]:
         """The malicious clients' ids (see :func:`malicious_clients`)."""
@@ -107,9 +107,7 @@ class SignFlip(Attack):
 
     def __init__(self, share: float = 0.2, scale: float = 1.0) -> None:
         super().__init__(share)
-        self.scale = check_positive(
-            "the flip scale", scale, "--model.attack.scale", "e.g. 1.0"
-        )
+        self.scale = positive(scale, "--model.attack.scale", "the flip scale; e.g. 1.0")
 
     def corrupt(self, delta: Tensor, gen: torch.Generator) -> Tensor:
         return delta * -self.scale
@@ -133,9 +131,7 @@ class GaussianUpdate(Attack):
 
     def __init__(self, share: float = 0.2, std: float = 1.0) -> None:
         super().__init__(share)
-        self.std = check_positive(
-            "the noise std", std, "--model.attack.std", "e.g. 1.0"
-        )
+        self.std = positive(std, "--model.attack.std", "the noise std; e.g. 1.0")
 
     def corrupt(self, delta: Tensor, gen: torch.Generator) -> Tensor:
         noise = torch.randn(delta.shape, generator=gen, device=delta.device, dtype=delta.dtype)
@@ -161,9 +157,7 @@ class Scaling(Attack):
 
     def __init__(self, share: float = 0.2, factor: float = 10.0, flip_labels: bool = True) -> None:
         super().__init__(share)
-        self.factor = check_positive(
-            "the boost factor", factor, "--model.attack.factor", "e.g. 10"
-        )
+        self.factor = positive(factor, "--model.attack.factor", "the boost factor; e.g. 10")
         self.flips_labels = bool(flip_labels)
 
     def corrupt(self, delta: Tensor, gen: torch.Generator) -> Tensor:

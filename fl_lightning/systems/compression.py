@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from fl_lightning.algorithms.state import ClientStateStore, check_state_device
-from fl_lightning.errors import ConfigError
-from fl_lightning.systems._common import positive_share
+from fl_lightning.validate import integer, share
 
 __all__ = ["Compressor", "StochasticQuantizer", "TopK", "stochastic_quantize", "top_k"]
 
@@ -95,12 +94,7 @@ class StochasticQuantizer(Compressor):
     name = "quantize"
 
     def __init__(self, bits: int = 8) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-            raise ConfigError(
-                f"--model.compressor.bits={bits!r} is invalid: it must be an integer "
-                "in [1, 16] (e.g. 8)"
-            )
-        self.bits = bits
+        self.bits = integer(bits, "--model.compressor.bits", 1, 16, hint="e.g. 8")
 
     def compress(self, delta, sizes, client_id, gen):
         out, sent = [], 0
@@ -142,9 +136,8 @@ class TopK(Compressor):
     def __init__(
         self, ratio: float = 0.1, error_feedback: bool = True, state_device: str | None = None
     ) -> None:
-        self.ratio = positive_share(
-            ratio, "--model.compressor.ratio", "the share of entries sent", 0.1
-        )
+        self.ratio = share(ratio, "--model.compressor.ratio", "the share of entries sent; e.g. 0.1",
+                           low_open=True, high_open=False)
         self.error_feedback = bool(error_feedback)
         self.residuals = ClientStateStore(check_state_device(state_device))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,14 +13,11 @@ from torch import Tensor
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, Params
 from fl_lightning.engine import RoundPlan
-from fl_lightning.errors import ConfigError
 from fl_lightning.systems._common import (
     STREAM_ATTACK,
     STREAM_COMPRESSION,
     STREAM_DP_NOISE,
-    flatten,
     generator,
-    unflatten,
 )
 from fl_lightning.systems.attacks import Attack, flip_labels
 from fl_lightning.systems.compression import Compressor
@@ -27,8 +25,24 @@ from fl_lightning.systems.participation import Participation
 from fl_lightning.systems.privacy import DPFedAvg
 from fl_lightning.systems.robust import RobustAggregator
 from fl_lightning.systems.secure_agg import SecureAggregation
+from fl_lightning.tensors import flatten, unflatten
+from fl_lightning.validate import conflict, invalid
 
 __all__ = ["RoundSystems", "Systems", "has_weighted_average"]
+
+
+def _mean_rule_algorithms() -> str:
+    """The project's algorithms whose server rule is the weighted mean, for messages (read from
+    their declarations, not listed by hand)."""
+    from fl_lightning import algorithms  # noqa: PLC0415 - the package imports the systems
+
+    names = [
+        name for name in algorithms.__all__
+        if inspect.isclass(cls := getattr(algorithms, name, None)) and issubclass(cls, Algorithm)
+        and cls is not Algorithm and not inspect.isabstract(cls)
+        and getattr(cls, "server_rule", None) == "mean"
+    ]
+    return ", ".join(sorted(names))
 
 
 def has_weighted_average(algorithm: Algorithm) -> bool:
@@ -119,21 +133,19 @@ class Systems:
             ("aggregator", aggregator, RobustAggregator),
         ):
             if value is not None and not isinstance(value, cls):
-                raise ConfigError(
-                    f"--model.{option}={type(value).__name__} is not a {cls.__name__}: use a "
-                    "class from fl_lightning.systems"
-                )
+                raise invalid(f"--model.{option}", type(value).__name__,
+                              f"a {cls.__name__}", "a class from fl_lightning.systems")
         if secure_aggregation is not None and aggregator is not None:
-            raise ConfigError(
-                f"--model.secure_aggregation cannot be combined with --model.aggregator="
-                f"{type(aggregator).__name__}: the robust rule needs each client's update and "
-                "secure aggregation reveals only their sum; drop one of the two"
+            raise conflict(
+                "--model.secure_aggregation", f"--model.aggregator={type(aggregator).__name__}",
+                "the robust rule needs each client's update and secure aggregation reveals "
+                "only their sum", "drop one of the two",
             )
         if secure_aggregation is not None and compressor is not None:
-            raise ConfigError(
-                f"--model.secure_aggregation cannot be combined with --model.compressor="
-                f"{type(compressor).__name__}: masked updates are dense ring elements, so "
-                "compression would save nothing; drop one of the two"
+            raise conflict(
+                "--model.secure_aggregation", f"--model.compressor={type(compressor).__name__}",
+                "masked updates are dense ring elements, so compression would save nothing",
+                "drop one of the two",
             )
 
     def _options(self) -> dict[str, Any]:
@@ -159,11 +171,12 @@ class Systems:
                 ("secure_aggregation", self.secure_aggregation),
             ):
                 if value is not None:
-                    raise ConfigError(
-                        f"--model.{option}={type(value).__name__} replaces the weighted mean of "
-                        f"the client updates, but --model.algorithm={type(algorithm).__name__} "
-                        "has its own server rule: use it with FedAvg, FedProx, FedSAM, FedSoL, "
-                        "MOON, FedNTD or FedBABU, or drop one of the two"
+                    raise conflict(
+                        f"--model.{option}={type(value).__name__}",
+                        f"--model.algorithm={type(algorithm).__name__}",
+                        "the mechanism replaces the weighted mean of the client updates and the "
+                        "algorithm has its own server rule",
+                        f"use it with {_mean_rule_algorithms()}, or drop one of the two",
                     )
         if self.aggregator is not None:
             dropped = 0
@@ -219,9 +232,32 @@ class Systems:
         combined by the server rule, plus DP noise."""
         names = list(global_params)
         like = [global_params[k] for k in names]
-        sizes = [t.numel() for t in like]
         g = flatten(like)
         bad = self.malicious(info.seed, num_clients)
+        deltas, changed, sent_bytes = self._client_updates(names, like, g, results, info, bad)
+        self._log(info, results, bad, sent_bytes)
+        if self.privacy is None and self.aggregator is None and self.secure_aggregation is None:
+            if any(changed):  # the algorithm's own rule on what the clients sent
+                results = [
+                    dataclasses.replace(r, params=dict(zip(names, unflatten(g + d, like),
+                                                           strict=True)))
+                    if c else r
+                    for r, d, c in zip(results, deltas, changed, strict=True)
+                ]
+            return algorithm.aggregate(
+                global_params, results, num_clients=num_clients, total_samples=total_samples
+            )
+        update = self._combine(g, results, deltas, info)
+        return dict(zip(names, [t.clone() for t in unflatten(g + update, like)], strict=True))
+
+    def _client_updates(
+        self, names: list[str], like: list[Tensor], g: Tensor, results: Sequence[ClientResult],
+        info: RoundSystems, bad: set[int],
+    ) -> tuple[list[Tensor], list[bool], int]:
+        """Every client's flat update as the server receives it (attacked if malicious,
+        compressed, clipped), whether the attack or the compressor changed it, and the bytes
+        sent up in all."""
+        sizes = [t.numel() for t in like]
         deltas: list[Tensor] = []
         changed: list[bool] = []
         sent_bytes = 0
@@ -250,18 +286,12 @@ class Systems:
             sent_bytes += nbytes
             deltas.append(delta)
             changed.append(touched)
-        self._log(info, results, bad, sent_bytes)
-        if self.privacy is None and self.aggregator is None and self.secure_aggregation is None:
-            if any(changed):  # the algorithm's own rule on what the clients sent
-                results = [
-                    dataclasses.replace(r, params=dict(zip(names, unflatten(g + d, like),
-                                                           strict=True)))
-                    if c else r
-                    for r, d, c in zip(results, deltas, changed, strict=True)
-                ]
-            return algorithm.aggregate(
-                global_params, results, num_clients=num_clients, total_samples=total_samples
-            )
+        return deltas, changed, sent_bytes
+
+    def _combine(self, g: Tensor, results: Sequence[ClientResult], deltas: list[Tensor],
+                 info: RoundSystems) -> Tensor:
+        """The server's flat update from the clients' updates: secure sum, robust rule or
+        DP-FedAvg's fixed denominator, then DP noise."""
         if self.privacy is not None:
             weights = torch.ones(len(results), dtype=torch.float64)
         else:
@@ -285,7 +315,7 @@ class Systems:
             update = update + std * torch.randn(
                 update.shape, generator=gen, device=g.device, dtype=g.dtype
             )
-        return dict(zip(names, [t.clone() for t in unflatten(g + update, like)], strict=True))
+        return update
 
     def _log(self, info: RoundSystems, results: Sequence[ClientResult], bad: set[int],
              sent_bytes: int) -> None:

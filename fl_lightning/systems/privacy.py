@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch import Tensor
 
-from fl_lightning.algorithms.base import check_positive
-from fl_lightning.errors import ConfigError
+from fl_lightning.validate import positive, share
 
 __all__ = ["DPFedAvg", "RDP_ORDERS", "clip_update", "dp_epsilon", "dp_noise_std"]
 
@@ -86,20 +84,12 @@ class DPFedAvg:
     def __init__(
         self, clip_norm: float = 1.0, noise_multiplier: float = 1.0, delta: float = 1e-5
     ) -> None:
-        self.clip_norm = check_positive(
-            "the clipping norm C", clip_norm, "--model.privacy.clip_norm", "e.g. 1.0"
-        )
-        self.noise_multiplier = check_positive(
-            "the noise multiplier z", noise_multiplier, "--model.privacy.noise_multiplier",
-            "e.g. 1.0",
-        )
-        d = float(delta)
-        if not (math.isfinite(d) and 0.0 < d < 1.0):
-            raise ConfigError(
-                f"--model.privacy.delta={delta!r} is invalid: it must be in (0, 1), e.g. 1e-5 "
-                "(below 1 / number of clients)"
-            )
-        self.delta = d
+        self.clip_norm = positive(clip_norm, "--model.privacy.clip_norm",
+                                  "the clipping norm C; e.g. 1.0")
+        self.noise_multiplier = positive(noise_multiplier, "--model.privacy.noise_multiplier",
+                                         "the noise multiplier z; e.g. 1.0")
+        self.delta = share(delta, "--model.privacy.delta",
+                           "below 1 / number of clients; e.g. 1e-5", low_open=True)
 
     def clip(self, delta: Tensor) -> Tensor:
         """The update clipped to norm ``C`` (:func:`clip_update`)."""

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from fl_lightning.algorithms.base import check_positive
 from fl_lightning.errors import ConfigError
+from fl_lightning.validate import integer, positive, share
 
 __all__ = [
     "CoordinateMedian",
@@ -128,13 +128,8 @@ class TrimmedMean(RobustAggregator):
     name = "trimmed_mean"
 
     def __init__(self, beta: float = 0.2) -> None:
-        b = float(beta)
-        if not (math.isfinite(b) and 0.0 <= b < 0.5):
-            raise ConfigError(
-                f"--model.aggregator.beta={beta!r} is invalid: the trimmed share at "
-                "each end must be in [0, 0.5) (e.g. 0.2)"
-            )
-        self.beta = b
+        self.beta = share(beta, "--model.aggregator.beta",
+                          "the share trimmed at each end; e.g. 0.2", high=0.5)
 
     def __call__(self, updates: Tensor, weights: Tensor) -> Tensor:
         return trimmed_mean(updates, self.beta)
@@ -161,17 +156,9 @@ class Krum(RobustAggregator):
     name = "krum"
 
     def __init__(self, num_byzantine: int = 1, multi: int = 1) -> None:
-        f = num_byzantine
-        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-            raise ConfigError(
-                f"--model.aggregator.num_byzantine={num_byzantine!r} is invalid: it "
-                "must be an integer >= 0 (the number of attackers per round to tolerate)"
-            )
-        if isinstance(multi, bool) or not isinstance(multi, int) or multi < 1:
-            raise ConfigError(
-                f"--model.aggregator.multi={multi!r} is invalid: it must be an "
-                "integer >= 1 (1 is Krum, more is Multi-Krum)"
-            )
+        integer(num_byzantine, "--model.aggregator.num_byzantine", 0,
+                hint="the number of attackers per round to tolerate")
+        integer(multi, "--model.aggregator.multi", 1, hint="1 is Krum, more is Multi-Krum")
         self.num_byzantine = num_byzantine
         self.multi = multi
 
@@ -210,9 +197,8 @@ class NormBounding(RobustAggregator):
     name = "norm_bounding"
 
     def __init__(self, max_norm: float = 1.0) -> None:
-        self.max_norm = check_positive(
-            "the update norm bound", max_norm, "--model.aggregator.max_norm", "e.g. 1.0"
-        )
+        self.max_norm = positive(max_norm, "--model.aggregator.max_norm",
+                                 "the update norm bound; e.g. 1.0")
 
     def __call__(self, updates: Tensor, weights: Tensor) -> Tensor:
         return norm_bounded_mean(updates, weights, self.max_norm)

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fl_lightning.errors import ConfigError
 from fl_lightning.systems._common import STREAM_SECURE_AGG, generator
+from fl_lightning.validate import integer
 
 __all__ = [
     "SecureAggregation",
@@ -114,17 +114,9 @@ class SecureAggregation:
     """
 
     def __init__(self, frac_bits: int = 24, modulus_bits: int = 62) -> None:
-        for name, value in (("frac_bits", frac_bits), ("modulus_bits", modulus_bits)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(
-                    f"--model.secure_aggregation.{name}={value!r} is invalid: use an integer"
-                )
-        if not (1 <= frac_bits and frac_bits + 8 <= modulus_bits <= 62):
-            raise ConfigError(
-                f"--model.secure_aggregation.modulus_bits={modulus_bits} with frac_bits="
-                f"{frac_bits} is invalid: use 1 <= frac_bits and frac_bits + 8 <= modulus_bits "
-                "<= 62 (e.g. frac_bits 24, modulus_bits 62)"
-            )
+        integer(frac_bits, "--model.secure_aggregation.frac_bits", 1, 54, hint="e.g. 24")
+        integer(modulus_bits, "--model.secure_aggregation.modulus_bits", frac_bits + 8, 62,
+                hint=f"frac_bits + 8 <= modulus_bits with frac_bits={frac_bits}; e.g. 62")
         self.frac_bits = frac_bits
         self.modulus_bits = modulus_bits
 
