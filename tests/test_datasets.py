@@ -5,9 +5,6 @@ from __future__ import annotations
 import ast
 import os
 import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -160,25 +157,8 @@ def test_heavy_libraries_imported_lazily(module):
     assert not top & {"torchvision", "medmnist", "sklearn"}
 
 
-def test_medmnist_home_folder_not_left_behind(tmp_path):
-    # medmnist creates ~/.medmnist when imported; our loader removes it again if it was absent.
-    code = textwrap.dedent(
-        """
-        import os, sys
-        from fl_lightning.data.datasets import dataset_info, load_dataset
-        load_dataset("digits", None, False, "train")  # read without importing scikit-learn
-        assert "sklearn" not in sys.modules
-        assert dataset_info("pathmnist").input_shape == (3, 28, 28)
-        assert "medmnist" in sys.modules
-        assert not os.path.exists(os.path.join(os.environ["HOME"], ".medmnist"))
-        """
-    )
-    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    assert os.listdir(tmp_path) == []
+# medmnist's ~/.medmnist is removed again, and digits are read without scikit-learn, in a fresh
+# process: tests/test_feel.py::test_fresh_process_writes_only_under_its_run_folders
 
 
 # ---- digits ----

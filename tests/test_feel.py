@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -31,21 +32,68 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_quickstart_writes_only_under_default_root_dir(tmp_path):
-    """The README's quick start, 3 rounds, output not a terminal: everything lands under
-    --trainer.default_root_dir (nothing in the working directory), one metrics row per round,
-    clients.csv and curves.png, and one log line per round with its round and accuracy."""
-    cwd, root = tmp_path / "cwd", tmp_path / "root"
-    cwd.mkdir()
+#: Run in one fresh process by the test below, in this order; argv[1] holds the fit commands.
+FRESH_PROCESS = """
+import json, os, sys
+from fl_lightning.data.datasets import dataset_info, load_dataset
+load_dataset("digits", None, False, "train")  # read without importing scikit-learn
+assert "sklearn" not in sys.modules, "reading digits imported scikit-learn"
+assert dataset_info("pathmnist").input_shape == (3, 28, 28)
+assert "medmnist" in sys.modules
+# medmnist creates ~/.medmnist when imported; our loader removes it again if it was absent
+assert not os.path.exists(os.path.join(os.environ["HOME"], ".medmnist")), "~/.medmnist left"
+from fl_lightning.cli import main
+mnist, quick = json.loads(sys.argv[1])
+main(mnist)
+print("=== quick start ===", file=sys.stderr, flush=True)
+main(quick)
+"""
+
+
+def test_fresh_process_writes_only_under_its_run_folders(tmp_path):
+    """One fresh process (so that medmnist and matplotlib, imported by torchmetrics, start
+    cold) with an empty $HOME and no MPLCONFIGDIR, working directory ``work``:
+
+    1. reading digits imports no scikit-learn, and medmnist's ~/.medmnist is removed again;
+    2. 2 rounds of MNIST on idx files in ``work``: the data folder is left as it was, only
+       ``work/lightning_logs`` is created;
+    3. the README's quick start, 3 rounds, output not a terminal: everything lands under
+       --trainer.default_root_dir (nothing more in the working directory), one metrics row
+       per round, clients.csv and curves.png, and one log line per round with its round and
+       accuracy.
+
+    At the end $HOME is still empty. (One process for what were three tests, each with a
+    process of its own: a start costs ~10 s of imports.)"""
+    from test_cli import FAST, _tiny_mnist
+    from test_datasets import snapshot
+
+    data, home, work, root = (tmp_path / d for d in ("data", "home", "work", "root"))
+    _tiny_mnist(data)
+    home.mkdir()
+    work.mkdir()
+    mnist = ["fit", "--config", str(REPO / "configs/mnist/fedavg_shard.yaml"), *FAST,
+             "--data.data_dir", str(data), "--data.num_clients", "6", "--model.sample_ratio",
+             "0.5", "--trainer.max_steps", "2", "--data.verify_checksums", "false"]
+    quick = ["fit", "--config", QUICK, "--trainer.max_steps", "3",
+             "--trainer.val_check_interval", "1", "--model.local_epochs", "1",
+             "--trainer.default_root_dir", str(root), "--trainer.callbacks+=RoundProgressBar",
+             "--trainer.callbacks.lines=true"]
+    env = {k: v for k, v in _env(HOME=str(home)).items()
+           if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+    before = snapshot(data)
     proc = subprocess.run(
-        [sys.executable, "-m", "fl_lightning.cli", "fit", "--config", QUICK,
-         "--trainer.max_steps", "3", "--trainer.val_check_interval", "1",
-         "--model.local_epochs", "1", "--trainer.default_root_dir", str(root),
-         "--trainer.callbacks+=RoundProgressBar", "--trainer.callbacks.lines=true"],
-        cwd=cwd, env=_env(MPLCONFIGDIR=str(tmp_path / "mpl")), capture_output=True, text=True,
+        [sys.executable, "-c", FRESH_PROCESS, json.dumps([mnist, quick])],
+        cwd=work, env=env, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list(cwd.iterdir()) == []  # nothing written outside the root
+    assert snapshot(data) == before
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+    # the MNIST run's logger folder only: the quick start wrote nothing here
+    assert sorted(str(p.relative_to(work)) for p in work.glob("*/*/*")) == [
+        "lightning_logs/fl/version_0"]
+    assert sorted(p.name for p in work.iterdir()) == ["lightning_logs"]
+    assert (work / "lightning_logs/fl/version_0/final_metrics.json").is_file()
     run = root / "lightning_logs" / "fl" / "version_0"
     assert (run / "curves.png").stat().st_size > 10_000
     assert (run / "checkpoints" / "round=3.ckpt").is_file()
@@ -57,13 +105,14 @@ def test_quickstart_writes_only_under_default_root_dir(tmp_path):
     assert len(clients) == 3 * 5  # 5 of the 20 clients per round
     assert {c["status"] for c in clients} == {"trained"}
     assert all(int(c["num_samples"]) > 0 for c in clients)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("round ")]
+    quick_err = proc.stderr.split("=== quick start ===\n", 1)[1]
+    lines = [ln for ln in quick_err.splitlines() if ln.startswith("round ")]
     assert [ln.split(" | ")[0] for ln in lines] == ["round 1/3", "round 2/3", "round 3/3"]
     accs = [float(r["val_acc"]) for r in rows]
     for line, acc in zip(lines, accs, strict=True):
         assert "clients 5 (skipped 0, straggling 0)" in line
         assert f"val_acc {acc:.4f}" in line
-    noise = proc.stdout + proc.stderr
+    noise = proc.stdout + proc.stderr  # of both runs
     for unwanted in ("Validation DataLoader", "Tip:", "manual optimization", "v_num", "LeafSpec"):
         assert unwanted not in noise
 

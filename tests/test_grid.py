@@ -5,8 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,8 @@ from fl_lightning.grid import (
 )
 from fl_lightning.grid import main as grid_main
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = str(REPO / "configs")
 
 
 def test_parse_setting_options():
@@ -65,27 +65,42 @@ def test_summarize_mean_sample_std_final_and_best():
     assert row["best_std"] == pytest.approx(7.071068, rel=1e-6)
 
 
-def test_tiny_grid_runs_skips_and_tabulates(tmp_path):
+def test_tiny_grid_runs_skips_and_tabulates(tmp_path, monkeypatch, capsys):
+    """The grid in process (its cells are processes of their own) on two algorithms: FedAvg's
+    cell holds the files of a finished cell already, so the grid skips it, runs FedProx's cell
+    as a real ``fl-lightning fit`` process, and tabulates both against the baseline; a second
+    grid then runs nothing. (One cell process instead of two: a process start costs ~10 s.)"""
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "fl_lightning.grid", "--algorithms", "fedavg,fedprox",
-           "--settings", "digits:iid", "--seeds", "0", "--rounds", "2", "--runs", str(runs),
-           "--extra", "--data.num_clients 4 --model.local_epochs 1 --model.sample_ratio 0.5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert first.returncode == 0, first.stderr[-2000:]
+    done = runs / "digits_iid" / "fedavg" / "seed0"
+    (done / "fl" / "version_0").mkdir(parents=True)
+    (done / "fl" / "version_0" / "metrics.csv").write_text("step,val_acc\n0,0.5\n1,0.4\n")
+    (done / "result.json").write_text(json.dumps({"rc": 0, "final": {"test_acc": 0.4}}))
+    argv = ["--algorithms", "fedavg,fedprox", "--settings", "digits:iid", "--seeds", "0",
+            "--rounds", "2", "--runs", str(runs),
+            "--extra", "--data.num_clients 4 --model.local_epochs 1 --model.sample_ratio 0.5"]
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    grid_main(argv)
+    ran = [ln for ln in capsys.readouterr().out.splitlines() if "rc=" in ln]
+    assert len(ran) == 1 and "fedprox seed 0: rc=0" in ran[0], ran  # FedAvg's cell skipped
+    assert sorted(p.name for p in done.iterdir()) == ["fl", "result.json"]  # and not touched
     cell = runs / "digits_iid" / "fedprox" / "seed0"
     result = json.loads((cell / "result.json").read_text())
-    assert result["final"]["rounds"] == 2
+    assert result["rc"] == 0 and result["final"]["rounds"] == 2
     assert sorted(read_curve(str(cell))) == [1, 2]
     rows = list(csv.DictReader(open(runs / "table.csv")))
     assert [r["algorithm"] for r in rows] == ["fedavg", "fedprox"]
-    assert float(rows[1]["final_mean"]) == pytest.approx(100 * result["final"]["test_acc"])
+    assert float(rows[0]["final_mean"]) == pytest.approx(40.0)
+    assert float(rows[0]["best_mean"]) == pytest.approx(50.0)  # its curve's round 1
+    acc = 100 * result["final"]["test_acc"]
+    assert float(rows[1]["final_mean"]) == pytest.approx(acc)
+    arrow = "↑" if acc > 40.0 else ("↓" if acc < 40.0 else "=")
     table = (runs / "table.md").read_text()
-    assert "| fedprox |" in table and ("↑" in table or "↓" in table or " =" in table)
+    assert f"| fedprox | {acc:.2f} (0.00) {arrow} |" in table, table
+    assert "| fedavg | 40.00 (0.00) | 50.00 (0.00) |" in table, table
     assert (runs / "table_digits_iid.png").stat().st_size > 0
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert again.returncode == 0
-    assert "rc=" not in again.stdout  # every cell was finished: nothing ran again
+    grid_main(argv)
+    assert "rc=" not in capsys.readouterr().out  # every cell was finished: nothing ran again
 
 
 def test_config_names_resolve_against_the_package_configs_and_paths_against_cwd(

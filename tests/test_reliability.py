@@ -161,33 +161,8 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ckpt"]
 
 
-def test_nothing_is_written_outside_the_run_folder(tmp_path):
-    """A fresh process (so that matplotlib, imported by torchmetrics, starts cold) with an
-    empty $HOME and no MPLCONFIGDIR: only lightning_logs/ is created."""
-    from test_cli import _tiny_mnist
-    from test_datasets import snapshot
-
-    data = tmp_path / "data"
-    _tiny_mnist(data)
-    home = tmp_path / "home"
-    home.mkdir()
-    work = tmp_path / "work"
-    work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME",
-                                                          "XDG_CONFIG_HOME")}
-    env.update(HOME=str(home), PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}")
-    before = snapshot(data)
-    done = subprocess.run(
-        [sys.executable, "-m", "fl_lightning.cli", "fit", "--config",
-         str(REPO / "configs/mnist/fedavg_shard.yaml"), *FAST, "--data.data_dir", str(data),
-         "--data.num_clients", "6", "--model.sample_ratio", "0.5", "--trainer.max_steps", "2",
-         "--data.verify_checksums", "false"],
-        cwd=work, env=env, capture_output=True, text=True,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert snapshot(data) == before
-    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
-    assert sorted(p.name for p in work.iterdir()) == ["lightning_logs"]
+# Nothing written outside the run's folder (fresh process, empty $HOME, MNIST idx files):
+# tests/test_feel.py::test_fresh_process_writes_only_under_its_run_folders
 
 
 # ---------------------------------------------------------------- resume compares the whole config
