@@ -275,8 +275,8 @@ def test_fedsol_with_scaffold_source_keeps_scaffold_state():
     res = _round(algo, global_net, gp, x, y, {0: list(torch.arange(40).split(10))}, num_clients=4)
     algo.aggregate(gp, res, num_clients=4)
     state = algo.state_dict()
-    assert 0 in state["clients"]["clients"] and state["c"] is not None
-    assert float(sum(v.abs().sum() for v in state["c"].values())) > 0
+    assert 0 in state["clients"]["clients"] and state["server"]["c"] is not None
+    assert float(sum(v.abs().sum() for v in state["server"]["c"].values())) > 0
 
 
 @pytest.mark.parametrize("source", ["local", "proximal"])

@@ -395,9 +395,7 @@ class BatchedEngine(SequentialEngine):
         (``active``; ``None``: everyone; eager, with ``lr_eager`` given, that update is in
         place). With ``compile`` set it is compiled (``fullgraph``: no graph break) once per
         engine, algorithm, network and SGD configuration, and reused by every later round."""
-        cls = type(algorithm)
-        fast = (cls.direction is Algorithm.direction and cls.task_grad is Algorithm.task_grad
-                and self.compile == "none")
+        fast = algorithm.plain_gradient and self.compile == "none"
         key = (id(algorithm), id(net), tuple(names), momentum, weight_decay, fast)
         if key in self._compiled:  # the entry holds the algorithm and net: ids stay theirs
             return self._compiled[key]
@@ -515,9 +513,7 @@ class BatchedEngine(SequentialEngine):
             return running_stats_step(net, params, buffers, x)
 
         stats_fn = torch.vmap(stats, in_dims=(0, 0, 0), randomness=self.randomness)
-        cls = type(algorithm)
-        if (cls.direction is Algorithm.direction and cls.task_grad is Algorithm.task_grad
-                and self.compile == "none" and not state.batched):
+        if algorithm.plain_gradient and self.compile == "none" and not state.batched:
             # The direction is the task gradient: vmap only the loss and take every client's
             # gradient with one ordinary backward of the sum of the K losses (client k's
             # weights reach only loss k, so the gradient w.r.t. them is that of loss k).
