@@ -30,7 +30,7 @@ Example:
     >>> from fl_lightning.algorithms import FedProx
     >>> report = check_algorithm(FedProx, {"mu": 0.1})
     >>> sorted(report)
-    ['declarations', 'ddp', 'engines', 'proximal', 'resume', 'skipped_client']
+    ['ddp', 'declarations', 'engines', 'proximal', 'resume', 'skipped_client']
     >>> report["engines"] < 1e-12, report["resume"], report["ddp"]
     (True, 0.0, 'not run (ddp=False)')
 """
