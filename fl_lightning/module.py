@@ -290,6 +290,8 @@ class FederatedModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # trainer.log_dir is a broadcast under DDP: every rank asks once, here
         self._out_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        # the algorithm's server state, before the first round (after a checkpoint's is loaded)
+        self.algorithm.init_server({k: p.detach() for k, p in self.net.named_parameters()})
 
     def _log_clients(self, result: Any) -> None:
         """Append the round's sampled clients to ``<log_dir>/clients.csv``.

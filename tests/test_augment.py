@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fl_lightning.algorithms import FedAvg
 from fl_lightning.algorithms.base import Algorithm
 from fl_lightning.data.augment import BatchAugment, paper_augmentation
 from fl_lightning.data.counters import AUGMENT_STREAM, counter_bits
@@ -236,10 +237,10 @@ def test_batched_and_sequential_engines_see_the_same_augmented_data():
     plan = dm.round_plan(0, 4, 1, 20)
     data = dm.train_tensors(dtype=torch.float64)
     gp = {k: p.detach().clone() for k, p in net.named_parameters()}
-    seq = SequentialEngine().run_round(Algorithm(), net, gp, {}, plan, data, 0.1, 0.9, 0.0)
-    bat = BatchedEngine().run_round(Algorithm(), net, gp, {}, plan, data, 0.1, 0.9, 0.0)
+    seq = SequentialEngine().run_round(FedAvg(), net, gp, {}, plan, data, 0.1, 0.9, 0.0)
+    bat = BatchedEngine().run_round(FedAvg(), net, gp, {}, plan, data, 0.1, 0.9, 0.0)
     plain = RoundPlan(plan.round, plan.clients)  # without the augmentation
-    raw = SequentialEngine().run_round(Algorithm(), net, gp, {}, plain, data, 0.1, 0.9, 0.0)
+    raw = SequentialEngine().run_round(FedAvg(), net, gp, {}, plain, data, 0.1, 0.9, 0.0)
     for a, b, r in zip(seq, bat, raw, strict=True):
         assert float((a.params["1.weight"] - b.params["1.weight"]).abs().max()) < 1e-12
         assert float((a.params["1.weight"] - r.params["1.weight"]).abs().max()) > 1e-4

@@ -254,7 +254,7 @@ def test_resume_with_another_algorithm_applied_is_marked_and_starts_its_state(
     ckpt = torch.load(run / "checkpoints/round=3.ckpt", weights_only=True)
     assert ckpt["fl_settings_changed"] == marked
     assert "SCAFFOLD" in ckpt["fl_config"]
-    assert set(ckpt["fl_algorithm_state"]) >= {"c"}  # SCAFFOLD's own state, from round 3
+    assert set(ckpt["fl_algorithm_state"]["server"]) >= {"c"}  # SCAFFOLD's own state, from round 3
     # the server optimizer took the new learning rate (torch would restore the stored 1.0)
     assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 0.5
 

@@ -1,5 +1,11 @@
 """Federated algorithms. Select one in a config by class path, e.g.
-``--model.algorithm fl_lightning.algorithms.FedSoL --model.algorithm.rho 2.0``."""
+``--model.algorithm fl_lightning.algorithms.FedSoL --model.algorithm.rho 2.0``.
+
+The contract every algorithm follows is :class:`Algorithm`'s docstring; algorithms with state
+between rounds derive from :class:`StatefulAlgorithm`; FedSoL's perturbation sources implement
+:class:`~fl_lightning.algorithms.base.ProximalTerm`; ``docs/extending.md`` writes a new one and
+:func:`fl_lightning.testing.check_algorithm` checks it.
+"""
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext
 from fl_lightning.algorithms.fedavg import FedAvg
@@ -13,6 +19,7 @@ from fl_lightning.algorithms.fedsol import FedSoL
 from fl_lightning.algorithms.moon import MOON
 from fl_lightning.algorithms.perfedavg import PerFedAvg
 from fl_lightning.algorithms.scaffold import SCAFFOLD
+from fl_lightning.algorithms.state import StatefulAlgorithm
 
 __all__ = [
     "MOON",
@@ -29,4 +36,5 @@ __all__ = [
     "FedSoL",
     "LocalContext",
     "PerFedAvg",
+    "StatefulAlgorithm",
 ]

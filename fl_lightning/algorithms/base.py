@@ -6,43 +6,68 @@ local optimizer (SGD with momentum and weight decay, fresh per client per round)
 plain tensors; the direction it returns is what the optimizer applies. Writing the step as a
 function of tensors lets the same code run one client at a time or many at once.
 
-Differentiation and the network call go through :func:`grad_of` and
-:meth:`LocalContext.forward`, which pick the cheapest way that is correct where they run:
-outside any ``torch.func`` transform (the sequential engine) ``torch.autograd.grad`` on leaf
-copies of the weights and a direct swap of the module's parameters (the cost of a plain module's
-forward and backward); inside one (``vmap`` in the batched engine, or an outer ``grad`` / ``jvp``
-of a callback) ``torch.func.grad_and_value`` and ``functional_call``. The two give the same
-values; an algorithm is written once. The same holds for the list helpers (:func:`foreach_mul`,
-...): ``torch._foreach_*`` kernels outside a transform, a plain loop inside one.
+The contract (every hook, when it is called, what it may change) is :class:`Algorithm`'s
+docstring; stateful algorithms derive from
+:class:`~fl_lightning.algorithms.state.StatefulAlgorithm`. Differentiation, the network call and
+the list kernels (:func:`grad_of`, :func:`foreach_mul`, ...) live in
+:mod:`fl_lightning.algorithms.functional` and are re-exported here.
 """
 
 from __future__ import annotations
 
+import abc
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value
+from torch.func import functional_call
 
+from fl_lightning.algorithms.functional import (
+    adaptive_radius,
+    foreach_add,
+    foreach_add_,
+    foreach_mul,
+    foreach_mul_,
+    global_norm,
+    grad_of,
+    in_transform,
+    swapped_call,
+)
 from fl_lightning.errors import ConfigError
 
 __all__ = [
     "IGNORE_INDEX",
+    "SERVER_RULES",
     "Algorithm",
     "ClientResult",
     "LocalContext",
     "Params",
+    "ProximalTerm",
+    "ServerRule",
+    "adaptive_radius",
     "batch_mean",
     "check_nonnegative",
     "check_positive",
+    "check_server_rule",
+    "cross_entropy",
     "finish_round",
+    "foreach_add",
+    "foreach_add_",
+    "foreach_mul",
+    "foreach_mul_",
+    "global_norm",
+    "grad_of",
     "head_parameter_names",
+    "in_transform",
     "kl_batchmean",
+    "proximal_sources",
     "real_samples",
+    "swapped_call",
     "weighted_mean",
 ]
 
@@ -221,44 +246,115 @@ def cross_entropy_loss(ctx: LocalContext, params: Params, x: Tensor, y: Tensor) 
     return cross_entropy(ctx.forward(params, x), y)
 
 
-class Algorithm:
-    """Federated averaging; the base class of every algorithm.
+#: The server rules an algorithm may declare (:attr:`Algorithm.server_rule`).
+ServerRule = Literal["mean", "custom"]
+SERVER_RULES: tuple[str, ...] = get_args(ServerRule)
 
-    The local step minimizes the cross-entropy ``CE(f(w; x), y)`` of the mini-batch; the
-    direction handed to the local optimizer is its gradient. The server averages the client
-    weights in proportion to their training-set sizes ``n_k``:
-    ``w_avg = sum_k n_k w_k / sum_k n_k`` over the clients sampled this round.
 
-    Subclasses override :meth:`direction` (the local update direction), optionally
-    :meth:`client_begin` / :meth:`client_end` (client state) and :meth:`aggregate` (server rule),
-    and declare what they need in three class attributes (an instance may override them in
-    ``__init__``, as FedSoL does with its proximal source's):
+def check_server_rule(owner: str, rule: object) -> str:
+    """``rule`` if it is one of :data:`SERVER_RULES`, else a one-line ``ConfigError`` naming
+    ``owner`` (the algorithm's class)."""
+    if rule not in SERVER_RULES:
+        raise ConfigError(
+            f"{owner}.server_rule={rule!r} is invalid: declare one of "
+            f"{', '.join(map(repr, SERVER_RULES))} ('mean' when aggregate is the data-size "
+            "weighted mean of the client weights, else 'custom')"
+        )
+    return str(rule)
+
+
+class Algorithm(abc.ABC):
+    """The algorithm contract: a local update direction, optional state, a server rule.
+
+    A subclass implements :meth:`direction` (abstract) and overrides the other hooks it needs.
+    The hooks, in the order of a run, and what each may change:
+
+    ======================== ================================= ==============================
+    hook                     called                            may change
+    ======================== ================================= ==============================
+    :meth:`init_server`      once before the first round of a  the server state (it must keep
+                             fit, and again after a checkpoint state that is already there:
+                             was loaded                        loaded from the checkpoint)
+    :meth:`client_begin`     per sampled client, before its    ``ctx.state`` only
+                             first local step
+    :meth:`frozen`           per sampled client                nothing (returns names)
+    :meth:`direction`        at every local step               nothing: a pure function of
+                                                               its arguments (see below)
+    :meth:`client_end`       per client, after its last step   ``result.state`` and
+                                                               ``result.extras`` only
+    :meth:`commit_client`    per client kept by the round      the client state store
+                             (finite update), after training
+    :meth:`aggregate`        once per round, on the kept       the server state; returns the
+                             clients' results                  new global weights
+    :meth:`state_dict` /     at a checkpoint / a resume        (load: all state)
+    :meth:`load_state_dict`
+    ======================== ================================= ==============================
+
+    ``client_begin`` and ``client_end`` never change the algorithm, so a client whose update
+    is dropped (non-finite, or lost by a Flower node) leaves no trace: only
+    :meth:`commit_client` writes client state. Clients may run one at a time, many at once
+    (the batched engine), on another DDP rank or on a Flower node: the server state a client
+    reads must therefore be what :meth:`state_dict` saves (the Flower apps send its
+    ``"server"`` part, :meth:`server_state_dict`, to the nodes).
+
+    :meth:`direction` runs inside ``torch.vmap`` (and ``torch.compile``) in the batched engine:
+    no Python branch on a tensor's value, no ``.item()``; ``ctx.lr`` may be a 0-d tensor;
+    batches may hold padding samples labelled :data:`IGNORE_INDEX` (``ctx.padded``), so every
+    batch mean goes through :func:`batch_mean` (or :func:`cross_entropy`, :func:`kl_batchmean`).
+    Differentiate with :func:`grad_of` and call the network with :meth:`LocalContext.forward`.
+
+    Declarations (class attributes; an instance may set its own in ``__init__``, as FedSoL
+    copies its proximal source's):
 
     Attributes:
+        name: short lower-case name.
         client_state: names of the per-client state entries kept between rounds (SCAFFOLD:
-            ``("c_i",)``); empty when clients are stateless.
+            ``("c_i",)``); empty when clients are stateless. Stateful algorithms derive from
+            :class:`~fl_lightning.algorithms.state.StatefulAlgorithm`, which owns the store.
         server_rule: ``"mean"`` when :meth:`aggregate` is the data-size weighted mean of the
             client weights (DDP computes it as one flat all-reduce; robust aggregators, DP and
             secure aggregation may replace it); ``"custom"`` when it needs more (the extras).
+            Checked when the class is defined.
         batchable: whether the batched engine (``torch.vmap`` over clients) can run it.
+        plain_gradient: fast path: :meth:`direction` is exactly the gradient of
+            :meth:`task_loss` (:meth:`task_grad`), so an engine may vmap only the loss and take
+            every client's gradient with one backward. FedAvg declares it.
+        cross_entropy_task: fast path: :meth:`task_loss` is the cross-entropy of the logits
+            (FedSoL's head-only shortcut computes it from the penultimate features).
 
-    The life of a client in a round: :meth:`client_begin` reads its stored state into
-    ``ctx.state``; the engine calls :meth:`direction` at every local step;
-    :meth:`client_end` writes the new state and the server-bound extras into the
-    :class:`ClientResult`; the round loop drops diverged clients, calls
-    :meth:`commit_client` for the others, then :meth:`aggregate`. ``client_begin`` and
-    ``client_end`` never change the algorithm, so a skipped client leaves no trace.
+    A subclass that overrides the method a fast-path flag vouches for (``direction`` or
+    ``task_grad`` for ``plain_gradient``, ``task_loss`` for ``cross_entropy_task``) and does not
+    declare the flag itself gets it set to ``False`` when the class is defined.
 
     Example:
-        >>> algo = Algorithm()
-        >>> algo.name, algo.client_state, algo.server_rule, algo.batchable
-        ('fedavg', (), 'mean', True)
+        >>> from fl_lightning.algorithms import FedAvg
+        >>> algo = FedAvg()
+        >>> algo.name, algo.client_state, algo.server_rule, algo.batchable, algo.plain_gradient
+        ('fedavg', (), 'mean', True, True)
     """
 
-    name = "fedavg"
+    name: str = "algorithm"
     client_state: tuple[str, ...] = ()
-    server_rule: str = "mean"
+    server_rule: ServerRule = "mean"
     batchable: bool = True
+    plain_gradient: ClassVar[bool] = False
+    cross_entropy_task: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        if "server_rule" in own:
+            check_server_rule(cls.__name__, own["server_rule"])
+        if ("direction" in own or "task_grad" in own) and "plain_gradient" not in own:
+            cls.plain_gradient = False
+        if "task_loss" in own and "cross_entropy_task" not in own:
+            cls.cross_entropy_task = False
+
+    def init_server(self, global_params: Params) -> None:
+        """Create the server state for a run whose global weights are ``global_params``
+        (read-only); state already there (loaded from a checkpoint) must be kept. Called once
+        before the first round of a fit and again after a resume. Default: no server state."""
+        del global_params
 
     def task_loss(self, ctx: LocalContext, params: Params, x: Tensor, y: Tensor) -> Tensor:
         """The client's own objective on a batch: the cross-entropy ``CE(f(w; x), y)``.
@@ -274,10 +370,13 @@ class Algorithm:
         """Gradient of :meth:`task_loss` w.r.t. every parameter, and the loss."""
         return grad_of(lambda p: self.task_loss(ctx, p, x, y), params)
 
+    @abc.abstractmethod
     def direction(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
     ) -> tuple[Params, Tensor]:
-        """Return the local update direction at ``params`` for the batch, and the batch loss."""
+        """Return the local update direction at ``params`` for the batch, and the batch loss
+        (a 0-d tensor). Abstract; this implementation (the task gradient, :meth:`task_grad`)
+        may be reached with ``super().direction(...)``."""
         return self.task_grad(params, x, y, ctx)
 
     def frozen(self, ctx: LocalContext) -> set[str]:
@@ -288,18 +387,28 @@ class Algorithm:
     def client_begin(self, ctx: LocalContext) -> None:
         """Called before a client's first local step: read its stored state into ``ctx.state``
         (never change the algorithm here)."""
+        del ctx
 
     def client_end(self, ctx: LocalContext, result: ClientResult) -> None:
         """Called after a client's last local step: fill ``result.state`` (the client's new
         state) and ``result.extras`` (what the server rule needs); never change the
         algorithm here."""
+        del ctx, result
 
     def commit_client(self, result: ClientResult) -> None:
-        """Store ``result.state`` as the client's state; called by the round loop only for
-        clients whose update is kept (finite). Stateful algorithms keep a
-        :class:`~fl_lightning.algorithms.state.ClientStateStore` in ``self.clients``."""
+        """Store ``result.state`` as the client's state; called by the round only for clients
+        whose update is kept (finite). Stateless algorithms have nothing to store.
+
+        Raises:
+            TypeError: if a client returned state but the algorithm keeps no store (derive
+                from :class:`~fl_lightning.algorithms.state.StatefulAlgorithm`).
+        """
         if result.state:
-            self.clients.put(result.client_id, result.state)
+            raise TypeError(
+                f"{type(self).__name__}.client_end returned client state "
+                f"{sorted(result.state)} but the algorithm keeps no client store: derive it "
+                "from fl_lightning.algorithms.StatefulAlgorithm"
+            )
 
     def aggregate(
         self,
@@ -317,12 +426,50 @@ class Algorithm:
         del num_clients, total_samples
         return weighted_mean(global_params, results)
 
-    # Client state lives in checkpoints: algorithms with state override these two.
+    def server_state_dict(self) -> dict[str, Any]:
+        """The server state a client's local step reads (``{name: {param: tensor}}``, entries
+        that are not set yet left out): what the Flower server sends its nodes. Default none."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs (stateless algorithms: ``{}``)."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
         del state
+
+
+@runtime_checkable
+class ProximalTerm(Protocol):
+    """What FedSoL can use as its perturbation source (``--model.algorithm.proximal``): an
+    algorithm whose local objective adds a proximal term to the task loss.
+
+    ``proximal_gradient(params, x, y, ctx) -> (gradient, value)`` returns the gradient of that
+    term w.r.t. every parameter in ``params`` and its value, with the client's state in
+    ``ctx.state`` as :meth:`Algorithm.client_begin` left it. It obeys :meth:`Algorithm.direction`'s
+    rules (it runs inside ``vmap``). FedProx (``mu (w - w_g)``), SCAFFOLD (``c - c_i``), FedDyn,
+    MOON, FedNTD and FedNova implement it; an implementation whose options leave no term
+    (FedNova without ``ccvr``) raises a ``ConfigError`` there.
+    """
+
+    def proximal_gradient(
+        self, params: Params, x: Tensor, y: Tensor | None, ctx: LocalContext
+    ) -> tuple[Params, Tensor]: ...
+
+
+def proximal_sources() -> list[str]:
+    """Names of the registered algorithms (``fl_lightning.algorithms.__all__``) that implement
+    :class:`ProximalTerm`, sorted: the choices of FedSoL's ``proximal`` option."""
+    import fl_lightning.algorithms as registered
+
+    names = []
+    for name in registered.__all__:
+        obj = getattr(registered, name)
+        if (isinstance(obj, type) and issubclass(obj, Algorithm) and not inspect.isabstract(obj)
+                and issubclass(obj, ProximalTerm)):
+            names.append(name)
+    return sorted(names)
 
 
 def finish_round(
@@ -353,141 +500,3 @@ def weighted_mean(global_params: Params, results: Sequence[ClientResult]) -> Par
             acc = acc + r.params[name] * w
         out[name] = acc
     return out
-
-
-def in_transform() -> bool:
-    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ...) is active here."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def _slot(net: nn.Module, name: str) -> tuple[dict, str]:
-    """The dict (``_parameters`` or ``_buffers`` of the owning submodule) and key of ``name``.
-
-    Resolved on every call (a few attribute lookups), so a module whose submodules were
-    replaced since the last call is never written through a stale table."""
-    owner, _, leaf = name.rpartition(".")
-    module = net.get_submodule(owner) if owner else net
-    if leaf in module._parameters:
-        return module._parameters, leaf
-    if leaf in module._buffers:
-        return module._buffers, leaf
-    raise KeyError(f"{type(net).__name__} has no parameter or buffer {name!r}")
-
-
-def swapped_call(
-    net: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor
-) -> Tensor:
-    """``net(x)`` with its parameters and buffers replaced by the given tensors for the call.
-
-    The same as ``torch.func.functional_call(net, (params, buffers), (x,))`` for a module
-    without tied weights, at the cost of one dict write per tensor (no transform may be active:
-    see :func:`in_transform`). The module's own tensors are put back afterwards.
-    """
-    saved = []
-    try:
-        for group in (params, buffers):
-            for name, value in group.items():
-                table, leaf = _slot(net, name)
-                saved.append((table, leaf, table[leaf]))
-                table[leaf] = value
-        return net(x)
-    finally:
-        for table, leaf, old in reversed(saved):
-            table[leaf] = old
-
-
-def grad_of(
-    loss_fn, params: Params, names: Sequence[str] | None = None, has_aux: bool = False
-) -> tuple[Params, Tensor]:
-    """Gradient of ``loss_fn(params)`` w.r.t. the parameters in ``names`` (default all), and
-    the loss (``has_aux``: ``loss_fn`` returns ``(loss, aux)`` and ``aux`` is returned instead).
-
-    Outside a ``torch.func`` transform: ``torch.autograd.grad`` on detached leaf copies of the
-    differentiated tensors; inside one: ``torch.func.grad_and_value``. Same values either way.
-    """
-    names = list(params) if names is None else list(names)
-    if in_transform():
-        if len(names) == len(params):
-            fn = loss_fn
-            start = params
-        else:
-            def fn(sub: Params):
-                return loss_fn({**params, **sub})
-
-            start = {k: params[k] for k in names}
-        if has_aux:
-            grads, aux = torch.func.grad(fn, has_aux=True)(start)
-            return grads, aux.detach()
-        return grad_and_value(fn)(start)
-    leaves = [params[k].detach().requires_grad_(True) for k in names]
-    full = dict(params)
-    full.update(zip(names, leaves, strict=True))
-    with torch.enable_grad():
-        out = loss_fn(full)
-        loss, aux = out if has_aux else (out, None)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    result = {
-        k: (g if g is not None else torch.zeros_like(v))
-        for k, g, v in zip(names, grads, leaves, strict=True)
-    }
-    return result, (aux.detach() if has_aux else loss.detach())
-
-
-def foreach_mul(a: Sequence[Tensor], b: Sequence[Tensor] | Tensor | float) -> list[Tensor]:
-    """``[a_i * b_i]`` (or ``[a_i * b]`` for one tensor or number ``b``)."""
-    if in_transform():
-        if isinstance(b, (Tensor, float, int)):
-            return [t * b for t in a]
-        return [t * u for t, u in zip(a, b, strict=True)]
-    return list(torch._foreach_mul(list(a), b if isinstance(b, (Tensor, float, int)) else list(b)))
-
-
-def foreach_add(a: Sequence[Tensor], b: Sequence[Tensor], alpha: float = 1.0) -> list[Tensor]:
-    """``[a_i + alpha * b_i]``."""
-    if in_transform():
-        if alpha == 1.0:
-            return [t + u for t, u in zip(a, b, strict=True)]
-        return [t + alpha * u for t, u in zip(a, b, strict=True)]
-    return list(torch._foreach_add(list(a), list(b), alpha=alpha))
-
-
-def foreach_mul_(a: list[Tensor], b: Sequence[Tensor] | Tensor | float) -> list[Tensor]:
-    """:func:`foreach_mul` that may write into ``a`` (outside a transform it does, so ``a``
-    must be the caller's own scratch tensors); returns the products. Same values."""
-    if in_transform():
-        return foreach_mul(a, b)
-    torch._foreach_mul_(a, b if isinstance(b, (Tensor, float, int)) else list(b))
-    return a
-
-
-def foreach_add_(a: list[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
-    """``[a_i + b_i]``, written into ``a`` outside a transform (``a`` must be the caller's own
-    scratch tensors). ``b_i + a_i`` rounds to the same value, so it also serves for
-    ``b + a``."""
-    if in_transform():
-        return foreach_add(a, b)
-    torch._foreach_add_(a, list(b))
-    return a
-
-
-def adaptive_radius(params: Sequence[Tensor], anchors: Sequence[Tensor]) -> list[Tensor]:
-    """``|w - w_g|`` L2-normalized along dimension 0 of each tensor, as
-    ``F.normalize(|w - w_g|, p=2, dim=0)`` (``x / max(||x||_dim0, 1e-12)``)."""
-    if in_transform():
-        return [F.normalize((w - g).abs(), p=2.0, dim=0) for w, g in zip(params, anchors,
-                                                                         strict=True)]
-    diff = torch._foreach_sub(list(params), list(anchors))
-    torch._foreach_abs_(diff)
-    norms = [torch.linalg.vector_norm(d, 2.0, dim=0, keepdim=True) for d in diff]
-    torch._foreach_clamp_min_(norms, 1e-12)
-    torch._foreach_div_(diff, [n.expand_as(d) for n, d in zip(norms, diff, strict=True)])
-    return diff
-
-
-def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """L2 norm over all entries of all tensors (computed as the norm of per-tensor norms)."""
-    if in_transform():
-        norms = [torch.linalg.vector_norm(t) for t in tensors]
-    else:
-        norms = torch._foreach_norm(list(tensors))
-    return torch.linalg.vector_norm(torch.stack(norms))

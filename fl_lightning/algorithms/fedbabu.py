@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fl_lightning.algorithms.base import Algorithm, LocalContext
+from fl_lightning.algorithms.base import LocalContext
+from fl_lightning.algorithms.fedavg import FedAvg
 
 __all__ = ["FedBABU"]
 
 
-class FedBABU(Algorithm):
+class FedBABU(FedAvg):
     """FedBABU: FedAvg in which the classifier head (the network's last child module) is frozen
     at its initial weights during federated training. Personalization then fine-tunes the whole
     network per client (:mod:`fl_lightning.personalize`).

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from fl_lightning.algorithms.base import (
-    Algorithm,
-    ClientResult,
-    LocalContext,
-    Params,
-    check_positive,
-)
-from fl_lightning.algorithms.state import ClientStateStore, check_state_device
+from fl_lightning.algorithms.base import ClientResult, LocalContext, Params, check_positive
+from fl_lightning.algorithms.state import StatefulAlgorithm
 
 __all__ = ["FedDyn"]
 
 
-class FedDyn(Algorithm):
+class FedDyn(StatefulAlgorithm):
     """FedDyn in the official FedSoL code's parametrization.
 
     Client ``i`` minimizes ``CE(w) - <h_i, w> + alpha/2 ||w - w_g||^2`` (direction
@@ -31,7 +24,7 @@ class FedDyn(Algorithm):
 
     and sets ``w_g <- sum_{i in S} p_i w_i - h / alpha`` with ``p_i`` the data-size weights (the
     paper averages uniformly; with equal client sizes the two agree). ``h`` and every ``h_i``
-    start at zero and are saved in checkpoints.
+    start at zero (``h`` is created by :meth:`init_server`) and are saved in checkpoints.
 
     Args:
         alpha: regularization strength (the official config uses 0.1).
@@ -47,23 +40,27 @@ class FedDyn(Algorithm):
 
     name = "feddyn"
     client_state = ("h_i",)
+    server_state = ("h",)
     server_rule = "custom"
     batchable = True
+    h: Params | None
 
     def __init__(self, alpha: float = 0.1, state_device: str | None = None) -> None:
+        super().__init__(state_device)
         self.alpha = check_positive(
             "the FedDyn strength alpha (FedDyn divides by it)", alpha, "--model.algorithm.alpha",
             "e.g. 0.1, or use FedAvg",
         )
-        self.clients = ClientStateStore(check_state_device(state_device))
-        self.h: Params | None = None
+
+    def init_server(self, global_params: Params) -> None:
+        """``h = 0`` (a loaded ``h`` is kept)."""
+        if self.h is None:
+            self.h = {k: torch.zeros_like(v) for k, v in global_params.items()}
 
     def client_begin(self, ctx: LocalContext) -> None:
         gp = ctx.global_params
-        device = next(iter(gp.values())).device
-        ctx.state["h_i"] = self.clients.get(
-            ctx.client_id, lambda: {"h_i": {k: torch.zeros_like(v) for k, v in gp.items()}},
-            device,
+        ctx.state["h_i"] = self.stored(
+            ctx, lambda: {"h_i": {k: torch.zeros_like(v) for k, v in gp.items()}}
         )["h_i"]
 
     def proximal_gradient(
@@ -100,19 +97,11 @@ class FedDyn(Algorithm):
         total_samples: int | None = None,
     ) -> Params:
         avg = super().aggregate(global_params, results)
-        if self.h is None:
-            self.h = {k: torch.zeros_like(v) for k, v in global_params.items()}
+        server_h = self.server("h", global_params)
         n = float(num_clients or len(results))
-        for k in self.h:
-            h = self.h[k].to(global_params[k].device)
+        for k in server_h:
+            h = server_h[k].to(global_params[k].device)
             for r in results:
                 h = h - (self.alpha / n) * r.extras["move"][k]
-            self.h[k] = h
-        return {k: avg[k] - self.h[k] / self.alpha for k in avg}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"h": self.h, "clients": self.clients.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.h = state.get("h")
-        self.clients.load_state_dict(state.get("clients", {}))
+            server_h[k] = h
+        return {k: avg[k] - server_h[k] / self.alpha for k in avg}

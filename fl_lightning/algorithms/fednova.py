@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
+from fl_lightning.algorithms.base import ClientResult, LocalContext, Params
 from fl_lightning.algorithms.scaffold import effective_steps
-from fl_lightning.algorithms.state import ClientStateStore, check_state_device
+from fl_lightning.algorithms.state import StatefulAlgorithm
 from fl_lightning.errors import ConfigError
 
 __all__ = ["FedNova"]
 
 
-class FedNova(Algorithm):
+class FedNova(StatefulAlgorithm):
     """FedNova with momentum-corrected normalization.
 
     Client ``i`` takes ``tau_i = E * batches_i`` local steps (its number of steps this round)
@@ -45,8 +44,10 @@ class FedNova(Algorithm):
     """
 
     name = "fednova"
+    server_state = ("d",)
     server_rule = "custom"
     batchable = True
+    d: Params | None
 
     def __init__(
         self,
@@ -54,24 +55,26 @@ class FedNova(Algorithm):
         ccvr_server_update: bool = True,
         state_device: str | None = None,
     ) -> None:
+        super().__init__(state_device)
         self.ccvr = bool(ccvr)
         self.ccvr_server_update = bool(ccvr_server_update)
         self.client_state = ("d_i",) if self.ccvr else ()
-        self.clients = ClientStateStore(check_state_device(state_device))
-        self.d: Params | None = None
+
+    def init_server(self, global_params: Params) -> None:
+        """With ``ccvr``: ``d = 0`` (a loaded ``d`` is kept); without it no server state."""
+        if self.ccvr and self.d is None:
+            self.d = {k: torch.zeros_like(v) for k, v in global_params.items()}
 
     def client_begin(self, ctx: LocalContext) -> None:
         if not self.ccvr:
             return
         gp = ctx.global_params
         device = next(iter(gp.values())).device
-        if self.d is None:
-            self.d = {k: torch.zeros_like(v) for k, v in gp.items()}
-        d_i = self.clients.get(
-            ctx.client_id, lambda: {"d_i": {k: torch.zeros_like(v) for k, v in gp.items()}},
-            device,
+        d = self.server("d", gp)
+        d_i = self.stored(
+            ctx, lambda: {"d_i": {k: torch.zeros_like(v) for k, v in gp.items()}}
         )["d_i"]
-        ctx.state["c_i"] = {k: self.d[k].to(device) - d_i[k] for k in gp}
+        ctx.state["c_i"] = {k: d[k].to(device) - d_i[k] for k in gp}
 
     def proximal_gradient(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext
@@ -125,19 +128,13 @@ class FedNova(Algorithm):
                 acc = acc + (w - r.params[k]) * (pi / ai)
             out[k] = w - tau_eff * acc
         new_d = [(r.num_samples, r.extras["d_i"]) for r in results if "d_i" in r.extras]
-        if self.ccvr and self.ccvr_server_update and self.d is not None and new_d:
+        if self.ccvr and self.ccvr_server_update and new_d:
+            server_d = self.server("d", global_params)
             total = float(total_samples or sum(n for n, _ in new_d))
             share = sum(n for n, _ in new_d) / total
-            for k in self.d:
-                d = self.d[k] * (1.0 - share)
+            for k in server_d:
+                d = server_d[k] * (1.0 - share)
                 for n, d_i in new_d:
                     d = d + (n / total) * d_i[k].to(d.device)
-                self.d[k] = d
+                server_d[k] = d
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"d": self.d, "clients": self.clients.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.d = state.get("d")
-        self.clients.load_state_dict(state.get("clients", {}))

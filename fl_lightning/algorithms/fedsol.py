@@ -20,6 +20,7 @@ from fl_lightning.algorithms.base import (
     ClientResult,
     LocalContext,
     Params,
+    ProximalTerm,
     adaptive_radius,
     check_nonnegative,
     check_positive,
@@ -31,6 +32,7 @@ from fl_lightning.algorithms.base import (
     grad_of,
     in_transform,
     kl_batchmean,
+    proximal_sources,
 )
 from fl_lightning.algorithms.features import FeatureCaller
 from fl_lightning.errors import ConfigError
@@ -78,10 +80,13 @@ class FedSoL(Algorithm):
         perturb_head: perturb the classifier head (the network's last child module).
         perturb_body: perturb every other parameter.
         proximal: another algorithm whose proximal term replaces the KL as the perturbation
-            source (paper Table 7): ``FedProx`` (``mu (w - w_g)``), ``SCAFFOLD`` (``c - c_i``),
-            ``FedDyn`` (``alpha (w - w_g) - h_i``), ``MOON`` (contrastive gradient), ``FedNTD``
-            or ``FedNova(ccvr=True)`` (``c_i``). Its client state and server rule become
-            FedSoL's (e.g. SCAFFOLD's control variates are updated, FedDyn's ``h`` is applied).
+            source (paper Table 7): one that implements
+            :class:`~fl_lightning.algorithms.base.ProximalTerm`, e.g. ``FedProx``
+            (``mu (w - w_g)``), ``SCAFFOLD`` (``c - c_i``), ``FedDyn``
+            (``alpha (w - w_g) - h_i``), ``MOON`` (contrastive gradient), ``FedNTD`` or
+            ``FedNova(ccvr=True)`` (``c_i``). Its client state, server state and server rule
+            become FedSoL's (e.g. SCAFFOLD's control variates are updated, FedDyn's ``h`` is
+            applied).
         source: ``proximal`` (FedSoL: ``eps_p`` along ``g_p``), ``local`` (along the local
             loss's own gradient ``g_l``, SAM's direction with FedSoL's radius) or ``both``
             (``eps_c`` along ``g_p + g_l``, paper Table 6 A4); the last two are ablations.
@@ -124,11 +129,12 @@ class FedSoL(Algorithm):
         self.adaptive = bool(adaptive)
         self.perturb_head = bool(perturb_head)
         self.perturb_body = bool(perturb_body)
-        if proximal is not None and not callable(getattr(proximal, "proximal_gradient", None)):
+        if proximal is not None and not isinstance(proximal, ProximalTerm):
             raise ConfigError(
-                f"--model.algorithm.proximal={type(proximal).__name__} has no proximal term: use "
-                "FedProx, SCAFFOLD, FedDyn, MOON, FedNTD or FedNova(ccvr=true), or leave it unset "
-                "for the KL to the global model"
+                f"--model.algorithm.proximal={type(proximal).__name__} has no proximal term "
+                "(it does not implement ProximalTerm.proximal_gradient): use one of "
+                f"{', '.join(proximal_sources())}, or leave it unset for the KL to the global "
+                "model"
             )
         if source not in ("proximal", "local", "both"):
             raise ConfigError(
@@ -233,7 +239,7 @@ class FedSoL(Algorithm):
         if (self.perturb_body or not self.perturb_head or self.proximal is not None
                 or self.source != "proximal" or self.proximal_in_update
                 or self.local_at != "perturbed"
-                or type(self).task_loss is not Algorithm.task_loss
+                or not self.cross_entropy_task
                 or not callable(getattr(ctx.net, "forward_features", None))):
             return None
         if self._features is None or self._features.net is not ctx.net:
@@ -287,7 +293,11 @@ class FedSoL(Algorithm):
             out = {k: g + self.proximal_in_update * prox[k] for k, g in out.items()}
         return out, loss
 
-    # The proximal algorithm's client state and server rule are FedSoL's.
+    # The proximal algorithm's client state, server state and server rule are FedSoL's.
+    def init_server(self, global_params: Params) -> None:
+        if self.proximal is not None:
+            self.proximal.init_server(global_params)
+
     def client_begin(self, ctx: LocalContext) -> None:
         self._head_only_fast(ctx)  # its feature caller is made here, outside the local step
         if self.proximal is not None:
@@ -317,6 +327,9 @@ class FedSoL(Algorithm):
 
     def frozen(self, ctx: LocalContext) -> set[str]:
         return self.proximal.frozen(ctx) if self.proximal is not None else set()
+
+    def server_state_dict(self) -> dict[str, Any]:
+        return self.proximal.server_state_dict() if self.proximal is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
         return self.proximal.state_dict() if self.proximal is not None else {}

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,6 @@ from torch import Tensor
 
 from fl_lightning.algorithms.base import (
     IGNORE_INDEX,
-    Algorithm,
     ClientResult,
     LocalContext,
     Params,
@@ -21,7 +19,7 @@ from fl_lightning.algorithms.base import (
     grad_of,
 )
 from fl_lightning.algorithms.features import FeatureCaller
-from fl_lightning.algorithms.state import ClientStateStore, check_state_device
+from fl_lightning.algorithms.state import StatefulAlgorithm
 from fl_lightning.errors import ConfigError
 
 __all__ = ["MOON", "model_contrastive_loss"]
@@ -45,7 +43,7 @@ def model_contrastive_loss(z: Tensor, z_global: Tensor, z_prev: Tensor, tau: flo
     return cross_entropy(logits, target)
 
 
-class MOON(Algorithm):
+class MOON(StatefulAlgorithm):
     """MOON: local loss ``CE(w) + mu * L_con(z, z_g, z_prev)``.
 
     ``z``, ``z_g`` and ``z_prev`` are the penultimate features (``net.forward_features``) of the
@@ -72,7 +70,9 @@ class MOON(Algorithm):
 
     name = "moon"
     client_state = ("prev",)
+    server_state = ("initial",)
     batchable = True
+    initial: Params | None
 
     def __init__(
         self,
@@ -81,6 +81,7 @@ class MOON(Algorithm):
         first_previous: Literal["initial", "global"] = "initial",
         state_device: str | None = None,
     ) -> None:
+        super().__init__(state_device)
         self.mu = check_nonnegative("the contrastive weight mu", mu, "--model.algorithm.mu")
         self.tau = check_positive("the temperature tau", tau, "--model.algorithm.tau", "e.g. 0.5")
         if first_previous not in ("initial", "global"):
@@ -89,8 +90,6 @@ class MOON(Algorithm):
                 "or 'global'"
             )
         self.first_previous = first_previous
-        self.clients = ClientStateStore(check_state_device(state_device))
-        self.initial: Params | None = None
         self._caller: FeatureCaller | None = None
 
     def _features(self, ctx: LocalContext) -> FeatureCaller:
@@ -98,15 +97,18 @@ class MOON(Algorithm):
             self._caller = FeatureCaller(ctx.net, "MOON")
         return self._caller
 
+    def init_server(self, global_params: Params) -> None:
+        """Keep a copy of the initial global model (a loaded one is kept)."""
+        if self.initial is None:
+            self.initial = {k: v.detach().clone() for k, v in global_params.items()}
+
     def client_begin(self, ctx: LocalContext) -> None:
         self._features(ctx)  # made here, outside the local step (a compiled step cannot)
         gp = ctx.global_params
-        if self.initial is None:
-            self.initial = {k: v.detach().clone() for k, v in gp.items()}
         device = next(iter(gp.values())).device
-        first = self.initial if self.first_previous == "initial" else gp
-        ctx.state["prev"] = self.clients.get(
-            ctx.client_id, lambda: {"prev": {k: v.to(device) for k, v in first.items()}}, device
+        first = self.server("initial", gp) if self.first_previous == "initial" else gp
+        ctx.state["prev"] = self.stored(
+            ctx, lambda: {"prev": {k: v.to(device) for k, v in first.items()}}
         )["prev"]
 
     def _losses(self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext):
@@ -139,10 +141,3 @@ class MOON(Algorithm):
 
     def client_end(self, ctx: LocalContext, result: ClientResult) -> None:
         result.state["prev"] = result.params
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"initial": self.initial, "clients": self.clients.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.initial = state.get("initial")
-        self.clients.load_state_dict(state.get("clients", {}))

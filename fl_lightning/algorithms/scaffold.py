@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from fl_lightning.algorithms.base import (
-    Algorithm,
-    ClientResult,
-    LocalContext,
-    Params,
-    foreach_add,
-)
-from fl_lightning.algorithms.state import ClientStateStore, check_state_device
+from fl_lightning.algorithms.base import ClientResult, LocalContext, Params, foreach_add
+from fl_lightning.algorithms.state import StatefulAlgorithm
 
 __all__ = ["SCAFFOLD", "effective_steps"]
 
@@ -38,7 +31,7 @@ def effective_steps(steps: int, momentum: float) -> float:
     return (k - m * (1.0 - m**k) / (1.0 - m)) / (1.0 - m)
 
 
-class SCAFFOLD(Algorithm):
+class SCAFFOLD(StatefulAlgorithm):
     """SCAFFOLD with option-II control variates.
 
     Local direction (every step): ``g + (c - c_i)`` with ``g = grad CE(w)``, the client's control
@@ -53,7 +46,7 @@ class SCAFFOLD(Algorithm):
     ``c <- c + (|S| / N) * mean_{i in S} (c_i+ - c_i)``
 
     with ``S`` the sampled clients and ``N`` the population size. Both ``c`` and every ``c_i``
-    start at zero and are saved in checkpoints.
+    start at zero (``c`` is created by :meth:`init_server`) and are saved in checkpoints.
 
     Args:
         momentum_corrected: divide by the momentum-corrected ``K'`` (official code) instead of
@@ -68,25 +61,29 @@ class SCAFFOLD(Algorithm):
 
     name = "scaffold"
     client_state = ("c_i",)
+    server_state = ("c",)
     server_rule = "custom"
     batchable = True
+    c: Params | None
 
     def __init__(self, momentum_corrected: bool = True, state_device: str | None = None) -> None:
+        super().__init__(state_device)
         self.momentum_corrected = bool(momentum_corrected)
-        self.clients = ClientStateStore(check_state_device(state_device))
-        self.c: Params | None = None
 
     def _zeros(self, like: Params) -> Params:
         return {k: torch.zeros_like(v) for k, v in like.items()}
 
+    def init_server(self, global_params: Params) -> None:
+        """``c = 0`` (a loaded ``c`` is kept, moved to the global weights' device)."""
+        if self.c is None:
+            self.c = self._zeros(global_params)
+        self.c = {k: v.to(global_params[k].device) for k, v in self.c.items()}
+
     def client_begin(self, ctx: LocalContext) -> None:
         gp = ctx.global_params
-        device = next(iter(gp.values())).device
-        if self.c is None:
-            self.c = self._zeros(gp)
-        self.c = {k: v.to(device) for k, v in self.c.items()}
-        c_i = self.clients.get(ctx.client_id, lambda: {"c_i": self._zeros(gp)}, device)["c_i"]
-        ctx.state["c"], ctx.state["c_i"] = self.c, c_i
+        c = self.server("c", gp)
+        c_i = self.stored(ctx, lambda: {"c_i": self._zeros(gp)})["c_i"]
+        ctx.state["c"], ctx.state["c_i"] = c, c_i
         ctx.state["correction"] = {k: self.c[k] - c_i[k] for k in gp}
 
     def proximal_gradient(
@@ -130,16 +127,10 @@ class SCAFFOLD(Algorithm):
     ) -> Params:
         out = super().aggregate(global_params, results)
         deltas = [r.extras["delta_c"] for r in results if "delta_c" in r.extras]
-        if deltas and self.c is not None:
+        if deltas:
+            c = self.server("c", global_params)
             share = len(deltas) / float(num_clients or len(deltas))
-            for k in self.c:
+            for k in c:
                 mean = torch.stack([d[k] for d in deltas]).mean(0)
-                self.c[k] = self.c[k] + share * mean
+                c[k] = c[k] + share * mean
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"c": self.c, "clients": self.clients.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.c = state.get("c")
-        self.clients.load_state_dict(state.get("clients", {}))

@@ -1,16 +1,18 @@
-"""Per-client state that survives between rounds (SCAFFOLD's ``c_i``, FedDyn's ``h_i``, ...)."""
+"""State that survives between rounds: the clients' store (SCAFFOLD's ``c_i``, FedDyn's
+``h_i``, ...) and the stateful algorithm base that owns it beside its server state."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
 from fl_lightning.errors import ConfigError
 
-__all__ = ["ClientStateStore", "check_state_device"]
+__all__ = ["ClientStateStore", "StatefulAlgorithm", "check_state_device"]
 
 Tensors = dict[str, Tensor]
 #: One client's state: ``{entry: {parameter name: tensor}}`` (SCAFFOLD ``{"c_i": {...}}``).
@@ -185,3 +187,87 @@ class ClientStateStore:
         self._rows, self._data = {}, {}
         for k, v in dict(state.get("clients", {})).items():
             self.put(int(k), v)
+
+
+class StatefulAlgorithm(Algorithm):
+    """An algorithm with state between rounds: it owns the clients' store and its server state.
+
+    The store (:attr:`clients`, a :class:`ClientStateStore`) holds every client's entries named
+    in :attr:`~fl_lightning.algorithms.base.Algorithm.client_state`; :meth:`commit_client`
+    writes a kept client's ``result.state`` into it and :meth:`stored` reads a client's state in
+    :meth:`~fl_lightning.algorithms.base.Algorithm.client_begin`. The server state is declared
+    like torchmetrics' ``add_state``: :attr:`server_state` names the attributes that hold it
+    (each ``None`` until :meth:`~fl_lightning.algorithms.base.Algorithm.init_server` creates
+    it, then a ``{param: tensor}`` dict), read with :meth:`server`. Nothing creates server
+    state anywhere else.
+
+    :meth:`state_dict` keeps the two apart: ``{"server": {name: value}, "clients":
+    store.state_dict()}``; :meth:`load_state_dict` also reads the layout of checkpoints written
+    before (server entries at the top level beside ``"clients"``).
+
+    Attributes:
+        server_state: names of the attributes that hold server state (SCAFFOLD: ``("c",)``).
+        clients: the client state store.
+
+    Args:
+        state_device: where the clients' state is kept between rounds (e.g. ``cpu``); unset
+            keeps it with the model.
+    """
+
+    server_state: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, state_device: str | None = None) -> None:
+        self.clients = ClientStateStore(check_state_device(state_device))
+        for name in self.server_state:
+            setattr(self, name, None)
+
+    def server(self, name: str, global_params: Params) -> Params:
+        """The server state ``name``. The round creates it with :meth:`init_server` before the
+        first round; code that drives an engine without the round (a unit test, a benchmark)
+        gets that same call here, with the global weights it trains from, if nothing made
+        the state yet.
+
+        Raises:
+            RuntimeError: if :meth:`init_server` does not create it.
+        """
+        if getattr(self, name) is None:
+            self.init_server(global_params)
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.init_server did not create its declared server state "
+                f"{name!r}: set self.{name} to a dict of tensors there"
+            )
+        return value
+
+    def stored(self, ctx: LocalContext, default: Callable[[], State]) -> State:
+        """The client ``ctx.client_id``'s stored state (``default()`` if it has none yet) on
+        the device of the global weights."""
+        device = next(iter(ctx.global_params.values())).device
+        return self.clients.get(ctx.client_id, default, device)
+
+    def commit_client(self, result: ClientResult) -> None:
+        """Store ``result.state`` (if any) as the client's state."""
+        if result.state:
+            self.clients.put(result.client_id, result.state)
+
+    def server_state_dict(self) -> dict[str, Any]:
+        return {n: getattr(self, n) for n in self.server_state if getattr(self, n) is not None}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "server": {n: getattr(self, n) for n in self.server_state},
+            "clients": self.clients.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, or the older flat layout
+        ``{name: value, ..., "clients": ...}``; a server entry that is absent becomes
+        ``None`` (:meth:`init_server` then creates it)."""
+        if "server" in state:
+            server = state["server"]
+        else:
+            server = {k: v for k, v in state.items() if k != "clients"}
+        for name in self.server_state:
+            setattr(self, name, server.get(name))
+        self.clients.load_state_dict(state.get("clients", {}))

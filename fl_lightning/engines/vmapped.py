@@ -39,11 +39,9 @@ Directions = Callable[..., tuple[Params, Tensor]]
 
 def task_gradient_only(algorithm: Algorithm, compile_mode: str, state: StackedState) -> bool:
     """Whether the step may take the fast path: the direction is the plain task gradient (the
-    algorithm overrides neither ``direction`` nor ``task_grad``), nothing is compiled and no
-    client state is vmapped."""
-    cls = type(algorithm)
-    return (cls.direction is Algorithm.direction and cls.task_grad is Algorithm.task_grad
-            and compile_mode == "none" and not state.batched)
+    algorithm declares :attr:`~fl_lightning.algorithms.base.Algorithm.plain_gradient`), nothing
+    is compiled and no client state is vmapped."""
+    return algorithm.plain_gradient and compile_mode == "none" and not state.batched
 
 
 def build_directions(algorithm: Algorithm, randomness: str, fast: bool) -> Directions:

@@ -196,12 +196,10 @@ def _population(sizes: dict[int, int], num_clients: int) -> int | None:
 
 
 def _server_state(algorithm) -> dict[str, Any]:
-    """What the local step reads of the server's state: the algorithm's checkpoint state
-    without its client store (SCAFFOLD's ``c``, FedNova's ``d``)."""
+    """What the local step reads of the server's state: the algorithm's
+    ``server_state_dict()`` (SCAFFOLD's ``c``, FedNova's ``d``, MOON's initial model)."""
     out = {}
-    for key, value in algorithm.state_dict().items():
-        if key == "clients" or value is None:
-            continue
+    for key, value in algorithm.server_state_dict().items():
         if not (isinstance(value, dict) and all(hasattr(v, "shape") for v in value.values())):
             raise FederationError(
                 f"{type(algorithm).__name__}'s server state {key!r} is not a dict of tensors: "
@@ -233,6 +231,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
     save_dir = str(run_config.get("save-dir", "") or "")
     module, dm, recipe = build_run(config_path, str(run_config.get("args", "")), rounds)
     algorithm, net = module.algorithm, module.net
+    algorithm.init_server({k: p.detach() for k, p in net.named_parameters()})
     num_clients = dm.num_clients
     nodes = _wait_for_nodes(grid, num_clients, wait_s)
     # which node holds which partition id (and how many samples) is learnt from the replies:
