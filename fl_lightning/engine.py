@@ -7,9 +7,8 @@ convention (``d = g + wd * w``; ``b = d`` at the first step, then ``b = m * b + 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -18,6 +17,7 @@ from torch.func import functional_call
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
 from fl_lightning.errors import ConfigError
+from fl_lightning.protocol import BatchTransform, ClientPlan, RoundPlan
 
 __all__ = [
     "ClientEngine",
@@ -30,51 +30,6 @@ __all__ = [
     "sgd_step",
     "tracked_batchnorms",
 ]
-
-
-@dataclass
-class ClientPlan:
-    """One client's work in a round.
-
-    Attributes:
-        client_id: the client's id in the partition.
-        num_samples: size of its training set (its aggregation weight).
-        batches: one tensor of training-set indices per local step, in order.
-        lrs: optional learning rate of every local step (one per batch), replacing the round's
-            learning rate (and ``LocalContext.lr``) step by step, e.g. the per-epoch decay of
-            LocalOnly's fine-tuning; :class:`SequentialEngine` only.
-    """
-
-    client_id: int
-    num_samples: int
-    batches: list[Tensor]
-    lrs: list[float] | None = None
-
-
-#: ``transform(x, round, client_id, step) -> x``: batch augmentation applied by the engine.
-BatchTransform = Callable[[Tensor, int, int, int], Tensor]
-
-
-@dataclass
-class RoundPlan:
-    """Which clients train in a round and which samples each sees at each local step.
-
-    Attributes:
-        round: index of the round.
-        clients: the sampled clients' plans.
-        transform: optional training-batch augmentation; the engine calls
-            ``transform(x_all[idx], round, client_id, step)`` on every local batch (it must be a
-            pure function of its arguments so that resumed runs stay exact).
-        num_clients: size of the whole population (sampled or not); ``None`` when unknown.
-        total_samples: training samples of the whole population; ``None`` when unknown.
-            Server rules such as SCAFFOLD's and FedDyn's need these two.
-    """
-
-    round: int
-    clients: list[ClientPlan]
-    transform: BatchTransform | None = None
-    num_clients: int | None = None
-    total_samples: int | None = None
 
 
 @torch.no_grad()
