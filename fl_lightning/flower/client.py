@@ -169,12 +169,13 @@ def _local_training(
 
     from fl_lightning.data.augment import paper_augmentation
     from fl_lightning.data.plans import augment_batch, client_batches
-    from fl_lightning.engine import ClientPlan, RoundPlan, SequentialEngine
+    from fl_lightning.engine import SequentialEngine
     from fl_lightning.flower.records import (
         extras_to_content,
         params_from_record,
         params_to_record,
     )
+    from fl_lightning.protocol import ClientPlan, RoundPlan
 
     _node_threads(context)
     data = recipe["data"]
@@ -200,10 +201,10 @@ def _local_training(
         own, int(data["seed"]), round_idx, client_id, int(recipe["local_epochs"]),
         int(recipe["batch_size"]), positions=True,
     )
-    if client_id in json.loads(str(cfg["slow"])):  # a straggler of the participation policy:
-        # the simulation's share of its local steps
-        work = float(cfg["straggler-work"])
-        batches = batches[: max(1, int(math.floor(work * len(batches) + 1e-9)))]
+    work = json.loads(str(cfg["work"])).get(str(client_id))
+    if work is not None:  # a straggler of the participation policy (ClientPlan.work): the
+        # simulation's share of its local steps
+        batches = batches[: max(1, int(math.floor(float(work) * len(batches) + 1e-9)))]
     augmentation = paper_augmentation(data["dataset"]) if data["augment"] == "paper" else None
 
     def transform(xb: Tensor, r: int, c: int, step: int) -> Tensor:
