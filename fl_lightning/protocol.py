@@ -39,6 +39,20 @@ __all__ = [
 Params = dict[str, Tensor]
 
 
+#: ``(in_transform, swapped_call)`` of :mod:`fl_lightning.algorithms.base`, which imports this
+#: module: looked up once, on the first :meth:`LocalContext.forward` (a per-call import costs
+#: about a microsecond, a sizeable share of a tiny model's forward)
+_CALL_HELPERS: tuple[Callable[[], bool], Callable[..., Tensor]] | None = None
+
+
+def _call_helpers() -> tuple[Callable[[], bool], Callable[..., Tensor]]:
+    global _CALL_HELPERS
+    from fl_lightning.algorithms.base import in_transform, swapped_call
+
+    _CALL_HELPERS = (in_transform, swapped_call)
+    return _CALL_HELPERS
+
+
 @dataclass(frozen=True)
 class LocalOptim:
     """The local optimizer of a round: SGD with momentum and weight decay, fresh per client.
@@ -100,9 +114,7 @@ class LocalContext:
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Logits of the network at ``params`` on ``x``."""
-        # the algorithm module imports this one: its helpers are looked up at call time
-        from fl_lightning.algorithms.base import in_transform, swapped_call
-
+        in_transform, swapped_call = _CALL_HELPERS or _call_helpers()
         if in_transform():
             return functional_call(self.net, (dict(params), self.buffers), (x,))
         return swapped_call(self.net, params, self.buffers, x)
