@@ -39,7 +39,7 @@ def has_weighted_average(algorithm: Algorithm) -> bool:
 class Systems:
     """Unreliable, curious and malicious participants around any algorithm's round.
 
-    Order within a round (``RoundLoop.run_round``): dropouts and stragglers change the round
+    Order within a round (``FederatedRound.run``): dropouts and stragglers change the round
     plan (:class:`Participation`); malicious clients train on flipped labels (data-level
     attacks); after local training, each reporting client's update ``Delta_k = w_k - w_g``
     goes through the update-level attack (malicious clients only), then compression, then DP
