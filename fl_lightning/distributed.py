@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fl_lightning.algorithms.base import ClientResult, Params
-from fl_lightning.engine import RoundPlan
+from fl_lightning.protocol import ClientResult, GatherCost, Params, RoundPlan
 
 __all__ = [
     "GatherCost",
@@ -120,20 +119,6 @@ class _Leaf(NamedTuple):
     offset: int
     shape: tuple[int, ...]
     on_cpu: bool  # kept on the CPU by its owner (e.g. a ``state_device: cpu`` store)
-
-
-@dataclasses.dataclass
-class GatherCost:
-    """What one :func:`allgather_results` call moved.
-
-    Attributes:
-        tensor_bytes: bytes each rank received through the tensor all-gathers
-            (``world_size * max_r(payload_r)`` per dtype, own share and padding included).
-        payload_bytes: bytes of tensors the clients of all ranks actually produced.
-    """
-
-    tensor_bytes: int = 0
-    payload_bytes: int = 0
 
 
 def _pack(value: Any, leaves: dict[torch.dtype, list[Tensor]], sizes: dict[torch.dtype, int]):

@@ -22,10 +22,11 @@ from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.engine import ClientEngine, SequentialEngine, tracked_batchnorms
 from fl_lightning.errors import ConfigError
-from fl_lightning.loop import RoundLoop
 from fl_lightning.models.base import FederatedNet
 from fl_lightning.models.cnn import FedAvgCNN
 from fl_lightning.optim import ServerSGD
+from fl_lightning.protocol import LocalOptim
+from fl_lightning.round import FederatedRound, RoundContext, RoundSource
 from fl_lightning.systems import (
     Attack,
     Compressor,
@@ -79,7 +80,9 @@ class FederatedModule(pl.LightningModule):
     applies the algorithm's local update direction with a fresh SGD optimizer per client), then
     the server optimizer, the only optimizer Lightning knows about, steps on the pseudo-gradient
     ``w_global - aggregate``. Hence ``trainer.global_step`` is the number of rounds done and
-    ``--trainer.max_steps`` is the number of rounds.
+    ``--trainer.max_steps`` is the number of rounds. The round itself is a
+    :class:`~fl_lightning.round.FederatedRound` (:attr:`round`); this class is its Lightning
+    adapter: it hands the round what it needs once (:meth:`build_round`) and logs its result.
 
     Args:
         net: a model class (a :class:`~fl_lightning.models.FederatedNet`) called as
@@ -183,7 +186,7 @@ class FederatedModule(pl.LightningModule):
         self.systems = Systems(
             participation, attack, compressor, privacy, secure_aggregation, aggregator
         )
-        self.round_loop = RoundLoop(self)
+        self._round: FederatedRound | None = None
         self.curves: dict[str, list[tuple[int, float]]] = {
             "train_loss": [], "val_loss": [], "val_acc": [],
         }  # per round, for curves.png (kept in checkpoints)
@@ -210,6 +213,7 @@ class FederatedModule(pl.LightningModule):
     def attach(self, datamodule) -> FederatedModule:
         """Use ``datamodule`` outside a trainer (e.g. to run rounds by hand in a notebook)."""
         self._datamodule = datamodule
+        self._round = None
         return self
 
     def clients_per_round(self, num_clients: int) -> int:
@@ -223,6 +227,57 @@ class FederatedModule(pl.LightningModule):
         for _ in range(round_idx):
             lr *= self.lr_decay
         return lr
+
+    def local_optim(self, round_idx: int) -> LocalOptim:
+        """The local SGD of round ``round_idx`` (:meth:`local_lr_at`, momentum, weight decay)."""
+        return LocalOptim(self.local_lr_at(round_idx), self.momentum, self.weight_decay)
+
+    @property
+    def round(self) -> FederatedRound:
+        """The round this module runs (built by :meth:`build_round` at the start of training,
+        or on first use outside a trainer)."""
+        if self._round is None:
+            self._round = self.build_round()
+        return self._round
+
+    def build_round(
+        self, source: RoundSource | None = None, engine: ClientEngine | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> FederatedRound:
+        """A :class:`~fl_lightning.round.FederatedRound` holding what it needs of this module
+        and its trainer (world size and rank, callbacks), read once here.
+
+        Args:
+            source: the population and its data (default: the data module).
+            engine: the client engine (default: ``--model.engine``).
+            optimizer: the server optimizer when no trainer runs the module (Flower).
+        """
+        trainer = self._trainer
+        callbacks = list(trainer.callbacks) if trainer is not None else []
+        source = self.datamodule if source is None else source
+
+        def on_round_end(result: Any) -> None:
+            for callback in callbacks:
+                hook = getattr(callback, "on_round_end", None)
+                if callable(hook):
+                    hook(trainer, self, result)
+
+        return FederatedRound(RoundContext(
+            source=source, algorithm=self.algorithm,
+            engine=self.engine if engine is None else engine, net=self.net,
+            server_update=lambda aggregate: self.server_update(aggregate, optimizer),
+            local_optim=self.local_optim,
+            clients_per_round=self.clients_per_round(source.num_clients),
+            local_epochs=self.local_epochs, batch_size=self.batch_size,
+            num_classes=self.num_classes, device=self.device, dtype=self.dtype,
+            systems=self.systems, on_nonfinite=self.on_nonfinite,
+            world_size=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            needs_client_results=any(
+                getattr(cb, "needs_client_results", False) for cb in callbacks
+            ),
+            on_round_end=on_round_end if callbacks else None,
+        ))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -273,14 +328,14 @@ class FederatedModule(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        result = self.round_loop.run_round(self.global_step)
+        result = self.round.run(self.global_step)
         self.log("train_loss", result.train_loss, on_step=True, prog_bar=True, batch_size=1)
         self.log("local_lr", result.lr, on_step=True, batch_size=1)
         self.log("round", float(result.round + 1), on_step=True, batch_size=1)
         self.log("skipped_clients", float(len(result.skipped_clients)), on_step=True, batch_size=1)
         for name, value in result.systems.items():
             self.log(name, value, on_step=True, batch_size=1)
-        cost = self.round_loop.gather_cost
+        cost = result.gather_cost
         if cost is not None:  # DDP: bytes each rank received in the all-gather of results
             self.log("ddp_gather_bytes", float(cost.tensor_bytes), on_step=True, batch_size=1)
         self.curves["train_loss"].append((result.round + 1, float(result.train_loss)))
@@ -288,6 +343,8 @@ class FederatedModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ run outputs
     def on_train_start(self) -> None:
+        # the round is built once per fit, with the model on its device and in its dtype
+        self._round = self.build_round()
         # trainer.log_dir is a broadcast under DDP: every rank asks once, here
         self._out_dir = self.trainer.log_dir or self.trainer.default_root_dir
         # the algorithm's server state, before the first round (after a checkpoint's is loaded)

@@ -40,8 +40,9 @@ from fl_lightning.algorithms.base import Algorithm, ClientResult, Params
 from fl_lightning.algorithms.features import FeatureCaller
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.algorithms.perfedavg import PerFedAvg
-from fl_lightning.engine import ClientPlan, RoundPlan, SequentialEngine
+from fl_lightning.engine import SequentialEngine
 from fl_lightning.errors import ConfigError
+from fl_lightning.protocol import ClientPlan, RoundPlan
 
 __all__ = [
     "FINETUNE_ROUND",

@@ -188,17 +188,14 @@ def test_flat_allreduce_average_matches_the_server_rule(gloo_group):
 
 
 def test_every_rank_takes_the_same_divergence_decision():
-    from fl_lightning.loop import DivergenceError
-    from fl_lightning.module import FederatedModule
+    from fl_lightning.round import DivergenceError, screen_nonfinite
 
-    module = FederatedModule(num_classes=10, input_shape=(1, 8, 8))
     # this rank's clients are fine, another rank's client diverged: stop on every rank
     with pytest.raises(DivergenceError, match="of another rank produced non-finite"):
-        module.round_loop._drop_diverged([], 3, num_bad=1, num_all=4)
-    module.on_nonfinite = "skip_client"
-    assert module.round_loop._drop_diverged([], 3, num_bad=1, num_all=4) == ([], [])
+        screen_nonfinite([], 3, "raise", 0.01, num_bad=1, num_all=4)
+    assert screen_nonfinite([], 3, "skip_client", 0.01, num_bad=1, num_all=4) == ([], [])
     with pytest.raises(DivergenceError, match="every client diverged"):
-        module.round_loop._drop_diverged([], 3, num_bad=4, num_all=4)
+        screen_nonfinite([], 3, "skip_client", 0.01, num_bad=4, num_all=4)
 
 
 def test_ddp_accepts_systems_mechanisms_at_setup():
@@ -217,4 +214,4 @@ def test_ddp_accepts_systems_mechanisms_at_setup():
     ).attach(dm)
     module.trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False)
     module.setup("fit")
-    assert module.round_loop.needs_all_results()
+    assert module.round.needs_all_results()

@@ -19,13 +19,11 @@ import abc
 import inspect
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from fl_lightning.algorithms.functional import (
     adaptive_radius,
@@ -39,6 +37,7 @@ from fl_lightning.algorithms.functional import (
     swapped_call,
 )
 from fl_lightning.errors import ConfigError
+from fl_lightning.protocol import ClientResult, LocalContext, Params
 
 __all__ = [
     "IGNORE_INDEX",
@@ -71,8 +70,6 @@ __all__ = [
     "weighted_mean",
 ]
 
-Params = dict[str, Tensor]
-
 #: The label of a padding sample (``F.cross_entropy``'s default ``ignore_index``). The batched
 #: engine pads every client's batch to one static shape; its padding samples carry this label,
 #: and every batch mean of the project's losses (:func:`batch_mean`, :func:`cross_entropy`,
@@ -90,92 +87,6 @@ def head_parameter_names(net: nn.Module) -> list[str]:
         return []
     head = children[-1][0]
     return [name for name, _ in net.named_parameters() if name.split(".", 1)[0] == head]
-
-
-@dataclass
-class LocalContext:
-    """Everything a local step may read about the client and the round.
-
-    Attributes:
-        net: the global model's module, used only as a stateless function through
-            :meth:`forward`.
-        global_params: the weights the server sent this round (read-only).
-        buffers: the module's buffers (e.g. BatchNorm statistics), passed to every call.
-        round: index of the communication round, from 0.
-        client_id: the client's id in the partition.
-        step: index of the local step within this client's round, from 0.
-        lr: this round's local learning rate.
-        momentum: the local SGD momentum (SCAFFOLD's and FedNova's step corrections use it).
-        num_clients: number of clients in the whole population (``None`` if unknown).
-        total_samples: training samples over the whole population (``None`` if unknown).
-        state: the client's persistent state (algorithms that keep none leave it empty).
-        padded: the batches may hold padding samples, labelled :data:`IGNORE_INDEX` (the
-            batched engine's static shapes); a direction that splits its batch (Per-FedAvg)
-            must then split the real samples, and every batch mean must skip the padding
-            (:func:`batch_mean`).
-    """
-
-    net: nn.Module
-    global_params: Params
-    buffers: Params
-    round: int
-    client_id: int
-    lr: float
-    step: int = 0
-    momentum: float = 0.0
-    num_clients: int | None = None
-    total_samples: int | None = None
-    state: dict[str, Any] = field(default_factory=dict)
-    padded: bool = False
-    _head: list[str] | None = field(default=None, repr=False)
-
-    def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """Logits of the network at ``params`` on ``x``."""
-        if in_transform():
-            return functional_call(self.net, (dict(params), self.buffers), (x,))
-        return swapped_call(self.net, params, self.buffers, x)
-
-    def head_names(self) -> list[str]:
-        if self._head is None:
-            self._head = head_parameter_names(self.net)
-        return self._head
-
-    def select(self, params: Params, head: bool, body: bool) -> list[str]:
-        """Names of the parameters in the head and/or the body of the network."""
-        head_names = set(self.head_names())
-        return [k for k in params if (k in head_names and head) or (k not in head_names and body)]
-
-
-@dataclass
-class ClientResult:
-    """What one client sends back after its local training.
-
-    Attributes:
-        client_id: the client's id.
-        num_samples: size of the client's training set (the aggregation weight).
-        params: the client's weights after local training.
-        num_steps: local steps taken.
-        loss: mean training loss over the local steps (a 0-d tensor).
-        state: the client's new persistent state after this round, one ``Params`` dict per
-            entry the algorithm declares in :attr:`Algorithm.client_state` (e.g.
-            ``{"c_i": ...}`` for SCAFFOLD). Filled by :meth:`Algorithm.client_end`; the round
-            loop stores it with :meth:`Algorithm.commit_client` only if the client is kept.
-        extras: what the client sends the server besides its weights (SCAFFOLD's
-            ``delta_c``, FedDyn's ``move``, FedNova's ``a`` and ``d_i``); the server rule
-            :meth:`Algorithm.aggregate` reads it.
-        buffers: the client's module buffers after local training (BatchNorm running
-            statistics, kept per client; empty for models without them); the round loop sets
-            the global buffers to their data-size weighted mean.
-    """
-
-    client_id: int
-    num_samples: int
-    params: Params
-    num_steps: int
-    loss: Tensor
-    state: dict[str, Params] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
-    buffers: Params = field(default_factory=dict)
 
 
 def check_nonnegative(name: str, value: float, option: str) -> float:

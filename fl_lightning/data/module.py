@@ -17,8 +17,8 @@ from fl_lightning.data.datasets import dataset_info, load_dataset
 from fl_lightning.data.partition import partition_indices
 from fl_lightning.data.plans import augment_batch, augment_draws, epoch_keys, sample_clients
 from fl_lightning.data.ticker import RoundTicker
-from fl_lightning.engine import ClientPlan, RoundPlan
 from fl_lightning.errors import ConfigError
+from fl_lightning.protocol import ClientPlan, RoundPlan
 from fl_lightning.suggest import did_you_mean
 
 __all__ = ["FederatedDataModule", "RoundAugmentation"]

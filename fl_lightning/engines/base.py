@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from fl_lightning.algorithms.base import Algorithm, ClientResult, Params
 from fl_lightning.validate import choice
 
-if TYPE_CHECKING:  # the plan types import the engines
-    from fl_lightning.engine import RoundPlan
+if TYPE_CHECKING:
+    from fl_lightning.protocol import RoundPlan
 
 __all__ = [
     "COMPILE_MODES",

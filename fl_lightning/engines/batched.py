@@ -29,8 +29,8 @@ from fl_lightning.engines.vmapped import grouped_round, padded_round
 from fl_lightning.errors import ConfigError
 from fl_lightning.validate import boolean, choice, conflict, invalid
 
-if TYPE_CHECKING:  # the plan types import the engines
-    from fl_lightning.engine import RoundPlan
+if TYPE_CHECKING:
+    from fl_lightning.protocol import RoundPlan
 
 __all__ = ["AUTOCAST", "COMPILE_MODES", "RANDOMNESS", "BatchedEngine", "PaddedRound",
            "StackedState", "unbatchable_reason"]

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from fl_lightning.algorithms.base import Algorithm
+    from fl_lightning.protocol import RoundPlan
 
 __all__ = ["build_components", "local_partition", "make_client_app", "partition_size"]
 
@@ -160,16 +161,46 @@ def _train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": _info(client_id, size)}), reply_to=msg)
 
 
-def _local_training(
-    msg: Message, context: Context, cfg: ConfigRecord, recipe: dict[str, Any], client_id: int
-) -> Message:
+def _client_plan(
+    cfg: ConfigRecord, recipe: dict[str, Any], client_id: int, own: Tensor
+) -> RoundPlan:
+    """This client's plan of the round: the simulation's batches of its samples (positions
+    into its own tensors), cut to a straggler's ``work``, with the run's augmentation."""
     import math
-
-    import torch
 
     from fl_lightning.data.augment import paper_augmentation
     from fl_lightning.data.plans import augment_batch, client_batches
-    from fl_lightning.engine import ClientPlan, RoundPlan, SequentialEngine
+    from fl_lightning.protocol import ClientPlan, RoundPlan
+
+    data = recipe["data"]
+    round_idx = int(cfg["round"])
+    batches = client_batches(  # positions into x: the simulation's order of these samples
+        own, int(data["seed"]), round_idx, client_id, int(recipe["local_epochs"]),
+        int(recipe["batch_size"]), positions=True,
+    )
+    work = json.loads(str(cfg["work"])).get(str(client_id))
+    if work is not None:  # a straggler of the participation policy (ClientPlan.work): the
+        # simulation's share of its local steps
+        batches = batches[: max(1, int(math.floor(float(work) * len(batches) + 1e-9)))]
+    augmentation = paper_augmentation(data["dataset"]) if data["augment"] == "paper" else None
+
+    def transform(xb: Tensor, r: int, c: int, step: int) -> Tensor:
+        return augment_batch(augmentation, xb, int(data["seed"]), r, c, step)
+
+    return RoundPlan(
+        round=round_idx, clients=[ClientPlan(client_id, len(own), batches)],
+        transform=None if augmentation is None else transform,
+        num_clients=int(cfg["num_clients"]),  # total_samples: absent until every node answered
+        total_samples=int(cfg["total_samples"]) if "total_samples" in cfg else None,
+    )
+
+
+def _local_training(
+    msg: Message, context: Context, cfg: ConfigRecord, recipe: dict[str, Any], client_id: int
+) -> Message:
+    import torch
+
+    from fl_lightning.engine import SequentialEngine
     from fl_lightning.flower.records import (
         extras_to_content,
         params_from_record,
@@ -195,26 +226,7 @@ def _local_training(
     }
     if own_state:
         algorithm.clients.put(client_id, own_state)
-    round_idx = int(cfg["round"])
-    batches = client_batches(  # positions into x: the simulation's order of these samples
-        own, int(data["seed"]), round_idx, client_id, int(recipe["local_epochs"]),
-        int(recipe["batch_size"]), positions=True,
-    )
-    if client_id in json.loads(str(cfg["slow"])):  # a straggler of the participation policy:
-        # the simulation's share of its local steps
-        work = float(cfg["straggler-work"])
-        batches = batches[: max(1, int(math.floor(work * len(batches) + 1e-9)))]
-    augmentation = paper_augmentation(data["dataset"]) if data["augment"] == "paper" else None
-
-    def transform(xb: Tensor, r: int, c: int, step: int) -> Tensor:
-        return augment_batch(augmentation, xb, int(data["seed"]), r, c, step)
-
-    plan = RoundPlan(
-        round=round_idx, clients=[ClientPlan(client_id, len(y), batches)],
-        transform=None if augmentation is None else transform,
-        num_clients=int(cfg["num_clients"]),  # total_samples: absent until every node answered
-        total_samples=int(cfg["total_samples"]) if "total_samples" in cfg else None,
-    )
+    plan = _client_plan(cfg, recipe, client_id, own)
     (result,) = SequentialEngine().run_round(
         algorithm, net, global_params, buffers, plan, (x, y), float(cfg["lr"]),
         float(recipe["momentum"]), float(recipe["weight_decay"]),

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fl_lightning.engine import RoundPlan
+from fl_lightning.protocol import RoundPlan
 from fl_lightning.systems._common import STREAM_PARTICIPATION, generator, positive_share, ratio
 
 __all__ = ["Participation", "split_participation"]

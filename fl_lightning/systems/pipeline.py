@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, Params
-from fl_lightning.engine import RoundPlan
+from fl_lightning.protocol import RoundPlan, RoundSystems
 from fl_lightning.systems._common import (
     STREAM_ATTACK,
     STREAM_COMPRESSION,
@@ -51,35 +50,10 @@ def has_weighted_average(algorithm: Algorithm) -> bool:
     return algorithm.server_rule == "mean"
 
 
-@dataclass
-class RoundSystems:
-    """What the systems mechanisms decided in a round (also its logged metrics).
-
-    Attributes:
-        round: index of the round.
-        seed: the data seed (every draw is a pure function of it, the round and the client).
-        sampled: ids of all sampled clients, before dropouts (secure aggregation's participants).
-        dropped: sampled clients that dropped out before training.
-        stragglers: sampled clients that ran only part of their local steps.
-        expected_clients: clients sampled per round (DP's fixed denominator ``m``).
-        sample_rate: ``m / N`` (the DP accountant's sampling rate).
-        metrics: what is logged for the round (``stragglers``, ``dropped_clients``, ...).
-    """
-
-    round: int
-    seed: int
-    sampled: list[int]
-    dropped: list[int] = field(default_factory=list)
-    stragglers: list[int] = field(default_factory=list)
-    expected_clients: int = 1
-    sample_rate: float = 1.0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
 class Systems:
     """Unreliable, curious and malicious participants around any algorithm's round.
 
-    Order within a round (``RoundLoop.run_round``): dropouts and stragglers change the round
+    Order within a round (``FederatedRound.run``): dropouts and stragglers change the round
     plan (:class:`Participation`); malicious clients train on flipped labels (data-level
     attacks); after local training, each reporting client's update ``Delta_k = w_k - w_g``
     goes through the update-level attack (malicious clients only), then compression, then DP

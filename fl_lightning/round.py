@@ -1,0 +1,449 @@
+"""``FederatedRound``: one communication round, written once for ``fit``, DDP and Flower.
+
+A round has five named phases, each a method that reads and writes one :class:`RoundState`:
+
+1. :meth:`FederatedRound.plan`: the source (the data module) samples the round's clients and
+   the batches each one trains on (pure functions of the seed, the round and the client); the
+   systems mechanisms drop and slow clients; under DDP this rank keeps its share;
+2. :meth:`FederatedRound.train`: the client engine trains the planned clients from the global
+   weights and returns one :class:`~fl_lightning.protocol.ClientResult` per client (a client
+   it got no result from, e.g. a lost Flower node, is a participation dropout); under DDP an
+   all-gather gives every rank every client's result when the round needs them all;
+3. :meth:`FederatedRound.screen`: clients whose weights or loss are not finite are handled by
+   the ``on_nonfinite`` policy (:func:`screen_nonfinite`);
+4. :meth:`FederatedRound.combine`: the one entry point that turns the kept results into the
+   aggregate: DDP's single all-reduce of the weighted mean, the systems pipeline, or the
+   algorithm's own server rule (after committing each kept client's new state);
+5. :meth:`FederatedRound.publish`: the server update on ``w_global - aggregate``, the BatchNorm
+   statistics, the :class:`~fl_lightning.protocol.RoundResult` and the ``on_round_end`` hooks.
+
+The round reads nothing of Lightning: what it needs is handed over once as a
+:class:`RoundContext` (``FederatedModule`` builds it; the Flower ServerApp builds the same one
+with :class:`~fl_lightning.flower.FlowerEngine` as the engine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fl_lightning.algorithms.base import Algorithm, finish_round
+from fl_lightning.distributed import (
+    allgather_results,
+    allreduce_average,
+    local_plan,
+    rank_shares,
+)
+from fl_lightning.engine import ClientEngine, average_buffers, stack_losses
+from fl_lightning.protocol import (
+    ClientResult,
+    GatherCost,
+    LocalOptim,
+    Params,
+    RoundPlan,
+    RoundResult,
+    RoundSystems,
+)
+from fl_lightning.systems import Systems
+
+__all__ = [
+    "DivergenceError",
+    "FederatedRound",
+    "RoundContext",
+    "RoundSource",
+    "RoundState",
+    "finite_flags",
+    "screen_nonfinite",
+]
+
+
+class DivergenceError(RuntimeError):
+    """A client's local training produced NaN or infinite weights."""
+
+
+class RoundSource(Protocol):
+    """What the plan and train phases read of the population and its data.
+
+    :class:`~fl_lightning.data.module.FederatedDataModule` is one; on a Flower server, where no
+    training data exists, :class:`~fl_lightning.flower.NodePopulation` is another.
+    """
+
+    num_clients: int
+    seed: int
+
+    def round_plan(
+        self, round_idx: int, clients_per_round: int, local_epochs: int, batch_size: int,
+        device: torch.device | str | None = None,
+    ) -> RoundPlan:
+        """The sampled clients of round ``round_idx`` and their per-step batches."""
+        ...
+
+    def train_tensors(
+        self, device: torch.device | str, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor] | None:
+        """The training set ``(x, y)`` on ``device`` (``None``: not on this process).
+
+        A source that returns tensors also has ``client_indices`` (one index tensor per
+        client), which data-level attacks read."""
+        ...
+
+
+@dataclass
+class RoundContext:
+    """Everything a round needs, handed over once.
+
+    Attributes:
+        source: the population and its data (:class:`RoundSource`).
+        algorithm: the federated algorithm (local direction, client state, server rule).
+        engine: the client engine that trains the planned clients.
+        net: the global model (its parameters are the global weights).
+        server_update: steps the server optimizer on ``w - aggregate`` for an aggregate.
+        local_optim: the local optimizer of a round, from the round's index.
+        clients_per_round: clients sampled per round.
+        local_epochs: passes over its data each client makes.
+        batch_size: the local mini-batch size.
+        num_classes: classes of the task (label-flipping attacks).
+        device: where the round plan, the training data and gathered results live.
+        dtype: the training data's floating dtype.
+        systems: the systems mechanisms (inactive by default).
+        on_nonfinite: ``raise`` or ``skip_client`` (:func:`screen_nonfinite`).
+        world_size: DDP processes (1: one process).
+        rank: this process's DDP rank.
+        needs_client_results: a callback reads every client's result (under DDP every rank
+            then receives all of them).
+        on_round_end: called with the round's result after the server update (the callbacks'
+            ``on_round_end`` hooks).
+    """
+
+    source: RoundSource
+    algorithm: Algorithm
+    engine: ClientEngine
+    net: nn.Module
+    server_update: Callable[[Params], None]
+    local_optim: Callable[[int], LocalOptim]
+    clients_per_round: int
+    local_epochs: int
+    batch_size: int
+    num_classes: int
+    device: torch.device
+    dtype: torch.dtype
+    systems: Systems = field(default_factory=Systems)
+    on_nonfinite: Literal["raise", "skip_client"] = "raise"
+    world_size: int = 1
+    rank: int = 0
+    needs_client_results: bool = False
+    on_round_end: Callable[[RoundResult], None] | None = None
+
+
+@dataclass
+class RoundState:
+    """One round as it goes through the phases (each phase fills its part).
+
+    Attributes:
+        round: index of the round, from 0.
+        optim: the round's local optimizer.
+        plan: the clients this process trains (after dropouts; under DDP this rank's share).
+        sampled: ``(client_id, num_samples)`` of every sampled client, before dropouts.
+        systems: the systems record of the round (``None`` without systems mechanisms).
+        shares: under DDP, the plan positions each rank trains (``None``: one process).
+        reduce: the round combines by one DDP all-reduce of the weighted mean.
+        global_before: the global weights sent to the clients.
+        buffers: the global model's buffers.
+        results: the clients' results (after screen: the kept ones).
+        lost: planned clients the engine got no result from (dropouts).
+        finite: whether each result's weights and loss are finite.
+        skipped: ids of clients left out by the ``on_nonfinite`` policy.
+        aggregate: the combined weights (``None``: no client reported, no server step).
+        train_loss: mean training loss of the kept clients (``None``: not known yet).
+        gather_cost: what the DDP all-gather moved (``None``: none this round).
+    """
+
+    round: int
+    optim: LocalOptim
+    plan: RoundPlan
+    sampled: list[tuple[int, int]]
+    systems: RoundSystems | None
+    shares: list[list[int]] | None
+    reduce: bool
+    global_before: Params
+    buffers: Params
+    results: list[ClientResult] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    finite: list[bool] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    aggregate: Params | None = None
+    train_loss: Tensor | None = None
+    gather_cost: GatherCost | None = None
+
+
+def finite_flags(results: Sequence[ClientResult]) -> list[bool]:
+    """Whether each client's weights and loss are all finite, with one host sync per round
+    (one ``foreach`` norm over every client's tensors; a NaN or inf entry makes a norm
+    non-finite)."""
+    if not results:
+        return []
+    tensors = [t for r in results for t in r.params.values()]
+    per = len(results[0].params)
+    norms = torch.stack(torch._foreach_norm(tensors)).view(len(results), per)
+    losses = torch.stack([r.loss.detach().to(norms.device, norms.dtype) for r in results])
+    ok = torch.isfinite(norms).all(dim=1) & torch.isfinite(losses)
+    return ok.tolist()
+
+
+def screen_nonfinite(
+    results: Sequence[ClientResult], round_idx: int, on_nonfinite: str, local_lr: float, *,
+    finite: Sequence[bool] | None = None, num_bad: int | None = None,
+    num_all: int | None = None,
+) -> tuple[list[ClientResult], list[int]]:
+    """The screen phase's policy for clients with NaN/inf weights or loss.
+
+    Args:
+        results: the round's client results.
+        round_idx: the round (from 0; messages count from 1).
+        on_nonfinite: ``raise`` (stop) or ``skip_client`` (leave them out unless all are).
+        local_lr: the configured local learning rate (named in the message).
+        finite: :func:`finite_flags` of ``results`` (computed here if not given).
+        num_bad: under DDP, non-finite clients over every rank (so every rank decides alike).
+        num_all: under DDP, clients over every rank.
+
+    Returns:
+        ``(kept results, ids of the skipped clients)``.
+
+    Raises:
+        DivergenceError: with ``raise`` if any client is not finite, with ``skip_client`` if
+            none is.
+    """
+    finite = finite_flags(results) if finite is None else finite
+    bad = [r for r, ok in zip(results, finite, strict=True) if not ok]
+    num_bad = len(bad) if num_bad is None else num_bad
+    num_all = len(results) if num_all is None else num_all
+    if not num_bad:
+        return list(results), []
+    shown = round_idx + 1  # rounds are counted from 1 in messages, metrics and checkpoints
+    where = (
+        f"client {bad[0].client_id} produced non-finite weights in round {shown} "
+        f"(mean local loss {float(bad[0].loss):.4g})" if bad
+        else f"{num_bad} client(s) of another rank produced non-finite weights in round "
+        f"{shown}"
+    )
+    if on_nonfinite == "skip_client" and num_bad < num_all:
+        kept = [r for r, ok in zip(results, finite, strict=True) if ok]
+        return kept, [r.client_id for r in bad]
+    if on_nonfinite == "skip_client":
+        where = f"every client diverged in round {shown} (first: {where})"
+    raise DivergenceError(
+        f"{where}: lower --model.local_lr (now {local_lr}) or the algorithm's "
+        "strength, or set --model.on_nonfinite skip_client to leave such clients out; "
+        "the checkpoints written so far are kept"
+    )
+
+
+class FederatedRound:
+    """Runs communication rounds: ``plan -> train -> screen -> combine -> publish``.
+
+    Args:
+        context: what every round needs (:class:`RoundContext`).
+
+    Example:
+        >>> from fl_lightning.module import FederatedModule
+        >>> from fl_lightning.data.module import FederatedDataModule
+        >>> dm = FederatedDataModule(dataset="digits", num_clients=4)
+        >>> module = FederatedModule(num_classes=10, input_shape=(1, 8, 8)).attach(dm)
+        >>> module.round.needs_all_results()
+        False
+    """
+
+    def __init__(self, context: RoundContext) -> None:
+        self.context = context
+
+    def needs_all_results(self) -> bool:
+        """Whether, under DDP, every rank needs every client's result (not just the weighted
+        mean of the weights): the algorithm keeps client state (every rank then commits every
+        kept client's state, so each rank's store is the full one and any rank can train any
+        client) or has its own server rule, or a systems mechanism acts on each update, or a
+        callback reads every client's result (``needs_client_results``: its measurement on
+        one rank's clients alone would be wrong)."""
+        ctx = self.context
+        return (
+            ctx.systems.active or bool(ctx.algorithm.client_state)
+            or ctx.algorithm.server_rule != "mean" or ctx.needs_client_results
+        )
+
+    def run(self, round_idx: int) -> RoundResult:
+        """One communication round; returns what it produced (also given to the hooks)."""
+        state = self.plan(round_idx)
+        self.train(state)
+        self.screen(state)
+        self.combine(state)
+        return self.publish(state)
+
+    # ------------------------------------------------------------------ phases
+    def plan(self, round_idx: int) -> RoundState:
+        """Sample and plan the round; apply dropouts and stragglers; keep this rank's share.
+
+        Reads the source, the systems mechanisms, the world size and rank, the global model;
+        writes ``optim``, ``plan``, ``sampled``, ``systems``, ``shares``, ``reduce``,
+        ``global_before`` and ``buffers``.
+        """
+        ctx = self.context
+        plan = ctx.source.round_plan(
+            round_idx, ctx.clients_per_round, ctx.local_epochs, ctx.batch_size, ctx.device
+        )
+        sampled = [(c.client_id, c.num_samples) for c in plan.clients]
+        info = None
+        if ctx.systems.active:
+            plan, info = ctx.systems.begin_round(plan, ctx.source.seed, ctx.clients_per_round)
+            plan = _mark_stragglers(plan, info, ctx.systems)
+        shares = rank_shares(plan, ctx.world_size) if ctx.world_size > 1 else None
+        if shares is not None:  # DDP: this rank trains its balanced share of the clients
+            plan = local_plan(plan, ctx.rank, ctx.world_size)
+        return RoundState(
+            round=round_idx, optim=ctx.local_optim(round_idx), plan=plan, sampled=sampled,
+            systems=info, shares=shares,
+            reduce=shares is not None and not self.needs_all_results(),
+            global_before={k: p.detach().clone() for k, p in ctx.net.named_parameters()},
+            buffers={k: b.detach() for k, b in ctx.net.named_buffers()},
+        )
+
+    def train(self, state: RoundState) -> None:
+        """Train the planned clients with the engine; collect every rank's results if needed.
+
+        Reads ``plan``, ``optim``, ``global_before``, ``buffers``, the training data; writes
+        ``results``, ``lost`` (recorded as dropouts) and ``gather_cost``.
+        """
+        ctx = self.context
+        data = ctx.source.train_tensors(ctx.device, ctx.dtype)
+        if data is not None and state.systems is not None:
+            data = ctx.systems.training_data(
+                data, ctx.source.client_indices, ctx.source.seed, ctx.num_classes
+            )
+        opt = state.optim
+        results = ctx.engine.run_round(
+            ctx.algorithm, ctx.net, state.global_before, state.buffers, state.plan, data,
+            opt.lr, opt.momentum, opt.weight_decay,
+        )
+        reported = {r.client_id for r in results}
+        state.lost = [c.client_id for c in state.plan.clients if c.client_id not in reported]
+        if state.lost and state.shares is not None:
+            raise RuntimeError(
+                f"the engine returned no result for clients {state.lost} under DDP: every rank "
+                "must report every client of its share"
+            )
+        if state.systems is not None:
+            state.systems.dropped.extend(state.lost)
+        if state.shares is not None and not state.reduce:
+            # every rank gets every client's result, in plan order: the rest of the round is
+            # then exactly the one-process round, computed identically on every rank (each
+            # commits every kept client's state, so every rank holds the full state store)
+            results, state.gather_cost = allgather_results(results, state.shares, ctx.device)
+        state.results = results
+
+    def screen(self, state: RoundState) -> None:
+        """Apply the ``on_nonfinite`` policy (:func:`screen_nonfinite`) to the results.
+
+        Reads ``results``; writes ``finite``, and ``results`` (the kept ones) and ``skipped``.
+        Under a DDP all-reduce the decision needs every rank's counts, which come with the
+        combine's one all-reduce: it is taken there, with the same policy.
+        """
+        state.finite = finite_flags(state.results)
+        if not state.reduce:
+            state.results, state.skipped = self._screen(state)
+
+    def combine(self, state: RoundState) -> None:
+        """The one entry point from the kept results to the aggregate.
+
+        DDP all-reduce: one flat all-reduce gives every rank the same weighted mean, loss
+        and counts (then the screen's decision). Systems mechanisms: the kept clients' state
+        is committed and the pipeline combines their (attacked, compressed, clipped, masked)
+        updates. Otherwise the algorithm commits the kept clients' state and applies its server
+        rule. Reads ``results``, ``systems``, ``plan``; writes ``aggregate`` (``None`` when no
+        client reported) and, under DDP, ``train_loss``.
+        """
+        ctx = self.context
+        if state.reduce:
+            kept = [r for r, ok in zip(state.results, state.finite, strict=True) if ok]
+            state.aggregate, state.train_loss, num_bad, num_all = allreduce_average(
+                state.global_before, kept, len(state.results) - len(kept)
+            )
+            state.results, state.skipped = self._screen(state, num_bad, num_all)
+            return
+        if not state.results:  # every planned client was lost: no server step this round
+            return
+        if state.systems is not None:
+            # only the kept clients' new state is committed: a skipped client leaves no trace
+            for r in state.results:
+                ctx.algorithm.commit_client(r)
+            state.aggregate = ctx.systems.aggregate(
+                ctx.algorithm, state.global_before, state.results, state.systems,
+                ctx.source.num_clients, state.plan.total_samples,
+            )
+        else:
+            state.aggregate = finish_round(
+                ctx.algorithm, state.global_before, state.results,
+                num_clients=state.plan.num_clients, total_samples=state.plan.total_samples,
+            )
+
+    def publish(self, state: RoundState) -> RoundResult:
+        """Step the server, set the BatchNorm statistics, build and announce the result.
+
+        Reads ``aggregate`` and ``results``; calls the context's ``server_update`` and
+        ``on_round_end``.
+        """
+        ctx = self.context
+        if state.aggregate is not None:
+            ctx.server_update(state.aggregate)
+        average_buffers(ctx.net, state.results)  # BatchNorm running statistics, per client
+        global_after = {k: p.detach().clone() for k, p in ctx.net.named_parameters()}
+        if state.train_loss is not None:
+            loss = state.train_loss
+        elif state.results:
+            loss = stack_losses(state.results)
+        else:
+            loss = torch.full((), float("nan"))
+        info = state.systems
+        result = RoundResult(
+            round=state.round,
+            lr=state.optim.lr,
+            client_ids=[r.client_id for r in state.results],
+            client_sizes=[r.num_samples for r in state.results],
+            clients=state.results,
+            global_before=state.global_before,
+            aggregate=state.global_before if state.aggregate is None else state.aggregate,
+            global_after=global_after,
+            train_loss=loss,
+            skipped_clients=state.skipped,
+            systems=info.metrics if info is not None else {},
+            sampled=state.sampled,
+            stragglers=list(info.stragglers) if info is not None else [],
+            dropped=list(info.dropped) if info is not None else list(state.lost),
+            gather_cost=state.gather_cost,
+        )
+        if ctx.on_round_end is not None:
+            ctx.on_round_end(result)
+        return result
+
+    def _screen(
+        self, state: RoundState, num_bad: int | None = None, num_all: int | None = None
+    ) -> tuple[list[ClientResult], list[int]]:
+        ctx = self.context
+        return screen_nonfinite(
+            state.results, state.round, ctx.on_nonfinite, ctx.local_optim(0).lr,
+            finite=state.finite, num_bad=num_bad, num_all=num_all,
+        )
+
+
+def _mark_stragglers(plan: RoundPlan, info: RoundSystems, systems: Systems) -> RoundPlan:
+    """``plan`` with each straggler's :attr:`ClientPlan.work` set to the participation's
+    ``straggler_work`` (its batches are already cut; an engine whose clients plan their own
+    batches sends the share)."""
+    if systems.participation is None or not info.stragglers:
+        return plan
+    slow, work = set(info.stragglers), systems.participation.straggler_work
+    clients = [dataclasses.replace(c, work=work) if c.client_id in slow else c
+               for c in plan.clients]
+    return dataclasses.replace(plan, clients=clients)
