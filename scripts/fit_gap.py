@@ -1,0 +1,169 @@
+"""The "fails to fit" measurements on the FedProx paper's convex synthetic family.
+
+Runs (through ``fl-lightning-grid``, so every cell resumes or is skipped once finished) the
+sweeps of ``docs/analysis.md`` with ``configs/fedprox/fit_gap.yaml``: the settled gap
+``F(w) - F*`` to the exact global optimum and the late oscillation, for FedAvg, SCAFFOLD and
+FedSoL, as functions of
+
+* heterogeneity: Synthetic(a, a), a in 0, 0.25, 0.5, 1, 2 (E = 20, lr 0.003);
+* local epochs: E in 5, 20, 50 on Synthetic(1, 1) (lr 0.003);
+* learning rate: lr in 0.001, 0.003, 0.01 on Synthetic(1, 1) (E = 20);
+
+then writes ``<out>.csv`` (one row per run: the tail statistics GlobalObjective and
+GlobalOscillation logged), ``<out>.md`` and ``<out>.png`` (three panels, mean gap over the last
+20% of rounds with a bar of +- its standard deviation over those rounds).
+
+Usage (from the repository root)::
+
+    python scripts/fit_gap.py --runs runs/fit_gap --out docs/figures/fit_gap/fit_gap
+    python scripts/fit_gap.py --runs runs/fit_gap --out docs/figures/fit_gap/fit_gap --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+ALGORITHMS = ("fedavg", "scaffold", "fedsol")
+HETEROGENEITY = ("0", "0.25", "0.5", "1", "2")
+EPOCHS = ("5", "20", "50")
+LRS = ("0.001", "0.003", "0.01")
+BASE_E, BASE_LR, BASE_A = "20", "0.003", "1"
+
+
+def sweeps() -> list[tuple[str, str, str, str]]:
+    """``(sweep, alpha, E, lr)`` of every run (the centre point is shared)."""
+    out = [("heterogeneity", a, BASE_E, BASE_LR) for a in HETEROGENEITY]
+    out += [("epochs", BASE_A, e, BASE_LR) for e in EPOCHS if e != BASE_E]
+    out += [("lr", BASE_A, BASE_E, lr) for lr in LRS if lr != BASE_LR]
+    return out
+
+
+def _folder(runs: str, alpha: str, epochs: str, lr: str) -> str:
+    return os.path.join(runs, f"E{epochs}_lr{lr}")
+
+
+def run_grid(runs: str, alpha: str, epochs: str, lr: str, seeds: str, report_only: bool) -> None:
+    cmd = [
+        sys.executable, "-m", "fl_lightning.grid", "--base", "configs/fedprox/fit_gap.yaml",
+        "--algorithms", ",".join(ALGORITHMS), "--settings", f"synthetic:{alpha}:{alpha}",
+        "--seeds", seeds, "--rounds", "100", "--eval-every", "10", "--checkpoint-every", "100",
+        "--runs", _folder(runs, alpha, epochs, lr),
+        "--out", os.path.join(_folder(runs, alpha, epochs, lr), f"table_a{alpha}"),
+        "--extra", f"--model.local_epochs {epochs} --model.local_lr {lr}",
+    ]
+    if report_only:
+        cmd.append("--report-only")
+    subprocess.run(cmd, check=False)
+
+
+def collect(runs: str) -> list[dict]:
+    rows = []
+    for sweep, alpha, epochs, lr in sweeps():
+        base = _folder(runs, alpha, epochs, lr)
+        for alg in ALGORITHMS:
+            pattern = os.path.join(base, f"synthetic_natural_{alpha}_{alpha}", alg, "seed*")
+            for cell in sorted(glob.glob(pattern)):
+                if not os.path.isfile(os.path.join(cell, "result.json")):
+                    continue
+                version = sorted(glob.glob(os.path.join(cell, "fl", "version_*")))[-1]
+                obj = json.load(open(os.path.join(version, "analysis", "objective.json")))
+                osc_path = os.path.join(version, "analysis", "oscillation.json")
+                osc = json.load(open(osc_path))["history"] if os.path.isfile(osc_path) else []
+                last = [r for r in osc if "radius" in r]
+                final = json.load(open(os.path.join(cell, "result.json")))["final"]
+                tail = obj["tail"]
+                rows.append({
+                    "sweep": sweep, "alpha_beta": alpha, "local_epochs": epochs, "lr": lr,
+                    "algorithm": alg, "seed": os.path.basename(cell)[4:],
+                    "F_star": obj["optimum"]["loss"],
+                    "F_star_grad_norm": obj["optimum"]["grad_norm"],
+                    "gap_tail_mean": tail.get("gap_tail_mean"),
+                    "gap_tail_std": tail.get("gap_tail_std"),
+                    "gap_tail_range": tail.get("gap_tail_range"),
+                    "radius": last[-1]["radius"] if last else None,
+                    "straightness": last[-1]["straightness"] if last else None,
+                    "test_acc": final.get("test_acc"),
+                })
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def write(rows: list[dict], out: str) -> None:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    keys = list(rows[0]) if rows else ["sweep"]
+    with open(out + ".csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    shown = ["sweep", "alpha_beta", "local_epochs", "lr", "algorithm", "F_star",
+             "gap_tail_mean", "gap_tail_std", "gap_tail_range", "radius", "straightness",
+             "test_acc"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in shown) + " |" for r in rows]
+    with open(out + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    plot(rows, out + ".png")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    from fl_lightning import plotting
+
+    panels = [("heterogeneity", "alpha_beta", "alpha = beta"),
+              ("epochs", "local_epochs", "local epochs E"),
+              ("lr", "lr", "local learning rate")]
+    fig, axes = plotting.subplots(3, width=4.0, height=3.2)
+    for ax, (sweep, key, label) in zip(axes, panels, strict=True):
+        for alg in ALGORITHMS:
+            pts = [r for r in rows if r["algorithm"] == alg and (
+                r["sweep"] == sweep or (r["sweep"] == "heterogeneity" and r["alpha_beta"] == BASE_A
+                                        and sweep != "heterogeneity"))]
+            pts = [r for r in pts if r["gap_tail_mean"] is not None]
+            pts.sort(key=lambda r: float(r[key]))
+            if not pts:
+                continue
+            x = [float(r[key]) for r in pts]
+            y = [max(r["gap_tail_mean"], 1e-12) for r in pts]
+            err = [r["gap_tail_std"] for r in pts]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=alg)
+        ax.set_xlabel(label)
+        ax.set_ylabel("settled gap F(w) - F*")
+        ax.set_yscale("log")
+        if sweep != "heterogeneity":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("gap to the exact global optimum, mean +- std over the last 20% of rounds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default="runs/fit_gap")
+    p.add_argument("--out", default="docs/figures/fit_gap/fit_gap")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    for _, alpha, epochs, lr in sweeps():
+        run_grid(args.runs, alpha, epochs, lr, args.seeds, args.report_only)
+    rows = collect(args.runs)
+    write(rows, args.out)
+    print(f"fit_gap: {len(rows)} runs; wrote {args.out}.csv, {args.out}.md, {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()
