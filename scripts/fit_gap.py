@@ -1,7 +1,8 @@
 """The "fails to fit" measurements on the FedProx paper's convex synthetic family.
 
-Runs (through ``fl-lightning-grid``, so every cell resumes or is skipped once finished) the
-sweeps of ``docs/analysis.md`` with ``configs/fedprox/fit_gap.yaml``: the settled gap
+Runs (in one process, with ``fl-lightning-grid``'s cell commands and folders, so a finished
+cell is skipped and a rerun of the script completes the rest) the sweeps of
+``docs/analysis.md`` with ``configs/fedprox/fit_gap.yaml``: the settled gap
 ``F(w) - F*`` to the exact global optimum and the late oscillation, for FedAvg, SCAFFOLD and
 FedSoL, as functions of
 
@@ -26,8 +27,8 @@ import csv
 import glob
 import json
 import os
-import subprocess
 import sys
+import time
 
 ALGORITHMS = ("fedavg", "scaffold", "fedsol")
 HETEROGENEITY = ("0", "0.25", "0.5", "1", "2")
@@ -48,18 +49,42 @@ def _folder(runs: str, alpha: str, epochs: str, lr: str) -> str:
     return os.path.join(runs, f"E{epochs}_lr{lr}")
 
 
-def run_grid(runs: str, alpha: str, epochs: str, lr: str, seeds: str, report_only: bool) -> None:
-    cmd = [
-        sys.executable, "-m", "fl_lightning.grid", "--base", "configs/fedprox/fit_gap.yaml",
-        "--algorithms", ",".join(ALGORITHMS), "--settings", f"synthetic:{alpha}:{alpha}",
-        "--seeds", seeds, "--rounds", "100", "--eval-every", "10", "--checkpoint-every", "100",
-        "--runs", _folder(runs, alpha, epochs, lr),
-        "--out", os.path.join(_folder(runs, alpha, epochs, lr), f"table_a{alpha}"),
-        "--extra", f"--model.local_epochs {epochs} --model.local_lr {lr}",
-    ]
-    if report_only:
-        cmd.append("--report-only")
-    subprocess.run(cmd, check=False)
+def run_cells(runs: str, alpha: str, epochs: str, lr: str, seeds: str, report_only: bool,
+              rounds: int = 100, algorithms: tuple[str, ...] = ALGORITHMS) -> None:
+    """Run the cells of one sweep point, in this process (one interpreter start for the whole
+    sweep), with ``fl-lightning-grid``'s commands and folders; finished cells are skipped."""
+    from fl_lightning import grid
+    from fl_lightning.cli import main as cli_main
+
+    args = argparse.Namespace(
+        base="configs/fedprox/fit_gap.yaml", runs=_folder(runs, alpha, epochs, lr),
+        data_dir="data", rounds=rounds, eval_every=10, checkpoint_every=rounds,
+        extra=f"--model.local_epochs {epochs} --model.local_lr {lr}",
+    )
+    setting = grid.parse_setting(f"synthetic:{alpha}:{alpha}")
+    for seed in (int(v) for v in seeds.split(",") if v):
+        for alg in algorithms:
+            cell = grid.Cell(alg, setting, seed)
+            folder = cell.folder(args.runs)
+            done = os.path.join(folder, "result.json")
+            if os.path.isfile(done) or report_only:
+                continue
+            os.makedirs(folder, exist_ok=True)
+            cmd = grid.cell_command(cell, args)[3:]  # from "fit" on
+            start = time.time()
+            try:
+                cli_main(cmd)
+                rc = 0
+            except SystemExit as stop:
+                rc = int(stop.code or 0)
+            final = sorted(glob.glob(os.path.join(folder, "fl", "version_*",
+                                                  "final_metrics.json")))
+            result = {"rc": rc, "seconds": time.time() - start, "cmd": ["fl-lightning", *cmd]}
+            if rc == 0 and final:
+                result["final"] = json.load(open(final[-1]))
+                json.dump(result, open(done, "w"), indent=2)
+            print(f"fit_gap: {alg} alpha={alpha} E={epochs} lr={lr} seed {seed}: rc={rc} "
+                  f"{result['seconds']:.0f}s", flush=True)
 
 
 def collect(runs: str) -> list[dict]:
@@ -157,9 +182,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="docs/figures/fit_gap/fit_gap")
     p.add_argument("--seeds", default="0")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--rounds", type=int, default=100,
+                   help="rounds per run (100: the documented sweep; fewer only to smoke-test)")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    p.add_argument("--sweep", default="all", choices=["all", "heterogeneity", "epochs", "lr"])
     args = p.parse_args(argv)
-    for _, alpha, epochs, lr in sweeps():
-        run_grid(args.runs, alpha, epochs, lr, args.seeds, args.report_only)
+    sys.argv = sys.argv[:1]  # the in-process fl-lightning runs get their own arguments
+    algorithms = tuple(a for a in args.algorithms.split(",") if a)
+    for sweep, alpha, epochs, lr in sweeps():
+        if args.sweep in ("all", sweep):
+            run_cells(args.runs, alpha, epochs, lr, args.seeds, args.report_only, args.rounds,
+                      algorithms)
     rows = collect(args.runs)
     write(rows, args.out)
     print(f"fit_gap: {len(rows)} runs; wrote {args.out}.csv, {args.out}.md, {args.out}.png")
