@@ -47,6 +47,11 @@ class HeterogeneityFloor(ClientOptimaProbe):
     Logs the probe's metrics plus ``global_loss``, ``gap``, and with ``curvature``
     ``mu``, ``L``, ``bound_lower``, ``bound_upper`` under ``floor/``.
 
+    With ``exact=true`` and ``l2`` (the run's ``weight_decay``) the optima are exact
+    (:class:`~callbacks.ClientOptimaProbe`) and ``F`` includes ``l2/2 ||w||^2``; probing every
+    client then gives the exact floor ``F* - sum_k p_k f_k*`` together with
+    :class:`~callbacks.GlobalObjective`'s ``F*``.
+
     Cost: the probe's, plus one loss pass per probed client, plus with ``curvature``
     ``2 * curvature_iter`` Hessian-vector products over each probed client's data.
 
@@ -77,9 +82,13 @@ class HeterogeneityFloor(ClientOptimaProbe):
         criterion: Any = None,
         curvature: bool = False,
         curvature_iter: int = 20,
+        exact: bool = False,
+        l2: float = 0.0,
+        newton_max_params: int = 2000,
     ) -> None:
         super().__init__(every_n_rounds, clients, num_clients, lr, momentum, max_steps,
-                         grad_tol, loss_tol, batch_size, seed, criterion)
+                         grad_tol, loss_tol, batch_size, seed, criterion, exact, l2,
+                         newton_max_params)
         self.curvature = bool(curvature)
         self.curvature_iter = self._int(
             curvature_iter, "--trainer.callbacks.HeterogeneityFloor.curvature_iter"
@@ -109,6 +118,9 @@ class HeterogeneityFloor(ClientOptimaProbe):
                     )
                     ls.append(float(top[0]))
                     mus.append(float(low[0]))
+        if self.l2:
+            flat = torch.cat([v.detach().reshape(-1).double() for v in params.values()])
+            global_loss += 0.5 * self.l2 * float(flat @ flat)
         metrics["global_loss"] = global_loss
         metrics["gap"] = global_loss - metrics["opt_loss"]
         if self.curvature:

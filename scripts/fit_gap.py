@@ -34,6 +34,7 @@ ALGORITHMS = ("fedavg", "scaffold", "fedsol")
 HETEROGENEITY = ("0", "0.25", "0.5", "1", "2")
 EPOCHS = ("5", "20", "50")
 LRS = ("0.001", "0.003", "0.01")
+# the heterogeneity sweep runs first, so its floor runs come before the other sweeps' rows
 BASE_E, BASE_LR, BASE_A = "20", "0.003", "1"
 
 
@@ -50,9 +51,12 @@ def _folder(runs: str, alpha: str, epochs: str, lr: str) -> str:
 
 
 def run_cells(runs: str, alpha: str, epochs: str, lr: str, seeds: str, report_only: bool,
-              rounds: int = 100, algorithms: tuple[str, ...] = ALGORITHMS) -> None:
+              rounds: int = 100, algorithms: tuple[str, ...] = ALGORITHMS,
+              floor: bool = False) -> None:
     """Run the cells of one sweep point, in this process (one interpreter start for the whole
-    sweep), with ``fl-lightning-grid``'s commands and folders; finished cells are skipped."""
+    sweep), with ``fl-lightning-grid``'s commands and folders; finished cells are skipped.
+    With ``floor`` the first algorithm's run also measures the exact heterogeneity floor
+    (``configs/fedprox/fit_gap_floor.yaml``: it depends on the data only)."""
     from fl_lightning import grid
     from fl_lightning.cli import main as cli_main
 
@@ -71,6 +75,9 @@ def run_cells(runs: str, alpha: str, epochs: str, lr: str, seeds: str, report_on
                 continue
             os.makedirs(folder, exist_ok=True)
             cmd = grid.cell_command(cell, args)[3:]  # from "fit" on
+            if floor and alg == algorithms[0]:
+                at = cmd.index("configs/fedprox/fit_gap.yaml") + 1
+                cmd[at:at] = ["--config", "configs/fedprox/fit_gap_floor.yaml"]
             start = time.time()
             try:
                 cli_main(cmd)
@@ -89,6 +96,7 @@ def run_cells(runs: str, alpha: str, epochs: str, lr: str, seeds: str, report_on
 
 def collect(runs: str) -> list[dict]:
     rows = []
+    floors: dict[str, list] = {}  # alpha -> the floor probe's history (one run per alpha has it)
     for sweep, alpha, epochs, lr in sweeps():
         base = _folder(runs, alpha, epochs, lr)
         for alg in ALGORITHMS:
@@ -101,6 +109,11 @@ def collect(runs: str) -> list[dict]:
                 osc_path = os.path.join(version, "analysis", "oscillation.json")
                 osc = json.load(open(osc_path))["history"] if os.path.isfile(osc_path) else []
                 last = [r for r in osc if "radius" in r]
+                floor_path = os.path.join(version, "analysis", "floor.json")
+                probe = (json.load(open(floor_path))["history"] if os.path.isfile(floor_path)
+                         else floors.get(alpha, []))
+                if probe:
+                    floors[alpha] = probe
                 final = json.load(open(os.path.join(cell, "result.json")))["final"]
                 tail = obj["tail"]
                 rows.append({
@@ -108,6 +121,9 @@ def collect(runs: str) -> list[dict]:
                     "algorithm": alg, "seed": os.path.basename(cell)[4:],
                     "F_star": obj["optimum"]["loss"],
                     "F_star_grad_norm": obj["optimum"]["grad_norm"],
+                    "floor": (obj["optimum"]["loss"] - probe[-1]["opt_loss"]) if probe else None,
+                    "spread_V": probe[-1]["spread_V"] if probe else None,
+                    "optima_converged": probe[-1]["converged"] if probe else None,
                     "gap_tail_mean": tail.get("gap_tail_mean"),
                     "gap_tail_std": tail.get("gap_tail_std"),
                     "gap_tail_range": tail.get("gap_tail_range"),
@@ -131,8 +147,9 @@ def write(rows: list[dict], out: str) -> None:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    shown = ["sweep", "alpha_beta", "local_epochs", "lr", "algorithm", "F_star",
-             "gap_tail_mean", "gap_tail_std", "gap_tail_range", "radius", "straightness",
+    shown = ["sweep", "alpha_beta", "local_epochs", "lr", "algorithm", "F_star", "floor",
+             "spread_V", "gap_tail_mean", "gap_tail_std", "gap_tail_range", "radius",
+             "straightness",
              "test_acc"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in shown) + " |" for r in rows]
@@ -192,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     for sweep, alpha, epochs, lr in sweeps():
         if args.sweep in ("all", sweep):
             run_cells(args.runs, alpha, epochs, lr, args.seeds, args.report_only, args.rounds,
-                      algorithms)
+                      algorithms, floor=sweep == "heterogeneity")
     rows = collect(args.runs)
     write(rows, args.out)
     print(f"fit_gap: {len(rows)} runs; wrote {args.out}.csv, {args.out}.md, {args.out}.png")

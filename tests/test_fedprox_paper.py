@@ -347,3 +347,28 @@ def test_grid_settings_for_the_fedprox_paper():
     assert level.options()[-2:] == ["--model.participation.straggler_ratio", "0.9"]
     with pytest.raises(SystemExit):
         parse_setting("synthetic:-1:1")
+
+
+def test_exact_client_optima_give_the_floor():
+    from fl_lightning.callbacks import HeterogeneityFloor
+
+    dm = FederatedDataModule(dataset="synthetic", partition="natural", num_clients=4, seed=1)
+    module = FederatedModule(net=LogisticRegression, num_classes=10, input_shape=(1, 1, 60),
+                             weight_decay=0.5).attach(dm)
+    dm.setup("fit")
+    # L-BFGS stalls near 1e-8 (float64 line search); 1e-7 bounds f_k*'s error by
+    # g^2 / (2 l2) = 1e-14
+    floor = HeterogeneityFloor(num_clients=4, exact=True, l2=0.5, grad_tol=1e-7,
+                               newton_max_params=0, max_steps=200)
+    objective = GlobalObjective(optimum=True)
+    floor.validate()
+    objective.validate()
+    params = {k: v.detach() for k, v in module.net.named_parameters()}
+    got = floor.measure(module, params)
+    assert got["converged"] == 1.0 and got["grad_norm_max"] < 1e-7
+    f_star = objective.solve(module)["loss"]
+    # every f_k* <= f_k(w*), so sum p_k f_k* <= F*; distinct optima make the floor positive
+    assert 0.0 < f_star - got["opt_loss"] < got["global_loss"] - got["opt_loss"]
+    assert got["spread_V"] > 0
+    at_opt = floor.measure(module, {k: v.float() for k, v in objective.opt_params.items()})
+    assert abs(at_opt["global_loss"] - f_star) < 1e-5  # F(w*) (float32 pass) = F*
