@@ -9,7 +9,9 @@
        python docs/plot_fedprox.py extract --runs runs/fedprox --csv docs/results_fedprox/curves.csv
 
 2. Draw the figure (rows: 0 / 50 / 90 % stragglers; columns: the datasets; mean over seeds with a
-   band of +- one standard deviation) and the table of final values::
+   band of +- one standard deviation) and the table (mean (sample std) over seeds of the final
+   training loss and test accuracy, the best test accuracy, the mean test accuracy of the last
+   20 rounds, and the largest training loss after round 50: the instability)::
 
        python docs/plot_fedprox.py plot --csv docs/results_fedprox/curves.csv \\
            --out docs/figures/fedprox/figure1
@@ -133,7 +135,8 @@ def plot(path: str, out: str) -> None:
 
 def table(data, path: str) -> None:
     lines = ["| setting | stragglers | algorithm | seeds | rounds | final train loss | "
-             "final test acc (%) | best test acc (%) |", "|---|---|---|---|---|---|---|---|"]
+             "final test acc (%) | best test acc (%) | test acc, mean of the last 20 rounds (%) | "
+             "largest train loss after round 50 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for dataset in DATASETS:
         for level in LEVELS:
             for alg in ALGORITHMS:
@@ -144,10 +147,14 @@ def table(data, path: str) -> None:
                 loss = _mean_std([c[max(c)][0] for c in seeds.values()])
                 acc = _mean_std([100 * c[max(c)][1] for c in seeds.values()])
                 best = _mean_std([100 * max(v[1] for v in c.values()) for c in seeds.values()])
+                tail = _mean_std([100 * sum(c[r][1] for r in sorted(c)[-20:]) / 20
+                                  for c in seeds.values()])
+                peak = _mean_std([max(c[r][0] for r in c if r > 50) for c in seeds.values()])
                 lines.append(
                     f"| {TITLES[dataset]} | {100 * float(level):g}% | {LABELS[alg]} | "
                     f"{len(seeds)} | {min(last)} | {loss[0]:.3f} ({loss[1]:.3f}) | "
-                    f"{acc[0]:.2f} ({acc[1]:.2f}) | {best[0]:.2f} ({best[1]:.2f}) |")
+                    f"{acc[0]:.2f} ({acc[1]:.2f}) | {best[0]:.2f} ({best[1]:.2f}) | "
+                    f"{tail[0]:.2f} ({tail[1]:.2f}) | {peak[0]:.2f} ({peak[1]:.2f}) |")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 

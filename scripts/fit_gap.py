@@ -116,6 +116,7 @@ def collect(runs: str) -> list[dict]:
                     floors[alpha] = probe
                 final = json.load(open(os.path.join(cell, "result.json")))["final"]
                 tail = obj["tail"]
+                gaps = {int(r["round"]): r["gap"] for r in obj["history"] if "gap" in r}
                 rows.append({
                     "sweep": sweep, "alpha_beta": alpha, "local_epochs": epochs, "lr": lr,
                     "algorithm": alg, "seed": os.path.basename(cell)[4:],
@@ -124,6 +125,8 @@ def collect(runs: str) -> list[dict]:
                     "floor": (obj["optimum"]["loss"] - probe[-1]["opt_loss"]) if probe else None,
                     "spread_V": probe[-1]["spread_V"] if probe else None,
                     "optima_converged": probe[-1]["converged"] if probe else None,
+                    "gap_r50": gaps.get(50),
+                    "gap_r80": gaps.get(80),
                     "gap_tail_mean": tail.get("gap_tail_mean"),
                     "gap_tail_std": tail.get("gap_tail_std"),
                     "gap_tail_range": tail.get("gap_tail_range"),
@@ -148,9 +151,8 @@ def write(rows: list[dict], out: str) -> None:
         w.writeheader()
         w.writerows(rows)
     shown = ["sweep", "alpha_beta", "local_epochs", "lr", "algorithm", "F_star", "floor",
-             "spread_V", "gap_tail_mean", "gap_tail_std", "gap_tail_range", "radius",
-             "straightness",
-             "test_acc"]
+             "spread_V", "gap_r50", "gap_r80", "gap_tail_mean", "gap_tail_std",
+             "gap_tail_range", "radius", "straightness", "test_acc"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in shown) + " |" for r in rows]
     with open(out + ".md", "w") as fh:
