@@ -452,6 +452,7 @@ def exact_minimum(
     max_iter: int = 100,
     newton_max_params: int = 2000,
     l2: float = 0.0,
+    weights: Sequence[float] | None = None,
 ) -> tuple[Params, dict[str, float]]:
     """``argmin_w L(w) + l2/2 ||w||^2`` (``L`` of :func:`weighted_loss` over all ``batches``),
     in float64, to ``||grad|| < tol``.
@@ -470,6 +471,9 @@ def exact_minimum(
     separable data with ``l2 = 0`` the loss runs towards 0 with growing weights, and the
     gradient test may pass at a point that is no minimum: use ``l2 > 0`` there.
 
+    ``weights`` (one per batch) replaces the default ``|b| / sum |c|``, e.g. ``1 / K`` for the
+    batches of ``K`` clients: the unweighted mean of the client losses.
+
     Returns:
         ``(w*, info)`` with ``info``: ``loss`` (``L(w*)``), ``grad_norm``, ``iterations``,
         ``converged`` (1.0 when ``grad_norm < tol``).
@@ -478,7 +482,8 @@ def exact_minimum(
     data = [(x.to(torch.float64) if x.is_floating_point() else x, y) for x, y in batches]
     buffers = {k: (b.to(torch.float64) if b.is_floating_point() else b)
                for k, b in buffers.items()}
-    weights = normalize_weights([len(y) for _, y in data], len(data))
+    if weights is None:  # every sample counts once: the mean loss over all batches
+        weights = normalize_weights([len(y) for _, y in data], len(data))
 
     def objective(flat: Tensor) -> Tensor:
         value = weighted_loss(net, unflatten(flat, like), buffers, data, criterion, weights)

@@ -94,9 +94,14 @@ def run_cells(runs: str, alpha: str, epochs: str, lr: str, seeds: str, report_on
                   f"{result['seconds']:.0f}s", flush=True)
 
 
+#: ``(alpha, E, lr, algorithm) -> [(round, gap)]`` of the runs :func:`collect` read.
+curves: dict[tuple[str, str, str, str], list[tuple[int, float]]] = {}
+
+
 def collect(runs: str) -> list[dict]:
     rows = []
     floors: dict[str, list] = {}  # alpha -> the floor probe's history (one run per alpha has it)
+    curves.clear()
     for sweep, alpha, epochs, lr in sweeps():
         base = _folder(runs, alpha, epochs, lr)
         for alg in ALGORITHMS:
@@ -117,6 +122,7 @@ def collect(runs: str) -> list[dict]:
                 final = json.load(open(os.path.join(cell, "result.json")))["final"]
                 tail = obj["tail"]
                 gaps = {int(r["round"]): r["gap"] for r in obj["history"] if "gap" in r}
+                curves[(alpha, epochs, lr, alg)] = sorted(gaps.items())
                 rows.append({
                     "sweep": sweep, "alpha_beta": alpha, "local_epochs": epochs, "lr": lr,
                     "algorithm": alg, "seed": os.path.basename(cell)[4:],
@@ -158,6 +164,31 @@ def write(rows: list[dict], out: str) -> None:
     with open(out + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     plot(rows, out + ".png")
+    plot_curves(out + "_curves.png")
+
+
+def plot_curves(path: str) -> None:
+    """``F(w_t) - F*`` against the round, one panel per heterogeneity level (E = 20, lr 0.003)."""
+    import matplotlib.pyplot as plt
+
+    from fl_lightning import plotting
+
+    fig, axes = plotting.subplots(len(HETEROGENEITY), width=3.2, height=3.0)
+    for ax, alpha in zip(axes, HETEROGENEITY, strict=True):
+        for alg in ALGORITHMS:
+            pts = curves.get((alpha, BASE_E, BASE_LR, alg))
+            if pts:
+                ax.plot([r for r, _ in pts], [max(g, 1e-12) for _, g in pts], label=alg, lw=1)
+        ax.set_yscale("log")
+        ax.set_title(f"Synthetic({alpha},{alpha})", fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylabel("F(w_t) - F*")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -195,6 +226,35 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def unweighted_reference(alpha: str, seed: int = 0, l2: float = 1.0) -> dict[str, float]:
+    """``F(u*) - F*``: how far above ``F*`` (the size-weighted objective) the minimizer ``u*`` of
+    the unweighted mean ``1/K sum_k f_k + l2/2 ||w||^2`` of the device objectives sits (both
+    exact, float64). A method whose server combines the devices with equal weights somewhere
+    (SCAFFOLD's control variate ``c = 1/N sum_i c_i``) settles there, not at ``F*``."""
+    import torch
+
+    from fl_lightning.callbacks.functional import exact_minimum, weighted_loss
+    from fl_lightning.data.module import FederatedDataModule
+    from fl_lightning.models import LogisticRegression
+
+    dm = FederatedDataModule(dataset="synthetic", partition="natural", num_clients=30,
+                             synthetic_alpha=float(alpha), synthetic_beta=float(alpha), seed=seed)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    net = LogisticRegression(10, dm.input_shape)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    batches = [(dm.train_x[p], dm.train_y[p]) for p in dm.client_indices]
+    w_star, info = exact_minimum(net, params, {}, batches, l2=l2)
+    u_star, info_u = exact_minimum(net, params, {}, batches, l2=l2,
+                                   weights=[1 / len(batches)] * len(batches))
+    data = [(x.double(), y) for x, y in batches]
+    flat = torch.cat([v.reshape(-1) for v in u_star.values()])
+    f_u = float(weighted_loss(net, u_star, {}, data)) + 0.5 * l2 * float(flat @ flat)
+    return {"F_star": info["loss"], "F_of_unweighted_min": f_u,
+            "unweighted_gap": f_u - info["loss"],
+            "converged": min(info["converged"], info_u["converged"])}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="runs/fit_gap")
@@ -205,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="rounds per run (100: the documented sweep; fewer only to smoke-test)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS))
     p.add_argument("--sweep", default="all", choices=["all", "heterogeneity", "epochs", "lr"])
+    p.add_argument("--reference", action="store_true",
+                   help="also write <out>_reference.md: F(u*) - F* for every alpha (u* the "
+                   "minimizer of the unweighted mean of the device objectives)")
     args = p.parse_args(argv)
     sys.argv = sys.argv[:1]  # the in-process fl-lightning runs get their own arguments
     algorithms = tuple(a for a in args.algorithms.split(",") if a)
@@ -214,6 +277,14 @@ def main(argv: list[str] | None = None) -> None:
                       algorithms, floor=sweep == "heterogeneity")
     rows = collect(args.runs)
     write(rows, args.out)
+    if args.reference:
+        lines = ["| alpha = beta | F* | F(u*) | F(u*) - F* |", "|---|---|---|---|"]
+        for alpha in HETEROGENEITY:
+            ref = unweighted_reference(alpha)
+            lines.append(f"| {alpha} | {ref['F_star']:.6f} | {ref['F_of_unweighted_min']:.6f} | "
+                         f"{ref['unweighted_gap']:.4f} |")
+        with open(args.out + "_reference.md", "w") as fh:
+            fh.write("\n".join(lines) + "\n")
     print(f"fit_gap: {len(rows)} runs; wrote {args.out}.csv, {args.out}.md, {args.out}.png")
 
 

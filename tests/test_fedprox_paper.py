@@ -224,6 +224,14 @@ def test_exact_minimum_least_squares_closed_form():
     assert info["converged"] == 1.0 and info["grad_norm"] < 1e-10
     assert torch.allclose(w["classifier.weight"], theta[:5].T, atol=1e-9)
     assert torch.allclose(w["classifier.bias"], theta[5], atol=1e-9)
+    # equal weights for the two batches (25 and 35 samples): per-sample weights 1/50 and 1/70
+    w2, _ = exact_minimum(net, params, {}, [(x[:25], y[:25]), (x[25:], y[25:])], half_squares,
+                          tol=1e-10, l2=lam, weights=[0.5, 0.5])
+    s = torch.cat([torch.full((25,), 0.5 / 25), torch.full((35,), 0.5 / 35)]).double()
+    theta2 = torch.linalg.solve(xt.T @ (s[:, None] * xt) + lam * torch.eye(6).double(),
+                                xt.T @ (s[:, None] * target))
+    assert torch.allclose(w2["classifier.bias"], theta2[5], atol=1e-9)
+    assert not torch.allclose(theta2, theta, atol=1e-3)
 
 
 def test_exact_minimum_logistic_newton_and_lbfgs_agree():
