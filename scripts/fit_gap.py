@@ -18,6 +18,7 @@ Usage (from the repository root)::
 
     python scripts/fit_gap.py --runs runs/fit_gap --out docs/figures/fit_gap/fit_gap
     python scripts/fit_gap.py --runs runs/fit_gap --out docs/figures/fit_gap/fit_gap --report-only
+    python scripts/fit_gap.py --out docs/figures/fit_gap/fit_gap --from-csv   # figures from CSVs
 """
 
 from __future__ import annotations
@@ -163,6 +164,27 @@ def write(rows: list[dict], out: str) -> None:
     lines += ["| " + " | ".join(_fmt(r[k]) for k in shown) + " |" for r in rows]
     with open(out + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
+    with open(out + "_curves.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["alpha_beta", "local_epochs", "lr", "algorithm", "round", "gap"])
+        for (alpha, epochs, lr, alg), pts in sorted(curves.items()):
+            w.writerows([alpha, epochs, lr, alg, r, g] for r, g in pts)
+    plot(rows, out + ".png")
+    plot_curves(out + "_curves.png")
+
+
+def from_csv(out: str) -> None:
+    """Redraw ``<out>.png`` and ``<out>_curves.png`` from ``<out>.csv`` and ``<out>_curves.csv``
+    (the committed files), without the runs."""
+    with open(out + ".csv", newline="") as fh:
+        rows = [{k: (None if v == "" else (v if k in ("sweep", "alpha_beta", "local_epochs", "lr",
+                                                        "algorithm", "seed") else float(v)))
+                 for k, v in r.items()} for r in csv.DictReader(fh)]
+    curves.clear()
+    with open(out + "_curves.csv", newline="") as fh:
+        for r in csv.DictReader(fh):
+            key = (r["alpha_beta"], r["local_epochs"], r["lr"], r["algorithm"])
+            curves.setdefault(key, []).append((int(r["round"]), float(r["gap"])))
     plot(rows, out + ".png")
     plot_curves(out + "_curves.png")
 
@@ -265,11 +287,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="rounds per run (100: the documented sweep; fewer only to smoke-test)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS))
     p.add_argument("--sweep", default="all", choices=["all", "heterogeneity", "epochs", "lr"])
+    p.add_argument("--from-csv", action="store_true",
+                   help="only redraw the figures from <out>.csv and <out>_curves.csv")
     p.add_argument("--reference", action="store_true",
                    help="also write <out>_reference.md: F(u*) - F* for every alpha (u* the "
                    "minimizer of the unweighted mean of the device objectives)")
     args = p.parse_args(argv)
     sys.argv = sys.argv[:1]  # the in-process fl-lightning runs get their own arguments
+    if args.from_csv:
+        from_csv(args.out)
+        print(f"fit_gap: redrew {args.out}.png and {args.out}_curves.png")
+        return
     algorithms = tuple(a for a in args.algorithms.split(",") if a)
     for sweep, alpha, epochs, lr in sweeps():
         if args.sweep in ("all", sweep):
