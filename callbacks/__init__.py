@@ -40,7 +40,7 @@ else:
     from fl_lightning.callbacks.classwise import ClassWiseAccuracy
     from fl_lightning.callbacks.dispersion import ClientUpdateDispersion
     from fl_lightning.callbacks.divergence import WeightDivergence
-    from fl_lightning.callbacks.floor import HeterogeneityFloor
+    from fl_lightning.callbacks.floor import GlobalObjective, HeterogeneityFloor
     from fl_lightning.callbacks.hessian import HessianEigenvalues
     from fl_lightning.callbacks.heterogeneity import HeterogeneityReport
     from fl_lightning.callbacks.knowledge import KnowledgePreservation
@@ -52,6 +52,7 @@ else:
         "ClassWiseAccuracy",
         "ClientOptimaProbe",
         "ClientUpdateDispersion",
+        "GlobalObjective",
         "GlobalOscillation",
         "GradientAlignment",
         "HessianEigenvalues",

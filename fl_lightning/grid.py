@@ -14,8 +14,13 @@ Example (from the repository root; ``DATA_DIR`` holds ``medmnist/pneumoniamnist.
         --rounds 200 --jobs 1 --data-dir DATA_DIR --runs runs/grid --out runs/grid/table
 
 A setting is ``DATASET:PARTITION[:VALUE]``: ``mnist:lda:0.1`` (``--data.alpha 0.1``),
-``mnist:shard:2`` (``--data.shards_per_client 2``), ``mnist:iid``. An algorithm is the name of
-a file in ``configs/algorithms`` (``fedsol``) or the path of any YAML config.
+``mnist:shard:2`` (``--data.shards_per_client 2``), ``mnist:iid``, ``mnist:powerlaw`` (the
+FedProx paper's MNIST devices), or the FedProx paper's synthetic data: ``synthetic:A:B``
+(Synthetic(alpha=A, beta=B), ``--data.partition natural``) and ``synthetic_iid``. An algorithm
+is the name of a file in ``configs/algorithms`` (``fedsol``) or the path of any YAML config.
+``--stragglers 0,0.5,0.9`` adds a straggler level to every setting
+(``--model.participation.straggler_ratio``; the base or algorithm config defines
+``model.participation``, e.g. the FedProx paper's uniform epochs and FedAvg's drop policy).
 
 Config files (``--base`` and the algorithms) are looked up first relative to the current
 folder, then in the ``configs/`` folder of the repository the package was installed from
@@ -62,26 +67,54 @@ class Setting:
     dataset: str
     partition: str
     value: str | None = None
+    stragglers: str | None = None
 
     @property
     def slug(self) -> str:
-        return "_".join(p for p in (self.dataset, self.partition, self.value) if p)
+        value = self.value.replace(":", "_") if self.value else None
+        level = f"s{self.stragglers}" if self.stragglers is not None else None
+        return "_".join(p for p in (self.dataset, self.partition, value, level) if p)
 
     @property
     def label(self) -> str:
         name = {"lda": "LDA alpha", "shard": "shard s"}.get(self.partition)
-        return f"{self.dataset} {name}={self.value}" if name else f"{self.dataset} {self.partition}"
+        if self.dataset == "synthetic":
+            text = f"Synthetic({self.value.replace(':', ',')})"
+        elif self.dataset == "synthetic_iid":
+            text = "Synthetic IID"
+        else:
+            text = (f"{self.dataset} {name}={self.value}" if name
+                    else f"{self.dataset} {self.partition}")
+        if self.stragglers is not None:
+            text += f", {100 * float(self.stragglers):g}% stragglers"
+        return text
 
     def options(self) -> list[str]:
         opts = ["--data.dataset", self.dataset, "--data.partition", self.partition]
-        if self.value is not None:
+        if self.dataset == "synthetic":
+            a, b = self.value.split(":")
+            opts += ["--data.synthetic_alpha", a, "--data.synthetic_beta", b]
+        elif self.value is not None:
             opts += [PARTITION_OPTION[self.partition], self.value]
+        if self.stragglers is not None:
+            opts += ["--model.participation.straggler_ratio", self.stragglers]
         return opts
 
 
 def parse_setting(text: str) -> Setting:
     """``mnist:lda:0.1`` -> ``Setting("mnist", "lda", "0.1")``; exits 2 on a bad spec."""
     parts = text.strip().split(":")
+    if parts == ["synthetic_iid"]:
+        return Setting("synthetic_iid", "natural")
+    if len(parts) == 3 and parts[0] == "synthetic":
+        try:
+            numbers = [float(p) for p in parts[1:]]
+        except ValueError:
+            numbers = [math.nan]
+        if all(math.isfinite(v) and v >= 0 for v in numbers):
+            return Setting("synthetic", "natural", f"{parts[1]}:{parts[2]}")
+    if len(parts) == 2 and parts[1] == "powerlaw":
+        return Setting(parts[0], "powerlaw")
     if len(parts) == 3 and parts[1] in PARTITION_OPTION:
         try:
             number = float(parts[2])
@@ -92,8 +125,9 @@ def parse_setting(text: str) -> Setting:
     if len(parts) == 2 and parts[1] == "iid":
         return Setting(parts[0], "iid")
     _fail(
-        f"--settings entry {text!r} is invalid: use DATASET:lda:ALPHA, DATASET:shard:S or "
-        "DATASET:iid (e.g. pneumoniamnist:lda:0.1)"
+        f"--settings entry {text!r} is invalid: use DATASET:lda:ALPHA, DATASET:shard:S, "
+        "DATASET:iid, mnist:powerlaw, synthetic:ALPHA:BETA (both >= 0) or synthetic_iid "
+        "(e.g. pneumoniamnist:lda:0.1)"
     )
 
 
@@ -360,8 +394,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithms", required=True,
                    help="comma-separated names in configs/algorithms or YAML paths")
     p.add_argument("--settings", required=True,
-                   help="comma-separated DATASET:lda:ALPHA | DATASET:shard:S | DATASET:iid")
+                   help="comma-separated DATASET:lda:ALPHA | DATASET:shard:S | DATASET:iid | "
+                   "mnist:powerlaw | synthetic:ALPHA:BETA | synthetic_iid")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds")
+    p.add_argument("--stragglers", default=None,
+                   help="comma-separated straggler shares, each a setting of its own "
+                   "(--model.participation.straggler_ratio; e.g. 0,0.5,0.9)")
     p.add_argument("--base", default="mnist/fedavg_lda.yaml",
                    help="base config with the learning setup (the algorithm config goes on "
                    "top): a path, or a name in the repository's configs/ folder")
@@ -387,6 +425,16 @@ def main(argv: list[str] | None = None) -> None:
         _algorithm_config(a)
     resolve_config(args.base, "--base")
     settings = [parse_setting(s) for s in args.settings.split(",") if s]
+    if args.stragglers is not None:
+        levels = [v for v in args.stragglers.split(",") if v]
+        for v in levels:
+            try:
+                ok = 0.0 <= float(v) <= 1.0
+            except ValueError:
+                ok = False
+            if not ok:
+                _fail(f"--stragglers entry {v!r} is invalid: use shares in [0, 1], e.g. 0,0.5,0.9")
+        settings = [Setting(s.dataset, s.partition, s.value, v) for s in settings for v in levels]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:

@@ -39,6 +39,10 @@ class FedDyn(StatefulAlgorithm):
     """
 
     name = "feddyn"
+    #: Its gradient-state update ``h_k <- h_k - alpha (w_k - w)`` is the first-order condition
+    #: of an exactly solved local problem; a straggler's partial solution would enter ``h_k``
+    #: for good, so ``straggler_policy partial`` is refused (use ``drop``).
+    partial_work = False
     client_state = ("h_i",)
     server_state = ("h",)
     server_rule = "custom"

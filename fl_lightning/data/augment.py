@@ -203,7 +203,7 @@ def paper_augmentation(dataset: str) -> BatchAugment | None:
     from fl_lightning.data.datasets import dataset_info, normalization
 
     name = dataset_info(dataset).name
-    if name == "digits":
+    if name in ("digits", "synthetic", "synthetic_iid"):
         return None
     mean, std = normalization(name)
     black = tuple(-m / s for m, s in zip(mean, std, strict=True))

@@ -73,6 +73,10 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 RGB32 = tuple(NORMALIZATION)
 
+#: Datasets generated already split into devices (``--data.partition natural``), see
+#: :mod:`fl_lightning.data.natural`: the FedProx paper's synthetic data, 60 features, 10 classes.
+NATURAL = ("synthetic", "synthetic_iid")
+
 _MULTI_LABEL_TASK = "multi-label, binary-class"
 
 
@@ -120,7 +124,7 @@ def _medmnist_flags() -> list[str]:
 
 def available_datasets() -> list[str]:
     """Every name ``load_dataset`` accepts."""
-    return ["digits", "mnist", *RGB32, *_medmnist_flags()]
+    return ["digits", "mnist", *NATURAL, *RGB32, *_medmnist_flags()]
 
 
 def _canonical(name) -> str:
@@ -161,6 +165,8 @@ def dataset_info(name: str) -> DatasetInfo:
         return DatasetInfo("digits", 10, (1, 8, 8))
     if name == "mnist":
         return DatasetInfo("mnist", 10, (1, 28, 28))
+    if name in NATURAL:
+        return DatasetInfo(name, 10, (1, 1, 60))
     if name in RGB32:
         return DatasetInfo(name, 10, (3, 32, 32))
     entry = _medmnist_entry(name)
@@ -227,6 +233,11 @@ def load_dataset(
         raise ConfigError(f"--data.verify_checksums={verify!r} is invalid; use true or false")
     if name == "digits":
         return _load_digits(split)
+    if name in NATURAL:
+        raise ConfigError(
+            f"--data.dataset={name} is generated per device by FederatedDataModule with "
+            "--data.partition natural; it has no files to load"
+        )
     if name == "mnist":
         return _load_mnist(_data_root(name, data_dir), download, split, verify)
     if name in RGB32:

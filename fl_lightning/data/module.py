@@ -13,7 +13,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fl_lightning.data.augment import BatchAugment, paper_augmentation
-from fl_lightning.data.datasets import dataset_info, load_dataset
+from fl_lightning.data.datasets import NATURAL, dataset_info, load_dataset
+from fl_lightning.data.natural import powerlaw_devices, split_devices, synthetic
 from fl_lightning.data.partition import partition_indices
 from fl_lightning.data.plans import augment_batch, augment_draws, epoch_keys, sample_clients
 from fl_lightning.data.ticker import RoundTicker
@@ -23,7 +24,9 @@ from fl_lightning.suggest import did_you_mean
 
 __all__ = ["FederatedDataModule", "RoundAugmentation"]
 
-PARTITIONS = ("iid", "shard", "lda", "dirichlet")
+PARTITIONS = ("iid", "shard", "lda", "dirichlet", "natural", "powerlaw")
+#: Partitions that give every device its own test split (the test set is their union).
+DEVICE_SPLIT = ("natural", "powerlaw")
 AUGMENTATIONS = ("paper", "none")
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -51,8 +54,14 @@ class FederatedDataModule(pl.LightningDataModule):
         num_clients: number of clients the training set is split across.
         partition: ``iid``, ``shard`` (``shards_per_client`` label-sorted shards per client),
             ``lda`` (per class, Dirichlet(``alpha``) shares over the clients; the FedSoL code's
-            procedure) or ``dirichlet`` (per client, Dirichlet(``alpha``) class priors and
-            ``client_size`` samples; pfl-research's CIFAR-10 benchmark procedure).
+            procedure), ``dirichlet`` (per client, Dirichlet(``alpha``) class priors and
+            ``client_size`` samples; pfl-research's CIFAR-10 benchmark procedure),
+            ``natural`` (the dataset arrives split into devices: ``synthetic``,
+            ``synthetic_iid``; one client per device) or ``powerlaw`` (MNIST as in the FedProx
+            paper: train and test images pooled, standardized per pixel, two digits per
+            device with power-law sizes; see :func:`fl_lightning.data.natural.powerlaw_devices`).
+            With ``natural`` and ``powerlaw`` each device's samples are cut 90/10 into train
+            and test, and the global test set is the union of the devices' test samples.
         shards_per_client: ``s`` of the shard partition.
         alpha: concentration of the ``lda`` and ``dirichlet`` partitions (smaller is more
             heterogeneous).
@@ -68,6 +77,9 @@ class FederatedDataModule(pl.LightningDataModule):
             ``none``.
         verify_checksums: check the raw files against the MD5 checksums the libraries ship;
             switch off only for files you produced yourself.
+        synthetic_alpha, synthetic_beta: standard deviations of the priors of
+            Synthetic(alpha, beta) (``u_k ~ N(0, alpha^2)``, ``B_k ~ N(0, beta^2)``); only
+            with ``--data.dataset synthetic``.
 
     Raises:
         ConfigError: for an unknown dataset or partition, or out-of-range numbers.
@@ -84,7 +96,7 @@ class FederatedDataModule(pl.LightningDataModule):
         data_dir: str = "data",
         download: bool = False,
         num_clients: int = 100,
-        partition: Literal["iid", "shard", "lda", "dirichlet"] = "lda",
+        partition: Literal["iid", "shard", "lda", "dirichlet", "natural", "powerlaw"] = "lda",
         shards_per_client: int = 2,
         alpha: float = 0.1,
         client_size: int | None = None,
@@ -94,6 +106,8 @@ class FederatedDataModule(pl.LightningDataModule):
         eval_batch_size: int = 1000,
         augment: Literal["paper", "none"] = "paper",
         verify_checksums: bool = True,
+        synthetic_alpha: float = 1.0,
+        synthetic_beta: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -103,6 +117,22 @@ class FederatedDataModule(pl.LightningDataModule):
                 f"--data.partition={partition!r} is unknown"
                 f"{did_you_mean(str(partition), PARTITIONS, prefix='--data.partition ')}: use one "
                 f"of {', '.join(PARTITIONS)}"
+            )
+        natural = dataset_info(dataset).name in NATURAL
+        if natural and partition != "natural":
+            raise ConfigError(
+                f"--data.partition={partition} is invalid for --data.dataset {dataset}: it is "
+                "generated already split into devices; use --data.partition natural"
+            )
+        if partition == "natural" and not natural:
+            raise ConfigError(
+                f"--data.partition natural is invalid for --data.dataset {dataset}: it arrives "
+                "centralized; use synthetic or synthetic_iid, or a partition such as lda"
+            )
+        if partition == "powerlaw" and dataset_info(dataset).name != "mnist":
+            raise ConfigError(
+                f"--data.partition powerlaw is the FedProx paper's MNIST split (got "
+                f"--data.dataset {dataset}): use --data.dataset mnist or another partition"
             )
         if isinstance(num_clients, bool) or int(num_clients) < 1:
             raise ConfigError(
@@ -157,6 +187,14 @@ class FederatedDataModule(pl.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size)
         self.augment = augment
         self.verify_checksums = verify_checksums
+        if natural:
+            from fl_lightning.data.natural import _prior_std
+
+            _prior_std(synthetic_alpha, "--data.synthetic_alpha")
+            _prior_std(synthetic_beta, "--data.synthetic_beta")
+        self.synthetic_alpha = float(synthetic_alpha)
+        self.synthetic_beta = float(synthetic_beta)
+        self.test_parts: list[Tensor] = []
         self.augmentation: BatchAugment | None = (
             paper_augmentation(dataset) if augment == "paper" else None
         )
@@ -183,6 +221,10 @@ class FederatedDataModule(pl.LightningDataModule):
                 load_dataset(self.dataset, self.data_dir, True, split, self.verify_checksums)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.partition in DEVICE_SPLIT:
+            if self.train_x is None:
+                self._setup_devices()
+            return
         if self.test_x is None:
             self.test_x, self.test_y = load_dataset(
                 self.dataset, self.data_dir, False, "test", self.verify_checksums
@@ -208,6 +250,31 @@ class FederatedDataModule(pl.LightningDataModule):
                     f"--data.num_clients={self.num_clients} leaves client {empty[0]} without "
                     f"data under --data.partition={self.partition}: use fewer clients"
                 )
+
+    def _setup_devices(self) -> None:
+        """Natural and power-law data: every device's train and test samples at once."""
+        if self.partition == "natural":
+            data = synthetic(self.synthetic_alpha, self.synthetic_beta,
+                             self.dataset == "synthetic_iid", self.num_clients, self.seed)
+            x_tr, x_te = data.train_x, data.test_x
+        else:
+            x_all, y_all = _pooled_mnist(self.data_dir, self.download, self.verify_checksums)
+            parts = powerlaw_devices(y_all, self.num_clients, seed=self.seed)
+            data = split_devices([x_all[p] for p in parts], [y_all[p] for p in parts], self.seed)
+            x_tr, x_te = data.train_x, data.test_x
+        shape = (-1, *self.input_shape)
+        self.train_x = torch.as_tensor(x_tr, dtype=torch.float32).reshape(shape)
+        self.train_y = torch.as_tensor(data.train_y, dtype=torch.long)
+        self.test_x = torch.as_tensor(x_te, dtype=torch.float32).reshape(shape)
+        self.test_y = torch.as_tensor(data.test_y, dtype=torch.long)
+        self.client_indices = [torch.as_tensor(p, dtype=torch.long) for p in data.train_parts]
+        self.test_parts = [torch.as_tensor(p, dtype=torch.long) for p in data.test_parts]
+        empty = [k for k, p in enumerate(self.client_indices) if len(p) == 0]
+        if empty:
+            raise ConfigError(
+                f"--data.num_clients={self.num_clients} leaves device {empty[0]} without "
+                f"training data under --data.partition={self.partition}: use fewer devices"
+            )
 
     def train_dataloader(self) -> RoundTicker:
         trainer = self.trainer
@@ -370,6 +437,22 @@ class FederatedDataModule(pl.LightningDataModule):
             round=round_idx, clients=clients, transform=transform,
             num_clients=self.num_clients, total_samples=sum(self.client_sizes),
         )
+
+
+def _pooled_mnist(data_dir: str, download: bool, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST's train and test images pooled (70,000, as the official FedProx script's
+    ``MNIST original``), each pixel standardized over the pool: ``(p - mean) / (std + 0.001)``
+    on the 0..255 scale, as ``generate_niid.py`` does."""
+    from fl_lightning.data.datasets import MNIST_MEAN, MNIST_STD
+
+    xs, ys = [], []
+    for split in ("train", "test"):
+        x, y = load_dataset("mnist", data_dir, download, split, verify)
+        xs.append(np.rint((x.numpy().reshape(len(y), -1) * MNIST_STD + MNIST_MEAN) * 255.0))
+        ys.append(y.numpy())
+    raw = np.concatenate(xs).astype(np.float32)
+    mean, std = raw.mean(0), raw.std(0)
+    return (raw - mean) / (std + 0.001), np.concatenate(ys).astype(np.int64)
 
 
 class _Slices(Dataset):

@@ -96,6 +96,13 @@ def build_run(config_path: str, args: str, rounds: int):
                 f"--model.{option} is not supported by the Flower apps: they run "
                 "--model.participation only (see docs/deployment.md for Flower's own mods)"
             )
+    part = systems.participation
+    if part is not None and part.straggler_epochs != "fixed" and part.straggler_policy != "drop":
+        raise FederationError(
+            f"--model.participation.straggler_epochs={part.straggler_epochs} with partial work "
+            "is not supported by the Flower apps (a node cuts its steps by the fixed "
+            "straggler_work share): use straggler_epochs fixed, or straggler_policy drop"
+        )
     recipe = {
         "algorithm": _plain(cfg.model.algorithm),
         "net": _plain(cfg.model.net),

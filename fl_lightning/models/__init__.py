@@ -5,10 +5,12 @@ The last child module of every model is its classifier head (FedSoL's head/body 
 
 from fl_lightning.models.base import FederatedNet
 from fl_lightning.models.cnn import FedAvgCNN
+from fl_lightning.models.linear import LogisticRegression
 from fl_lightning.models.mlp import MLP2NN
 from fl_lightning.models.pfl_cnn import PflSimpleCNN
 from fl_lightning.models.resnet import ResNet18
 from fl_lightning.models.vgg import VGG11
 from fl_lightning.models.vit import SLViT
 
-__all__ = ["MLP2NN", "FedAvgCNN", "FederatedNet", "PflSimpleCNN", "ResNet18", "SLViT", "VGG11"]
+__all__ = ["MLP2NN", "FedAvgCNN", "FederatedNet", "LogisticRegression", "PflSimpleCNN",
+           "ResNet18", "SLViT", "VGG11"]

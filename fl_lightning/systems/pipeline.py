@@ -139,6 +139,8 @@ class Systems:
 
     def check(self, algorithm: Algorithm, clients_per_round: int) -> None:
         """Reject combinations that are not well defined (one ``ConfigError`` line)."""
+        if self.participation is not None:
+            self.participation.check(algorithm, clients_per_round)
         if not has_weighted_average(algorithm):
             for option, value in (
                 ("aggregator", self.aggregator), ("privacy", self.privacy),
