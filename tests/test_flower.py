@@ -248,3 +248,17 @@ def test_flower_federation_matches_simulation_and_drops_a_killed_supernode(tmp_p
         # and the killed client dropped from the same rounds
         sim = _simulate(tmp_path / f"sim-{name}", args, rounds, dropped)
         _assert_same(_final(tmp_path / name), sim, name)
+
+
+@pytest.mark.parametrize("bad", [
+    ["--model.attack", "fl_lightning.systems.SignFlip"],
+    ["--model.participation", "fl_lightning.systems.Participation",
+     "--model.participation.straggler_ratio", "0.5",
+     "--model.participation.straggler_epochs", "uniform"],
+])
+def test_the_server_refuses_what_the_apps_cannot_run_in_one_line(bad):
+    from fl_lightning.flower.server import FederationError, build_run
+
+    with pytest.raises(FederationError) as err:
+        build_run(str(CONFIG), " ".join(bad), 1)
+    assert "\n" not in str(err.value) and bad[-2].split(".")[-1] in str(err.value)
