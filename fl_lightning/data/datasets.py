@@ -124,14 +124,14 @@ def _medmnist_flags() -> list[str]:
 
 def available_datasets() -> list[str]:
     """Every name ``load_dataset`` accepts."""
-    return ["digits", "mnist", *NATURAL, *RGB32, *_medmnist_flags()]
+    return ["digits", "mnist", *RGB32, *NATURAL, *_medmnist_flags()]
 
 
 def _canonical(name) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(
-            f"--data.dataset={name!r} is invalid; use digits, mnist, cifar10, svhn, cinic10 or "
-            "any MedMNIST 2D flag such as pathmnist"
+            f"--data.dataset={name!r} is invalid; use digits, mnist, cifar10, svhn, cinic10, "
+            "synthetic, synthetic_iid or any MedMNIST 2D flag such as pathmnist"
         )
     return name.strip().lower()
 
