@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fl_lightning import tensors
 from fl_lightning.algorithms.functional import (
     adaptive_radius,
     foreach_add,
@@ -401,13 +402,11 @@ def finish_round(
 
 
 def weighted_mean(global_params: Params, results: Sequence[ClientResult]) -> Params:
-    """``sum_k n_k w_k / sum_k n_k`` over the results, for every entry of ``global_params``."""
-    sizes = torch.tensor([float(r.num_samples) for r in results])
-    weights = (sizes / sizes.sum()).tolist()
-    out: Params = {}
-    for name in global_params:
-        acc = results[0].params[name] * weights[0]
-        for w, r in zip(weights[1:], results[1:], strict=True):
-            acc = acc + r.params[name] * w
-        out[name] = acc
-    return out
+    """``sum_k n_k w_k / sum_k n_k`` over the results, for every entry of ``global_params``
+    (:func:`fl_lightning.tensors.weighted_mean` with :func:`~fl_lightning.tensors.data_weights`
+    of the clients' sample counts, in the default dtype)."""
+    weights = tensors.data_weights([r.num_samples for r in results]).tolist()
+    return {
+        name: tensors.weighted_mean([r.params[name] for r in results], weights)
+        for name in global_params
+    }
