@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, grad_and_value, vjp
 
+from fl_lightning import validate
 from fl_lightning.algorithms.base import (
     Algorithm,
     ClientResult,
@@ -22,8 +23,6 @@ from fl_lightning.algorithms.base import (
     Params,
     ProximalTerm,
     adaptive_radius,
-    check_nonnegative,
-    check_positive,
     cross_entropy,
     foreach_add_,
     foreach_mul,
@@ -122,9 +121,9 @@ class FedSoL(Algorithm):
         local_at: Literal["perturbed", "w"] = "perturbed",
         proximal_at: Literal["w", "perturbed"] = "w",
     ) -> None:
-        self.rho = check_nonnegative("the perturbation strength rho", rho, "--model.algorithm.rho")
-        self.temperature = check_positive(
-            "the KL temperature", temperature, "--model.algorithm.temperature", "the paper uses 3"
+        self.rho = validate.nonnegative(rho, "--model.algorithm.rho", "the perturbation strength")
+        self.temperature = validate.positive(
+            temperature, "--model.algorithm.temperature", "the KL temperature; the paper uses 3"
         )
         self.adaptive = bool(adaptive)
         self.perturb_head = bool(perturb_head)
@@ -156,9 +155,9 @@ class FedSoL(Algorithm):
             self.batchable = proximal.batchable
         self.source = source
         self._features: FeatureCaller | None = None
-        self.proximal_in_update = check_nonnegative(
-            "the weight of the proximal gradient in the update", proximal_in_update,
-            "--model.algorithm.proximal_in_update",
+        self.proximal_in_update = validate.nonnegative(
+            proximal_in_update, "--model.algorithm.proximal_in_update",
+            "the weight of the proximal gradient in the update",
         )
 
     def proximal_gradient(

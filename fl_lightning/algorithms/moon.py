@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fl_lightning import validate
 from fl_lightning.algorithms.base import (
     IGNORE_INDEX,
     ClientResult,
     LocalContext,
     Params,
-    check_nonnegative,
-    check_positive,
     cross_entropy,
     grad_of,
 )
@@ -82,8 +81,8 @@ class MOON(StatefulAlgorithm):
         state_device: str | None = None,
     ) -> None:
         super().__init__(state_device)
-        self.mu = check_nonnegative("the contrastive weight mu", mu, "--model.algorithm.mu")
-        self.tau = check_positive("the temperature tau", tau, "--model.algorithm.tau", "e.g. 0.5")
+        self.mu = validate.nonnegative(mu, "--model.algorithm.mu", "the contrastive weight")
+        self.tau = validate.positive(tau, "--model.algorithm.tau", "the temperature; e.g. 0.5")
         if first_previous not in ("initial", "global"):
             raise ConfigError(
                 f"--model.algorithm.first_previous={first_previous!r} is unknown: use 'initial' "
