@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 from torchmetrics.functional.classification import multiclass_stat_scores
 
+from fl_lightning import tensors
+
 __all__ = [
     "Batch",
     "Criterion",
@@ -48,21 +50,22 @@ Criterion = Callable[[Tensor, Tensor], Tensor]
 
 # ---------------------------------------------------------------------- parameter vectors
 def flatten(params: Mapping[str, Tensor]) -> Tensor:
-    """All entries of ``params`` as one vector, in the dict's order."""
-    return torch.cat([p.reshape(-1) for p in params.values()])
+    """All entries of ``params`` as one vector, in the dict's order
+    (:func:`fl_lightning.tensors.flatten_dict`)."""
+    return tensors.flatten_dict(params)
 
 
 def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
-    """Split a vector made by :func:`flatten` back into tensors shaped as ``like``."""
-    out: Params = {}
-    offset = 0
-    for name, p in like.items():
-        n = p.numel()
-        out[name] = vec[offset:offset + n].view_as(p)
-        offset += n
-    if offset != vec.numel():
-        raise ValueError(f"vector has {vec.numel()} entries, the parameters {offset}")
-    return out
+    """Split a vector made by :func:`flatten` back into tensors shaped as ``like``
+    (:func:`fl_lightning.tensors.unflatten_dict`, views of ``vec``).
+
+    Raises:
+        ValueError: if ``vec`` does not have exactly as many entries as ``like``.
+    """
+    numel = sum(p.numel() for p in like.values())
+    if numel != vec.numel():
+        raise ValueError(f"vector has {vec.numel()} entries, the parameters {numel}")
+    return tensors.unflatten_dict(vec, like)
 
 
 def normalize_weights(sizes: Sequence[float] | None, n: int) -> list[float]:
