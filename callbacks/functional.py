@@ -194,6 +194,24 @@ def lanczos(
     if which not in ("largest", "smallest"):
         raise ValueError(f"which={which!r}: use 'largest' or 'smallest'")
     m = max(1, min(int(num_iter), dim))
+    basis, alphas, betas = _lanczos_basis(matvec, dim, m, seed, dtype, device)
+    size = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if size > 1:
+        off = torch.tensor(betas[: size - 1], dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    evals, evecs = torch.linalg.eigh(t)
+    order = torch.argsort(evals, descending=(which == "largest"))[: min(k, size)]
+    ritz_vectors = basis[:size].T @ evecs[:, order].to(device=device, dtype=dtype)
+    return evals[order].to(dtype), ritz_vectors
+
+
+def _lanczos_basis(
+    matvec: Callable[[Tensor], Tensor], dim: int, m: int, seed: int, dtype: torch.dtype,
+    device: torch.device | str,
+) -> tuple[Tensor, list[float], list[float]]:
+    """:func:`lanczos`'s Krylov basis (``m`` rows, the first ``len(alphas)`` of them filled),
+    the diagonal ``alphas`` and the off-diagonal ``betas`` of ``T``."""
     gen = torch.Generator().manual_seed(int(seed))
     v = torch.randn(dim, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     basis = torch.empty(m, dim, dtype=dtype, device=device)  # one Lanczos vector per row
@@ -218,15 +236,7 @@ def lanczos(
             break
         betas.append(beta)
         basis[j + 1] = w / beta
-    size = len(alphas)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if size > 1:
-        off = torch.tensor(betas[: size - 1], dtype=torch.float64)
-        t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    evals, evecs = torch.linalg.eigh(t)
-    order = torch.argsort(evals, descending=(which == "largest"))[: min(k, size)]
-    ritz_vectors = basis[:size].T @ evecs[:, order].to(device=device, dtype=dtype)
-    return evals[order].to(dtype), ritz_vectors
+    return basis, alphas, betas
 
 
 def hessian_eigenvalues(

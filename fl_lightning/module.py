@@ -125,6 +125,8 @@ class FederatedModule(pl.LightningModule):
         secure_aggregation: SecureAggregation | None = None,
         aggregator: RobustAggregator | None = None,
     ) -> None:
+        """Checks and stores the LightningCLI options (see the class docstring); it is long
+        only because there are 20 of them."""
         super().__init__()
         self.save_hyperparameters(ignore=[
             "net", "algorithm", "server_optimizer", "engine", *_SYSTEMS_OPTIONS,
