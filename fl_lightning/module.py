@@ -147,9 +147,9 @@ class FederatedModule(pl.LightningModule):
         validate.choice(on_nonfinite, "--model.on_nonfinite", ("raise", "skip_client"))
         self.on_nonfinite = on_nonfinite
         if not isinstance(algorithm, Algorithm):
-            raise ConfigError(
-                f"--model.algorithm={type(algorithm).__name__} is not an fl_lightning Algorithm:"
-                " use a class from fl_lightning.algorithms (e.g. fl_lightning.algorithms.FedSoL)"
+            raise validate.invalid(
+                "--model.algorithm", type(algorithm).__name__, "an fl_lightning Algorithm",
+                "a class from fl_lightning.algorithms, e.g. FedSoL",
             )
         self.num_classes = validate.integer(num_classes, "--model.num_classes", 1)
         self.input_shape = tuple(int(v) for v in input_shape)
@@ -264,19 +264,20 @@ class FederatedModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1 and tracked_batchnorms(
             self.net
         ):
-            raise ConfigError(
-                f"--trainer.strategy ddp ({self.trainer.world_size} processes) cannot run "
-                f"--model.net={type(self.net).__name__}: its BatchNorm running statistics are "
-                "kept per client and the all-gather of client results does not carry them yet; "
-                "run it with --trainer.devices 1"
+            raise validate.conflict(
+                f"--trainer.strategy ddp ({self.trainer.world_size} processes)",
+                f"--model.net={type(self.net).__name__}", "its BatchNorm running statistics are "
+                "kept per client and the all-gather of client results does not carry them yet",
+                "run it with --trainer.devices 1",
             )
         self.engine.check(self.algorithm, self.net)
         dm = self.datamodule
         if (dm.num_classes, tuple(dm.input_shape)) != (self.num_classes, self.input_shape):
-            raise ConfigError(
-                f"the model was built for {self.num_classes} classes and inputs "
-                f"{self.input_shape} but --data.dataset={dm.dataset} has {dm.num_classes} and "
-                f"{tuple(dm.input_shape)}: leave --model.num_classes/input_shape to the CLI link"
+            raise validate.conflict(
+                f"--model.num_classes={self.num_classes} --model.input_shape={self.input_shape}",
+                f"--data.dataset={dm.dataset}",
+                f"it has {dm.num_classes} classes and inputs {tuple(dm.input_shape)}",
+                "leave --model.num_classes/input_shape to the CLI link",
             )
         if self.systems.active:
             self.systems.check(self.algorithm, self.clients_per_round(dm.num_clients))
