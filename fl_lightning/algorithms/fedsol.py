@@ -34,7 +34,6 @@ from fl_lightning.algorithms.base import (
     proximal_sources,
 )
 from fl_lightning.algorithms.features import FeatureCaller
-from fl_lightning.errors import ConfigError
 
 __all__ = ["FedSoL", "kl_to_global"]
 
@@ -129,23 +128,17 @@ class FedSoL(Algorithm):
         self.perturb_head = bool(perturb_head)
         self.perturb_body = bool(perturb_body)
         if proximal is not None and not isinstance(proximal, ProximalTerm):
-            raise ConfigError(
-                f"--model.algorithm.proximal={type(proximal).__name__} has no proximal term "
-                "(it does not implement ProximalTerm.proximal_gradient): use one of "
-                f"{', '.join(proximal_sources())}, or leave it unset for the KL to the global "
-                "model"
+            raise validate.invalid(
+                "--model.algorithm.proximal", type(proximal).__name__,
+                "an algorithm with a proximal term (ProximalTerm.proximal_gradient): one of "
+                f"{', '.join(proximal_sources())}", "or unset: the KL to the global model",
             )
-        if source not in ("proximal", "local", "both"):
-            raise ConfigError(
-                f"--model.algorithm.source={source!r} is unknown: use 'proximal' (FedSoL), "
-                "'local' (perturb along the local loss, as SAM does) or 'both' (along their sum)"
-            )
+        validate.choice(source, "--model.algorithm.source", ("proximal", "local", "both"),
+                        "'proximal': FedSoL; 'local': along the local loss, as SAM does; "
+                        "'both': along their sum")
         for option, value in (("local_at", local_at), ("proximal_at", proximal_at)):
-            if value not in ("perturbed", "w"):
-                raise ConfigError(
-                    f"--model.algorithm.{option}={value!r} is unknown: use 'perturbed' "
-                    "(w + eps) or 'w'"
-                )
+            validate.choice(value, f"--model.algorithm.{option}", ("perturbed", "w"),
+                            "'perturbed': at w + eps")
         self.local_at = local_at
         self.proximal_at = proximal_at
         self.proximal = proximal

@@ -19,7 +19,6 @@ from fl_lightning.algorithms.base import (
 )
 from fl_lightning.algorithms.features import FeatureCaller
 from fl_lightning.algorithms.state import StatefulAlgorithm
-from fl_lightning.errors import ConfigError
 
 __all__ = ["MOON", "model_contrastive_loss"]
 
@@ -83,11 +82,8 @@ class MOON(StatefulAlgorithm):
         super().__init__(state_device)
         self.mu = validate.nonnegative(mu, "--model.algorithm.mu", "the contrastive weight")
         self.tau = validate.positive(tau, "--model.algorithm.tau", "the temperature; e.g. 0.5")
-        if first_previous not in ("initial", "global"):
-            raise ConfigError(
-                f"--model.algorithm.first_previous={first_previous!r} is unknown: use 'initial' "
-                "or 'global'"
-            )
+        validate.choice(first_previous, "--model.algorithm.first_previous",
+                        ("initial", "global"))
         self.first_previous = first_previous
         self._caller: FeatureCaller | None = None
 
