@@ -17,7 +17,6 @@ kernels of :mod:`fl_lightning.callbacks.functional` take.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
+from fl_lightning import validate
 from fl_lightning.callbacks.functional import Batch
 from fl_lightning.errors import ConfigError
 from fl_lightning.hooks import RoundResult
@@ -133,10 +133,7 @@ class RoundCallback(pl.Callback):
         Raises:
             ConfigError: otherwise, naming :meth:`option` ``(name)``, the value and the choices.
         """
-        if value not in choices:
-            self.fail(f"{self.option(name)}={value!r} is unknown: use "
-                      f"{', '.join(map(str, choices[:-1]))} or {choices[-1]}")
-        return value
+        return validate.choice(value, self.option(name), choices)
 
     # ------------------------------------------------------------------ the round hook
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
@@ -315,20 +312,11 @@ class RoundCallback(pl.Callback):
 
 
 def _check_int(value: Any, option: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{option}={value!r} is invalid: it must be an integer >= {low}")
-    return value
+    return validate.integer(value, option, low)
 
 
 def _check_positive(value: Any, option: str, allow_zero: bool) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = math.nan
-    if not (math.isfinite(v) and (v >= 0 if allow_zero else v > 0)):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{option}={value!r} is invalid: it must be a finite number {bound}")
-    return v
+    return validate.number(value, option, 0.0, low_open=not allow_zero)
 
 
 # ---------------------------------------------------------------------- data from the module

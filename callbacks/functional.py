@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 from torchmetrics.functional.classification import multiclass_stat_scores
 
+from fl_lightning import tensors
+
 __all__ = [
     "Batch",
     "Criterion",
@@ -49,21 +51,22 @@ Criterion = Callable[[Tensor, Tensor], Tensor]
 
 # ---------------------------------------------------------------------- parameter vectors
 def flatten(params: Mapping[str, Tensor]) -> Tensor:
-    """All entries of ``params`` as one vector, in the dict's order."""
-    return torch.cat([p.reshape(-1) for p in params.values()])
+    """All entries of ``params`` as one vector, in the dict's order
+    (:func:`fl_lightning.tensors.flatten_dict`)."""
+    return tensors.flatten_dict(params)
 
 
 def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
-    """Split a vector made by :func:`flatten` back into tensors shaped as ``like``."""
-    out: Params = {}
-    offset = 0
-    for name, p in like.items():
-        n = p.numel()
-        out[name] = vec[offset:offset + n].view_as(p)
-        offset += n
-    if offset != vec.numel():
-        raise ValueError(f"vector has {vec.numel()} entries, the parameters {offset}")
-    return out
+    """Split a vector made by :func:`flatten` back into tensors shaped as ``like``
+    (:func:`fl_lightning.tensors.unflatten_dict`, views of ``vec``).
+
+    Raises:
+        ValueError: if ``vec`` does not have exactly as many entries as ``like``.
+    """
+    numel = sum(p.numel() for p in like.values())
+    if numel != vec.numel():
+        raise ValueError(f"vector has {vec.numel()} entries, the parameters {numel}")
+    return tensors.unflatten_dict(vec, like)
 
 
 def normalize_weights(sizes: Sequence[float] | None, n: int) -> list[float]:
@@ -192,6 +195,24 @@ def lanczos(
     if which not in ("largest", "smallest"):
         raise ValueError(f"which={which!r}: use 'largest' or 'smallest'")
     m = max(1, min(int(num_iter), dim))
+    basis, alphas, betas = _lanczos_basis(matvec, dim, m, seed, dtype, device)
+    size = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if size > 1:
+        off = torch.tensor(betas[: size - 1], dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    evals, evecs = torch.linalg.eigh(t)
+    order = torch.argsort(evals, descending=(which == "largest"))[: min(k, size)]
+    ritz_vectors = basis[:size].T @ evecs[:, order].to(device=device, dtype=dtype)
+    return evals[order].to(dtype), ritz_vectors
+
+
+def _lanczos_basis(
+    matvec: Callable[[Tensor], Tensor], dim: int, m: int, seed: int, dtype: torch.dtype,
+    device: torch.device | str,
+) -> tuple[Tensor, list[float], list[float]]:
+    """:func:`lanczos`'s Krylov basis (``m`` rows, the first ``len(alphas)`` of them filled),
+    the diagonal ``alphas`` and the off-diagonal ``betas`` of ``T``."""
     gen = torch.Generator().manual_seed(int(seed))
     v = torch.randn(dim, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     basis = torch.empty(m, dim, dtype=dtype, device=device)  # one Lanczos vector per row
@@ -216,15 +237,7 @@ def lanczos(
             break
         betas.append(beta)
         basis[j + 1] = w / beta
-    size = len(alphas)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if size > 1:
-        off = torch.tensor(betas[: size - 1], dtype=torch.float64)
-        t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    evals, evecs = torch.linalg.eigh(t)
-    order = torch.argsort(evals, descending=(which == "largest"))[: min(k, size)]
-    ritz_vectors = basis[:size].T @ evecs[:, order].to(device=device, dtype=dtype)
-    return evals[order].to(dtype), ritz_vectors
+    return basis, alphas, betas
 
 
 def hessian_eigenvalues(

@@ -19,11 +19,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
 
 from fl_lightning import registry
-from fl_lightning.argcheck import check_config_files, explain_parser_error, finite_spellings
 from fl_lightning.cli_help import CompactHelpFormatter
 from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.errors import ConfigError
-from fl_lightning.loop import DivergenceError
 from fl_lightning.module import FederatedModule, Preempted
 from fl_lightning.quiet import quiet_expected_messages
 from fl_lightning.resume import (
@@ -35,8 +33,17 @@ from fl_lightning.resume import (
     shape_mismatch,
     stored_config,
 )
+from fl_lightning.round import DivergenceError
 from fl_lightning.rundir import check_run_dir
 from fl_lightning.trainer_options import check_trainer_options
+from fl_lightning.validate import (
+    check_config_files,
+    choice,
+    explain_parser_error,
+    finite_spellings,
+    integer,
+    invalid,
+)
 
 __all__ = ["FederatedCLI", "main"]
 
@@ -163,7 +170,7 @@ class FederatedCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Check the ``--config`` files and spell ``nan``/``inf`` so options' own checks see
-        them (:mod:`fl_lightning.argcheck`), parse, then apply the output defaults
+        them (:mod:`fl_lightning.validate`), parse, then apply the output defaults
         (:meth:`_apply_output_defaults`)."""
         if args is None or isinstance(args, (list, tuple)):
             raw = [str(a) for a in (sys.argv[1:] if args is None else args)]
@@ -193,10 +200,10 @@ class FederatedCLI(LightningCLI):
         trainer = config.trainer
         precision = str(trainer.get("precision"))
         if precision in ("16-mixed", "16", "16-true"):
-            raise ConfigError(
-                f"--trainer.precision={precision} is not supported: fp16 with per-client "
-                "optimizers gives NaN clients and silently skipped server steps; use 32-true "
-                "or bf16-mixed"
+            raise invalid(
+                "--trainer.precision", precision, "32-true, 64-true or bf16-mixed",
+                "fp16 with per-client optimizers gives NaN clients and silently skipped server "
+                "steps",
             )
         check_trainer_options(trainer)
         rounds, every = trainer.get("max_steps"), trainer.get("val_check_interval")
@@ -204,13 +211,8 @@ class FederatedCLI(LightningCLI):
             # Evaluate at least once, at the last round, instead of failing in Lightning.
             trainer["val_check_interval"] = rounds
         for option in ("checkpoint_every_n_rounds", "keep_last_checkpoints"):
-            value = config.get(option)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{option}={value!r} is invalid: it must be an integer >= 1")
-        if config.get("resume_changes") not in ("error", "apply"):
-            raise ConfigError(
-                f"--resume_changes={config.get('resume_changes')!r} is unknown: use error or apply"
-            )
+            integer(config.get(option), f"--{option}", 1)
+        choice(config.get("resume_changes"), "--resume_changes", ("error", "apply"))
         self._add_default_checkpointing(config)
 
     def _add_default_checkpointing(self, config: Namespace) -> None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fl_lightning.protocol import ClientResult, GatherCost, Params, RoundPlan
+from fl_lightning.tensors import flatten
 
 __all__ = [
     "GatherCost",
@@ -90,7 +91,7 @@ def allreduce_average(
     numel = sum(global_params[k].numel() for k in names)
     flat = torch.zeros(numel + 4, dtype=ref.dtype, device=ref.device)
     for r in results:
-        flat[:numel].add_(torch.cat([r.params[k].reshape(-1) for k in names]),
+        flat[:numel].add_(flatten(r.params[k] for k in names),
                           alpha=float(r.num_samples))
         flat[numel] += float(r.num_samples)
         flat[numel + 1] += r.loss.to(flat.dtype)
@@ -192,7 +193,7 @@ def allgather_results(
         longest = max(sz.get(dt, 0) for _, sz in everyone)
         buf = torch.zeros(longest, dtype=dt, device=device)
         if dt in leaves:
-            buf[:sizes[dt]] = torch.cat([t.reshape(-1).to(device) for t in leaves[dt]])
+            buf[:sizes[dt]] = flatten(t.to(device) for t in leaves[dt])
         parts = [torch.empty_like(buf) for _ in range(world)]
         dist.all_gather(parts, buf)
         itemsize = buf.element_size()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -17,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from fl_lightning import plotting
+from fl_lightning import plotting, validate
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.engine import ClientEngine, SequentialEngine, tracked_batchnorms
@@ -36,6 +35,7 @@ from fl_lightning.systems import (
     SecureAggregation,
     Systems,
 )
+from fl_lightning.tensors import PRECISION_DTYPES
 
 __all__ = ["FederatedModule", "Preempted"]
 
@@ -50,27 +50,9 @@ class Preempted(SIGTERMException):
 
 NetFactory = Callable[[int, Sequence[int]], FederatedNet]
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
-SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed")
 _SYSTEMS_OPTIONS = (
     "participation", "attack", "compressor", "privacy", "secure_aggregation", "aggregator"
 )
-
-
-def _positive_int(value: Any, option: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{option}={value!r} is invalid: it must be an integer >= 1")
-    return value
-
-
-def _number(value: Any, option: str, low: float, high: float, hint: str,
-            above_low: bool = False) -> float:
-    """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``above_low``)."""
-    v = float(value)
-    # an exclusive bound, not ``math.ulp(0.0)``: with flush-to-zero on (torch.set_flush_denormal,
-    # which the benchmarks turn on) that denormal compares equal to 0 and 0 would pass
-    if not (math.isfinite(v) and (low < v if above_low else low <= v) and v <= high):
-        raise ConfigError(f"{option}={value!r} is invalid: {hint}")
-    return v
 
 
 class FederatedModule(pl.LightningModule):
@@ -143,41 +125,33 @@ class FederatedModule(pl.LightningModule):
         secure_aggregation: SecureAggregation | None = None,
         aggregator: RobustAggregator | None = None,
     ) -> None:
+        """Checks and stores the LightningCLI options (see the class docstring); it is long
+        only because there are 20 of them."""
         super().__init__()
         self.save_hyperparameters(ignore=[
             "net", "algorithm", "server_optimizer", "engine", *_SYSTEMS_OPTIONS,
         ])
         self.automatic_optimization = False
-        self.sample_ratio = _number(
-            sample_ratio, "--model.sample_ratio", 0.0, 1.0,
-            "the share of clients sampled per round must be in (0, 1] (e.g. 0.1)", above_low=True,
+        self.sample_ratio = validate.share(
+            sample_ratio, "--model.sample_ratio",
+            "the share of clients sampled per round; e.g. 0.1", low_open=True, high_open=False,
         )
-        self.local_epochs = _positive_int(local_epochs, "--model.local_epochs")
-        self.batch_size = _positive_int(batch_size, "--model.batch_size")
-        self.local_lr = _number(
-            local_lr, "--model.local_lr", 0.0, math.inf, "it must be a finite number >= 0"
-        )
-        self.lr_decay = _number(
-            lr_decay, "--model.lr_decay", 0.0, 1e6, "it must be a number > 0 (e.g. 0.99)",
-            above_low=True,
-        )
-        self.momentum = _number(
-            momentum, "--model.momentum", 0.0, 1.0, "it must be in [0, 1] (the paper uses 0.9)"
-        )
-        self.weight_decay = _number(
-            weight_decay, "--model.weight_decay", 0.0, math.inf, "it must be a finite number >= 0"
-        )
-        if on_nonfinite not in ("raise", "skip_client"):
-            raise ConfigError(
-                f"--model.on_nonfinite={on_nonfinite!r} is unknown: use raise or skip_client"
-            )
+        self.local_epochs = validate.integer(local_epochs, "--model.local_epochs", 1)
+        self.batch_size = validate.integer(batch_size, "--model.batch_size", 1)
+        self.local_lr = validate.nonnegative(local_lr, "--model.local_lr")
+        self.lr_decay = validate.number(lr_decay, "--model.lr_decay", 0.0, 1e6, low_open=True,
+                                        hint="e.g. 0.99")
+        self.momentum = validate.share(momentum, "--model.momentum", "the paper uses 0.9",
+                                       high_open=False)
+        self.weight_decay = validate.nonnegative(weight_decay, "--model.weight_decay")
+        validate.choice(on_nonfinite, "--model.on_nonfinite", ("raise", "skip_client"))
         self.on_nonfinite = on_nonfinite
         if not isinstance(algorithm, Algorithm):
-            raise ConfigError(
-                f"--model.algorithm={type(algorithm).__name__} is not an fl_lightning Algorithm:"
-                " use a class from fl_lightning.algorithms (e.g. fl_lightning.algorithms.FedSoL)"
+            raise validate.invalid(
+                "--model.algorithm", type(algorithm).__name__, "an fl_lightning Algorithm",
+                "a class from fl_lightning.algorithms, e.g. FedSoL",
             )
-        self.num_classes = _positive_int(num_classes, "--model.num_classes")
+        self.num_classes = validate.integer(num_classes, "--model.num_classes", 1)
         self.input_shape = tuple(int(v) for v in input_shape)
         self.net = net(self.num_classes, self.input_shape)
         self.algorithm = algorithm
@@ -285,29 +259,25 @@ class FederatedModule(pl.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        if precision not in SUPPORTED_PRECISION:
-            raise ConfigError(
-                f"--trainer.precision={precision} is not supported: federated local training "
-                f"runs its own optimizers, use one of {', '.join(SUPPORTED_PRECISION)}"
-            )
+        validate.choice(precision, "--trainer.precision", PRECISION_DTYPES,
+                        "federated local training runs its own optimizers")
         if self._trainer is not None and self.trainer.world_size > 1 and tracked_batchnorms(
             self.net
         ):
-            raise ConfigError(
-                f"--trainer.strategy ddp ({self.trainer.world_size} processes) cannot run "
-                f"--model.net={type(self.net).__name__}: its BatchNorm running statistics are "
-                "kept per client and the all-gather of client results does not carry them yet; "
-                "run it with --trainer.devices 1"
+            raise validate.conflict(
+                f"--trainer.strategy ddp ({self.trainer.world_size} processes)",
+                f"--model.net={type(self.net).__name__}", "its BatchNorm running statistics are "
+                "kept per client and the all-gather of client results does not carry them yet",
+                "run it with --trainer.devices 1",
             )
-        check_engine = getattr(self.engine, "check", None)
-        if callable(check_engine):
-            check_engine(self.algorithm, self.net)
+        self.engine.check(self.algorithm, self.net)
         dm = self.datamodule
         if (dm.num_classes, tuple(dm.input_shape)) != (self.num_classes, self.input_shape):
-            raise ConfigError(
-                f"the model was built for {self.num_classes} classes and inputs "
-                f"{self.input_shape} but --data.dataset={dm.dataset} has {dm.num_classes} and "
-                f"{tuple(dm.input_shape)}: leave --model.num_classes/input_shape to the CLI link"
+            raise validate.conflict(
+                f"--model.num_classes={self.num_classes} --model.input_shape={self.input_shape}",
+                f"--data.dataset={dm.dataset}",
+                f"it has {dm.num_classes} classes and inputs {tuple(dm.input_shape)}",
+                "leave --model.num_classes/input_shape to the CLI link",
             )
         if self.systems.active:
             self.systems.check(self.algorithm, self.clients_per_round(dm.num_clients))

@@ -59,6 +59,7 @@ from fl_lightning.algorithms.base import (
     LocalContext,
     ProximalTerm,
     check_server_rule,
+    finish_round,
 )
 from fl_lightning.algorithms.state import StatefulAlgorithm
 from fl_lightning.engine import ClientPlan, RoundPlan, SequentialEngine, average_buffers
@@ -134,10 +135,8 @@ def _run(algorithm: Algorithm, engine: Any, problem: _Problem, rounds: Sequence[
         results = engine.run_round(algorithm, net, gp, buffers, plan, (x, problem.y), LR,
                                    MOMENTUM, WEIGHT_DECAY)
         kept = [res for res in results if _finite(res)]
-        for res in kept:
-            algorithm.commit_client(res)
-        new = algorithm.aggregate(gp, kept, num_clients=plan.num_clients,
-                                  total_samples=plan.total_samples)
+        new = finish_round(algorithm, gp, kept, num_clients=plan.num_clients,
+                           total_samples=plan.total_samples)
         with torch.no_grad():
             for k, p in net.named_parameters():
                 p.copy_(new[k])

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fl_lightning.errors import ConfigError
+from fl_lightning.validate import integer
 
 __all__ = ["UNSUPPORTED", "check_trainer_options"]
 
@@ -66,9 +67,7 @@ def check_trainer_options(trainer: Mapping[str, Any]) -> None:
         if not _allowed(value, allowed):
             raise ConfigError(f"--trainer.{option}={value} is not supported: {why}")
     every = trainer.get("val_check_interval")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ConfigError(
-            f"--trainer.val_check_interval={every} is invalid: it must be a positive integer "
-            "number of rounds (e.g. 10 evaluates the global model every 10 rounds); to skip "
-            "evaluation use --trainer.limit_val_batches 0"
-        )
+    if every is not None:
+        integer(every, "--trainer.val_check_interval", 1,
+                hint="the number of rounds between evaluations: 10 evaluates the global model "
+                "every 10 rounds; to skip evaluation use --trainer.limit_val_batches 0")

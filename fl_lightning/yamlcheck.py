@@ -4,7 +4,7 @@ YAML parsers (PyYAML, and jsonargparse on top of it) keep the last of two equal 
 mapping without a word: a config with ``local_lr: 0.01`` and, further down, ``local_lr: 5.0``
 trains at 5.0, and a second top-level ``model:`` section silently drops the first. The command
 line reads every ``--config`` file with :func:`safe_load_unique` before the parser sees it
-(:func:`fl_lightning.argcheck.check_config_files`), so a repeated key stops the run with one
+(:func:`fl_lightning.validate.check_config_files`), so a repeated key stops the run with one
 line naming the file, the key and both lines.
 """
 

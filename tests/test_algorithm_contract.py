@@ -129,7 +129,8 @@ def test_fast_paths_are_declared_and_reset_by_an_override():
 def test_proximal_sources_are_derived_from_the_registered_classes():
     assert proximal_sources() == ["FedDyn", "FedNTD", "FedNova", "FedProx", "FedSoL", "MOON",
                                   "SCAFFOLD"]
-    with pytest.raises(ConfigError, match="use one of FedDyn, FedNTD, FedNova, FedProx"):
+    with pytest.raises(ConfigError, match="proximal='FedBABU' is invalid: .*one of FedDyn, "
+                       "FedNTD, FedNova, FedProx"):
         FedSoL(proximal=FedBABU())
 
 

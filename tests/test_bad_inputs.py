@@ -144,6 +144,7 @@ CONFIG_FILES = {
                        "  batch_size: 10\n",
     "anchors.yaml": "base: &b {local_lr: 0.02}\nmodel:\n  <<: *b\n  batch_size: 10\n",
 }
+EVERY = "an integer >= 1 (the number of rounds between evaluations"
 CLEAR_MESSAGES = [
     # the rule that failed, not the type
     (["--data.alpha", "nan"], ["--data.alpha=nan", "finite number > 0"]),
@@ -188,10 +189,10 @@ CLEAR_MESSAGES = [
     (["--config", "anchors.yaml"], ["base", "--config anchors.yaml"]),
     # Trainer options the federated loop cannot honour, with what to use instead
     (["--trainer.val_check_interval", "0"],
-     ["--trainer.val_check_interval=0", "positive integer number of rounds"]),
+     ["--trainer.val_check_interval=0", EVERY]),
     (["--trainer.val_check_interval", "0.5"],
-     ["--trainer.val_check_interval=0.5", "positive integer number of rounds"]),
-    (["--trainer.val_check_interval", "-1"], ["positive integer number of rounds"]),
+     ["--trainer.val_check_interval=0.5", EVERY]),
+    (["--trainer.val_check_interval", "-1"], [EVERY]),
     (["--trainer.accumulate_grad_batches", "4"],
      ["--trainer.accumulate_grad_batches=4", "--model.local_epochs"]),
     (["--trainer.gradient_clip_algorithm", "norm"], ["--trainer.gradient_clip_algorithm=norm"]),

@@ -56,10 +56,16 @@ def test_one_weighted_mean_is_the_algorithms_bit_for_bit():
     results = [ClientResult(client_id=i, num_samples=n, params=p, num_steps=1,
                             loss=torch.zeros(()))
                for i, (n, p) in enumerate(zip((3, 10, 7), params, strict=True))]
-    expected = weighted_mean(params[0], results)
+    got = weighted_mean(params[0], results)
     weights = data_weights([3, 10, 7]).tolist()
+    sizes = torch.tensor([3.0, 10.0, 7.0])
+    loop_weights = (sizes / sizes.sum()).tolist()  # the algorithms' former loop, written out
     for k in params[0]:
-        assert torch.equal(mean_of([p[k] for p in params], weights), expected[k])
+        expected = params[0][k] * loop_weights[0]
+        for w, p in zip(loop_weights[1:], params[1:], strict=True):
+            expected = expected + p[k] * w
+        assert torch.equal(got[k], expected)
+        assert torch.equal(mean_of([p[k] for p in params], weights), expected)
     assert data_weights([1, 3], torch.float64).dtype == torch.float64
     flat = flatten_dict(params[0])
     back = unflatten_dict(flat, params[0])

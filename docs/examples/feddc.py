@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fl_lightning import validate
 from fl_lightning.algorithms import StatefulAlgorithm
-from fl_lightning.algorithms.base import ClientResult, LocalContext, Params, check_positive
+from fl_lightning.algorithms.base import ClientResult, LocalContext, Params
 
 
 class FedDC(StatefulAlgorithm):
@@ -48,8 +49,8 @@ class FedDC(StatefulAlgorithm):
 
     def __init__(self, alpha: float = 0.01, state_device: str | None = None) -> None:
         super().__init__(state_device)
-        self.alpha = check_positive("the drift penalty alpha", alpha,
-                                    "--model.algorithm.alpha", "e.g. 0.01")
+        self.alpha = validate.positive(alpha, "--model.algorithm.alpha",
+                                       "the drift penalty; e.g. 0.01")
 
     def init_server(self, global_params: Params) -> None:
         for name in self.server_state:  # zeros, unless loaded from a checkpoint

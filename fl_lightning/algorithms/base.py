@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import inspect
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, Protocol, get_args, runtime_checkable
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fl_lightning import tensors, validate
 from fl_lightning.algorithms.functional import (
     adaptive_radius,
     foreach_add,
@@ -90,23 +90,15 @@ def head_parameter_names(net: nn.Module) -> list[str]:
 
 
 def check_nonnegative(name: str, value: float, option: str) -> float:
-    """``value`` as a float if it is finite and >= 0, else a one-line ``ConfigError``."""
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ConfigError(
-            f"{option}={value!r} is invalid: {name} must be a finite number >= 0 "
-            f"(e.g. {option}=0.1)"
-        )
-    return value
+    """Deprecated: :func:`fl_lightning.validate.nonnegative` with ``name`` (what the option
+    means) as the hint; kept for algorithms written against earlier releases."""
+    return validate.nonnegative(value, option, hint=name)
 
 
 def check_positive(name: str, value: float, option: str, hint: str) -> float:
-    """``value`` as a float if it is finite and > 0, else a one-line ``ConfigError``
-    ending in ``hint`` (e.g. the paper's value)."""
-    value = float(value)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ConfigError(f"{option}={value!r} is invalid: {name} must be > 0 ({hint})")
-    return value
+    """Deprecated: :func:`fl_lightning.validate.positive` with ``name`` (what the option
+    means) and ``hint`` as the hint; kept for algorithms written against earlier releases."""
+    return validate.positive(value, option, hint=f"{name}; {hint}")
 
 
 def real_samples(y: Tensor) -> Tensor:
@@ -401,13 +393,11 @@ def finish_round(
 
 
 def weighted_mean(global_params: Params, results: Sequence[ClientResult]) -> Params:
-    """``sum_k n_k w_k / sum_k n_k`` over the results, for every entry of ``global_params``."""
-    sizes = torch.tensor([float(r.num_samples) for r in results])
-    weights = (sizes / sizes.sum()).tolist()
-    out: Params = {}
-    for name in global_params:
-        acc = results[0].params[name] * weights[0]
-        for w, r in zip(weights[1:], results[1:], strict=True):
-            acc = acc + r.params[name] * w
-        out[name] = acc
-    return out
+    """``sum_k n_k w_k / sum_k n_k`` over the results, for every entry of ``global_params``
+    (:func:`fl_lightning.tensors.weighted_mean` with :func:`~fl_lightning.tensors.data_weights`
+    of the clients' sample counts, in the default dtype)."""
+    weights = tensors.data_weights([r.num_samples for r in results]).tolist()
+    return {
+        name: tensors.weighted_mean([r.params[name] for r in results], weights)
+        for name in global_params
+    }

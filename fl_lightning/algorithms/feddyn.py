@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fl_lightning.algorithms.base import ClientResult, LocalContext, Params, check_positive
+from fl_lightning import validate
+from fl_lightning.algorithms.base import ClientResult, LocalContext, Params
 from fl_lightning.algorithms.state import StatefulAlgorithm
 
 __all__ = ["FedDyn"]
@@ -51,9 +52,9 @@ class FedDyn(StatefulAlgorithm):
 
     def __init__(self, alpha: float = 0.1, state_device: str | None = None) -> None:
         super().__init__(state_device)
-        self.alpha = check_positive(
-            "the FedDyn strength alpha (FedDyn divides by it)", alpha, "--model.algorithm.alpha",
-            "e.g. 0.1, or use FedAvg",
+        self.alpha = validate.positive(
+            alpha, "--model.algorithm.alpha",
+            "the FedDyn strength, which FedDyn divides by; e.g. 0.1, or use FedAvg",
         )
 
     def init_server(self, global_params: Params) -> None:

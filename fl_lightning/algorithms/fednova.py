@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fl_lightning import tensors
 from fl_lightning.algorithms.base import ClientResult, LocalContext, Params
 from fl_lightning.algorithms.scaffold import effective_steps
 from fl_lightning.algorithms.state import StatefulAlgorithm
@@ -118,8 +119,7 @@ class FedNova(StatefulAlgorithm):
         a = [float(r.extras.get("a", r.num_steps)) for r in results]
         if any(v <= 0.0 for v in a):  # a client took no step: nothing to normalize
             return super().aggregate(global_params, results)
-        sizes = torch.tensor([float(r.num_samples) for r in results])
-        p = (sizes / sizes.sum()).tolist()
+        p = tensors.data_weights(r.num_samples for r in results).tolist()
         tau_eff = sum(pi * ai for pi, ai in zip(p, a, strict=True))
         out: Params = {}
         for k, w in global_params.items():

@@ -6,12 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fl_lightning import validate
 from fl_lightning.algorithms.base import (
     Algorithm,
     LocalContext,
     Params,
-    check_nonnegative,
-    check_positive,
     cross_entropy,
     grad_of,
     kl_batchmean,
@@ -57,9 +56,9 @@ class FedNTD(Algorithm):
     name = "fedntd"
 
     def __init__(self, tau: float = 1.0, beta: float = 1.0) -> None:
-        self.tau = check_positive("the temperature tau", tau, "--model.algorithm.tau", "e.g. 1.0")
-        self.beta = check_nonnegative("the distillation weight beta", beta,
-                                      "--model.algorithm.beta")
+        self.tau = validate.positive(tau, "--model.algorithm.tau", "the temperature; e.g. 1.0")
+        self.beta = validate.nonnegative(beta, "--model.algorithm.beta",
+                                         "the distillation weight")
 
     def proximal_gradient(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext

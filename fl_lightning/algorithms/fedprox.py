@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fl_lightning.algorithms.base import Algorithm, LocalContext, Params, check_nonnegative
+from fl_lightning import validate
+from fl_lightning.algorithms.base import Algorithm, LocalContext, Params
 
 __all__ = ["FedProx"]
 
@@ -30,7 +31,7 @@ class FedProx(Algorithm):
     name = "fedprox"
 
     def __init__(self, mu: float = 1.0) -> None:
-        self.mu = check_nonnegative("the proximal strength mu", mu, "--model.algorithm.mu")
+        self.mu = validate.nonnegative(mu, "--model.algorithm.mu", "the proximal strength")
 
     def direction(
         self, params: Params, x: Tensor, y: Tensor, ctx: LocalContext

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fl_lightning import validate
 from fl_lightning.algorithms.base import (
     Algorithm,
     LocalContext,
     Params,
-    check_nonnegative,
     global_norm,
     grad_of,
 )
@@ -49,7 +49,7 @@ class FedSAM(Algorithm):
         perturb_head: bool = True,
         perturb_body: bool = True,
     ) -> None:
-        self.rho = check_nonnegative("the perturbation radius rho", rho, "--model.algorithm.rho")
+        self.rho = validate.nonnegative(rho, "--model.algorithm.rho", "the perturbation radius")
         self.adaptive = bool(adaptive)
         self.perturb_head = bool(perturb_head)
         self.perturb_body = bool(perturb_body)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, grad_and_value, vjp
 
+from fl_lightning import validate
 from fl_lightning.algorithms.base import (
     Algorithm,
     ClientResult,
@@ -22,8 +23,6 @@ from fl_lightning.algorithms.base import (
     Params,
     ProximalTerm,
     adaptive_radius,
-    check_nonnegative,
-    check_positive,
     cross_entropy,
     foreach_add_,
     foreach_mul,
@@ -35,7 +34,6 @@ from fl_lightning.algorithms.base import (
     proximal_sources,
 )
 from fl_lightning.algorithms.features import FeatureCaller
-from fl_lightning.errors import ConfigError
 
 __all__ = ["FedSoL", "kl_to_global"]
 
@@ -122,31 +120,25 @@ class FedSoL(Algorithm):
         local_at: Literal["perturbed", "w"] = "perturbed",
         proximal_at: Literal["w", "perturbed"] = "w",
     ) -> None:
-        self.rho = check_nonnegative("the perturbation strength rho", rho, "--model.algorithm.rho")
-        self.temperature = check_positive(
-            "the KL temperature", temperature, "--model.algorithm.temperature", "the paper uses 3"
+        self.rho = validate.nonnegative(rho, "--model.algorithm.rho", "the perturbation strength")
+        self.temperature = validate.positive(
+            temperature, "--model.algorithm.temperature", "the KL temperature; the paper uses 3"
         )
         self.adaptive = bool(adaptive)
         self.perturb_head = bool(perturb_head)
         self.perturb_body = bool(perturb_body)
         if proximal is not None and not isinstance(proximal, ProximalTerm):
-            raise ConfigError(
-                f"--model.algorithm.proximal={type(proximal).__name__} has no proximal term "
-                "(it does not implement ProximalTerm.proximal_gradient): use one of "
-                f"{', '.join(proximal_sources())}, or leave it unset for the KL to the global "
-                "model"
+            raise validate.invalid(
+                "--model.algorithm.proximal", type(proximal).__name__,
+                "an algorithm with a proximal term (ProximalTerm.proximal_gradient): one of "
+                f"{', '.join(proximal_sources())}", "or unset: the KL to the global model",
             )
-        if source not in ("proximal", "local", "both"):
-            raise ConfigError(
-                f"--model.algorithm.source={source!r} is unknown: use 'proximal' (FedSoL), "
-                "'local' (perturb along the local loss, as SAM does) or 'both' (along their sum)"
-            )
+        validate.choice(source, "--model.algorithm.source", ("proximal", "local", "both"),
+                        "'proximal': FedSoL; 'local': along the local loss, as SAM does; "
+                        "'both': along their sum")
         for option, value in (("local_at", local_at), ("proximal_at", proximal_at)):
-            if value not in ("perturbed", "w"):
-                raise ConfigError(
-                    f"--model.algorithm.{option}={value!r} is unknown: use 'perturbed' "
-                    "(w + eps) or 'w'"
-                )
+            validate.choice(value, f"--model.algorithm.{option}", ("perturbed", "w"),
+                            "'perturbed': at w + eps")
         self.local_at = local_at
         self.proximal_at = proximal_at
         self.proximal = proximal
@@ -156,9 +148,9 @@ class FedSoL(Algorithm):
             self.batchable = proximal.batchable
         self.source = source
         self._features: FeatureCaller | None = None
-        self.proximal_in_update = check_nonnegative(
-            "the weight of the proximal gradient in the update", proximal_in_update,
-            "--model.algorithm.proximal_in_update",
+        self.proximal_in_update = validate.nonnegative(
+            proximal_in_update, "--model.algorithm.proximal_in_update",
+            "the weight of the proximal gradient in the update",
         )
 
     def proximal_gradient(

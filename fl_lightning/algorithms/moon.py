@@ -8,19 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fl_lightning import validate
 from fl_lightning.algorithms.base import (
     IGNORE_INDEX,
     ClientResult,
     LocalContext,
     Params,
-    check_nonnegative,
-    check_positive,
     cross_entropy,
     grad_of,
 )
 from fl_lightning.algorithms.features import FeatureCaller
 from fl_lightning.algorithms.state import StatefulAlgorithm
-from fl_lightning.errors import ConfigError
 
 __all__ = ["MOON", "model_contrastive_loss"]
 
@@ -82,13 +80,10 @@ class MOON(StatefulAlgorithm):
         state_device: str | None = None,
     ) -> None:
         super().__init__(state_device)
-        self.mu = check_nonnegative("the contrastive weight mu", mu, "--model.algorithm.mu")
-        self.tau = check_positive("the temperature tau", tau, "--model.algorithm.tau", "e.g. 0.5")
-        if first_previous not in ("initial", "global"):
-            raise ConfigError(
-                f"--model.algorithm.first_previous={first_previous!r} is unknown: use 'initial' "
-                "or 'global'"
-            )
+        self.mu = validate.nonnegative(mu, "--model.algorithm.mu", "the contrastive weight")
+        self.tau = validate.positive(tau, "--model.algorithm.tau", "the temperature; e.g. 0.5")
+        validate.choice(first_previous, "--model.algorithm.first_previous",
+                        ("initial", "global"))
         self.first_previous = first_previous
         self._caller: FeatureCaller | None = None
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fl_lightning import validate
 from fl_lightning.algorithms.base import (
     IGNORE_INDEX,
     Algorithm,
     LocalContext,
     Params,
-    check_nonnegative,
     real_samples,
 )
 
@@ -49,10 +49,10 @@ class PerFedAvg(Algorithm):
     name = "perfedavg"
 
     def __init__(self, beta: float = 0.01, alpha: float | None = None) -> None:
-        self.beta = check_nonnegative("the meta step size beta", beta, "--model.algorithm.beta")
+        self.beta = validate.nonnegative(beta, "--model.algorithm.beta", "the meta step size")
         self.alpha = (
             None if alpha is None
-            else check_nonnegative("the inner step size alpha", alpha, "--model.algorithm.alpha")
+            else validate.nonnegative(alpha, "--model.algorithm.alpha", "the inner step size")
         )
 
     def direction(

@@ -44,12 +44,12 @@ class ClientEngine(Protocol):
 
     An engine trains the clients of a :class:`~fl_lightning.engine.RoundPlan` from the global
     weights with the algorithm's local update direction and returns one
-    :class:`~fl_lightning.algorithms.base.ClientResult` per client, in plan order. It may also
-    define ``check(algorithm, net)``, called at setup, raising ``ConfigError`` for what it cannot
-    run. The project's engines (:class:`~fl_lightning.engines.SequentialEngine`,
+    :class:`~fl_lightning.algorithms.base.ClientResult` per client, in plan order.
+    :meth:`check` is called at setup and raises ``ConfigError`` for what the engine cannot run
+    (a no-op here). The project's engines (:class:`~fl_lightning.engines.SequentialEngine`,
     :class:`~fl_lightning.engines.BatchedEngine`) declare it as their base so that
-    ``--model.engine`` takes their short names; any class with this ``run_round`` works from
-    Python.
+    ``--model.engine`` takes their short names and inherit the no-op ``check``; any class with
+    this ``run_round`` and ``check`` works from Python.
     """
 
     name: str
@@ -68,6 +68,11 @@ class ClientEngine(Protocol):
     ) -> list[ClientResult]:
         """Run local training for every client of ``plan``; returns one result per client."""
         ...
+
+    def check(self, algorithm: Algorithm, net: nn.Module) -> None:
+        """Raise a one-line ``ConfigError`` if this engine cannot run ``algorithm`` on ``net``
+        (called once at setup). Default: every combination runs."""
+        del algorithm, net
 
 
 @runtime_checkable

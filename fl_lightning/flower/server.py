@@ -46,11 +46,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_lightning.flower.engine import FederationError
+from fl_lightning.tensors import PRECISION_DTYPES
 
 __all__ = ["FederationError", "make_server_app", "run_server"]
 
-SUPPORTED_PRECISION = {"32-true": "float32", "64-true": "float64", "32": "float32",
-                       "64": "float64"}
 
 
 def _plain(value: Any) -> Any:
@@ -81,12 +80,12 @@ def build_run(config_path: str, args: str, rounds: int):
         sys.argv = saved_argv
     module, dm, cfg = cli.model, cli.datamodule, cli.config
     precision = str(cfg.trainer.get("precision") or "32-true")
-    if precision not in SUPPORTED_PRECISION:
+    if precision not in PRECISION_DTYPES or precision == "bf16-mixed":
         raise FederationError(
             f"--trainer.precision={precision} is not supported with Flower: use 32-true or "
             "64-true"
         )
-    dtype = SUPPORTED_PRECISION[precision]
+    dtype = str(PRECISION_DTYPES[precision]).removeprefix("torch.")  # "float32", "float64"
     if dtype == "float64":
         module.double()
     systems = module.systems
