@@ -266,7 +266,26 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     acc = result.get("final", {}).get("test_acc")
     print(f"fl-lightning-grid: {label}: rc={rc} {seconds:.0f}s test_acc={acc}"
           + ("" if rc == 0 else f" (see {os.path.join(folder, 'log.txt')})"), flush=True)
+    if rc != 0:
+        print(f"fl-lightning-grid: {label}: {last_error_line(os.path.join(folder, 'log.txt'))}",
+              flush=True)
     return result
+
+
+def last_error_line(log_path: str) -> str:
+    """The line of a failed cell's ``log.txt`` that says why: the last ``error:`` line of the
+    run (its one-line ``ConfigError``, or the last line of a traceback), else its last line."""
+    try:
+        with open(log_path, errors="replace") as fh:
+            lines = [ln.rstrip() for ln in fh if ln.strip() and not ln.startswith("$ ")]
+    except OSError:
+        return f"no log at {log_path}"
+    if not lines:
+        return "the run printed nothing"
+    for line in reversed(lines):
+        if "error:" in line.lower() or line.startswith(("Traceback", "Killed")):
+            return line.strip()
+    return lines[-1].strip()
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

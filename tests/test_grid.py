@@ -11,6 +11,7 @@ import pytest
 
 from fl_lightning.grid import (
     _newest_checkpoint,
+    last_error_line,
     parse_setting,
     read_curve,
     resolve_config,
@@ -124,3 +125,19 @@ def test_config_names_resolve_against_the_package_configs_and_paths_against_cwd(
     assert err.count("\n") == 1 and "'nosuch'" in err
     assert os.path.join(tmp_path, "nosuch.yaml") in err
     assert os.path.join(CONFIGS, "algorithms", "nosuch.yaml") in err
+
+
+def test_a_failed_cell_says_why_in_one_line(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("$ fl-lightning fit --model.local_lr -1\nsome warning\n"
+                   "fl-lightning: error: --model.local_lr=-1.0 is invalid: it must be a finite "
+                   "number >= 0\n")
+    assert last_error_line(str(log)).startswith("fl-lightning: error: --model.local_lr=-1.0")
+    log.write_text("$ cmd\nTraceback (most recent call last):\n  File x\n"
+                   "RuntimeError: CUDA error: out of memory\n")
+    assert last_error_line(str(log)) == "RuntimeError: CUDA error: out of memory"
+    log.write_text("$ cmd\nround 3/10 | clients 5\nKilled\n")
+    assert last_error_line(str(log)) == "Killed"
+    log.write_text("$ cmd\n")
+    assert last_error_line(str(log)) == "the run printed nothing"
+    assert last_error_line(str(tmp_path / "absent.txt")).startswith("no log at")
