@@ -131,6 +131,19 @@ def parse_setting(text: str) -> Setting:
     )
 
 
+def check_datasets(settings: Sequence[Setting]) -> None:
+    """Exit 2 with one line, before any cell starts, on a dataset name no cell could load."""
+    from fl_lightning.data.datasets import available_datasets
+    from fl_lightning.suggest import did_you_mean
+
+    known = available_datasets()
+    for s in settings:
+        if s.dataset not in known:
+            _fail(f"--settings dataset {s.dataset!r} is unknown"
+                  f"{did_you_mean(s.dataset, known)}: use one of {', '.join(known[:7])} or "
+                  "a MedMNIST 2D flag such as pneumoniamnist")
+
+
 def _fail(message: str) -> NoReturn:
     print(f"fl-lightning-grid: error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -444,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         _algorithm_config(a)
     resolve_config(args.base, "--base")
     settings = [parse_setting(s) for s in args.settings.split(",") if s]
+    check_datasets(settings)
     if args.stragglers is not None:
         levels = [v for v in args.stragglers.split(",") if v]
         for v in levels:

@@ -141,3 +141,13 @@ def test_a_failed_cell_says_why_in_one_line(tmp_path):
     log.write_text("$ cmd\n")
     assert last_error_line(str(log)) == "the run printed nothing"
     assert last_error_line(str(tmp_path / "absent.txt")).startswith("no log at")
+
+
+def test_an_unknown_dataset_stops_the_grid_before_any_cell(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        grid_main(["--algorithms", "fedavg", "--settings", "digits:iid,mnst:lda:0.1",
+                   "--runs", str(tmp_path / "runs"), "--rounds", "1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'mnst'" in err and "did you mean mnist?" in err
+    assert not (tmp_path / "runs").exists()  # nothing launched, nothing written
