@@ -37,6 +37,7 @@ was interrupted resumes from its newest checkpoint (``--ckpt_path``), written ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import json
@@ -47,7 +48,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NoReturn
@@ -142,6 +143,42 @@ def check_datasets(settings: Sequence[Setting]) -> None:
             _fail(f"--settings dataset {s.dataset!r} is unknown"
                   f"{did_you_mean(s.dataset, known)}: use one of {', '.join(known[:7])} or "
                   "a MedMNIST 2D flag such as pneumoniamnist")
+
+
+@contextlib.contextmanager
+def grid_lock(runs: str, enabled: bool = True) -> Iterator[None]:
+    """Hold ``<runs>/.grid.lock`` (the grid's pid) while cells run, so that a second grid on
+    the same folder stops with one line instead of running the same cells twice. A lock whose
+    process is gone (a killed grid) is taken over."""
+    if not enabled:
+        yield
+        return
+    os.makedirs(runs, exist_ok=True)
+    path = os.path.join(runs, ".grid.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError):
+                os.remove(path)  # left by a grid that died: take it over
+                continue
+            except PermissionError:
+                pass  # alive, another user's
+            _fail(f"another fl-lightning-grid (pid {pid}) is running on --runs {runs}: wait "
+                  f"for it to end or give another --runs folder (remove {path} if it is not)")
+    else:  # pragma: no cover - a third grid won the race
+        _fail(f"--runs {runs} is locked by another grid ({path})")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def _fail(message: str) -> NoReturn:
@@ -478,7 +515,9 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or os.path.join(args.runs, "table")
     # seed-major order: every algorithm and setting gets its first seed before any second one
     cells = [Cell(a, s, seed) for seed in seeds for s in settings for a in algorithms]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    with grid_lock(args.runs, enabled=not args.report_only), ThreadPoolExecutor(
+        max_workers=args.jobs
+    ) as pool:
         results = list(pool.map(lambda c: run_cell(c, args), cells))
     names = [_algorithm_name(a) for a in algorithms]
     curves, finals = {}, {}

@@ -151,3 +151,26 @@ def test_an_unknown_dataset_stops_the_grid_before_any_cell(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'mnst'" in err and "did you mean mnist?" in err
     assert not (tmp_path / "runs").exists()  # nothing launched, nothing written
+
+
+def test_a_second_grid_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path,
+                                                                                 capsys):
+    import subprocess
+    import sys
+
+    from fl_lightning.grid import grid_lock
+
+    runs = str(tmp_path / "runs")
+    with grid_lock(runs):
+        with pytest.raises(SystemExit) as info, grid_lock(runs):
+            pass
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "another fl-lightning-grid" in err
+    assert not os.path.exists(os.path.join(runs, ".grid.lock"))  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(runs, ".grid.lock"), "w") as fh:  # a killed grid's lock
+        fh.write(dead)
+    with grid_lock(runs):
+        assert open(os.path.join(runs, ".grid.lock")).read() == str(os.getpid())
