@@ -32,6 +32,11 @@ Resumable: a cell whose run finished (``result.json`` in its folder) is skipped;
 was interrupted resumes from its newest checkpoint (``--ckpt_path``), written every
 ``--checkpoint-every`` rounds, in a new logger version; its learning curve joins the versions.
 ``--report-only`` writes the tables from what has finished, running nothing.
+
+Fails early and says why: every setting's dataset and every algorithm config is checked before
+any cell starts; a second grid on the same ``--runs`` folder stops at once (``.grid.lock``,
+taken over when the grid that held it is gone); a failed cell prints the line of its
+``log.txt`` that says why (its one-line error, a traceback's last line, ``Killed``).
 """
 
 from __future__ import annotations
