@@ -9,8 +9,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
-from fl_lightning.callbacks._base import _buffers, _client_batches, _RoundCallback
+from fl_lightning.callbacks.base import RoundCallback, buffers_of, client_batches
 from fl_lightning.callbacks.functional import (
     exact_minimum,
     hessian_eigenvalues,
@@ -90,21 +91,19 @@ class HeterogeneityFloor(ClientOptimaProbe):
                          grad_tol, loss_tol, batch_size, seed, criterion, exact, l2,
                          newton_max_params)
         self.curvature = bool(curvature)
-        self.curvature_iter = self._int(
-            curvature_iter, "--trainer.callbacks.HeterogeneityFloor.curvature_iter"
-        )
+        self.curvature_iter = self.check_int(curvature_iter, "curvature_iter")
 
     def measure(self, module: Any, params: dict[str, torch.Tensor]) -> dict[str, float]:
         metrics = self.probe(module, params)
         ids = list(self.optima)
         sizes = [len(module.datamodule.client_indices[k]) for k in ids]
         p = normalize_weights(sizes, len(ids))
-        buffers = _buffers(module)
+        buffers = buffers_of(module)
         global_loss = 0.0
         mus, ls = [], []
         with torch.enable_grad():
             for pk, k in zip(p, ids, strict=True):
-                batches = _client_batches(module, k, self.batch_size)
+                batches = client_batches(module, k, self.batch_size)
                 loss, _ = loss_and_grad(module.net, params, buffers, batches, self.criterion)
                 global_loss += pk * float(loss)
                 if self.curvature:
@@ -132,12 +131,13 @@ class HeterogeneityFloor(ClientOptimaProbe):
             })
         return metrics
 
-    def _plot(self, trainer: Any) -> None:
-        self._plot_series(trainer, ["gap", "spread_V", "bound_upper"], self.prefix,
+    @override
+    def plot(self, trainer: Any) -> None:
+        self.plot_series(trainer, ["gap", "spread_V", "bound_upper"], self.prefix,
                           "heterogeneity floor: F(w) - sum p_k f_k*")
 
 
-class GlobalObjective(_RoundCallback):
+class GlobalObjective(RoundCallback):
     """The global training objective ``F(w)`` every round and, with ``optimum``, its exact
     minimum ``F*`` and the gap ``F(w) - F*``.
 
@@ -187,16 +187,15 @@ class GlobalObjective(_RoundCallback):
         batch_size: int = 100000, l2: float | None = None,
     ) -> None:
         super().__init__(every_n_rounds)
-        opt = "--trainer.callbacks.GlobalObjective"
         self.optimum = bool(optimum)
-        self.tol = self._pos(tol, f"{opt}.tol")
-        self.max_iter = self._int(max_iter, f"{opt}.max_iter")
-        self.newton_max_params = self._int(newton_max_params, f"{opt}.newton_max_params", 0)
-        self.tail = self._pos(tail, f"{opt}.tail")
+        self.tol = self.check_positive(tol, "tol")
+        self.max_iter = self.check_int(max_iter, "max_iter")
+        self.newton_max_params = self.check_int(newton_max_params, "newton_max_params", 0)
+        self.tail = self.check_positive(tail, "tail")
         if self.tail > 1:
-            self._fail(f"{opt}.tail={tail!r} is invalid: it is a share in (0, 1]")
-        self.batch_size = self._int(batch_size, f"{opt}.batch_size")
-        self.l2 = None if l2 is None else self._pos(l2, f"{opt}.l2", allow_zero=True)
+            self.fail(f"{self.option('tail')}={tail!r} is invalid: it is a share in (0, 1]")
+        self.batch_size = self.check_int(batch_size, "batch_size")
+        self.l2 = None if l2 is None else self.check_positive(l2, "l2", allow_zero=True)
         self.opt_info: dict[str, float] | None = None
         self.opt_params: dict[str, torch.Tensor] | None = None
 
@@ -215,7 +214,7 @@ class GlobalObjective(_RoundCallback):
             start = time.perf_counter()
             params = {k: v.detach() for k, v in module.net.named_parameters()}
             self.opt_params, info = exact_minimum(
-                module.net, params, _buffers(module), self._batches(module), self.criterion,
+                module.net, params, buffers_of(module), self._batches(module), self.criterion,
                 self.tol, self.max_iter, self.newton_max_params, self.l2_of(module),
             )
             info["seconds"] = time.perf_counter() - start
@@ -230,7 +229,6 @@ class GlobalObjective(_RoundCallback):
         return self.opt_info
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.validate()
         if self.optimum:
             self.solve(pl_module)
 
@@ -238,7 +236,7 @@ class GlobalObjective(_RoundCallback):
         batches = self._batches(module)
         p64 = {k: v.detach().to(torch.float64) for k, v in params.items()}
         buffers = {k: (b.double() if b.is_floating_point() else b)
-                   for k, b in _buffers(module).items()}
+                   for k, b in buffers_of(module).items()}
         with torch.enable_grad():
             ce, grad = loss_and_grad(module.net, p64, buffers, batches, self.criterion)
         l2 = self.l2_of(module)
@@ -261,13 +259,14 @@ class GlobalObjective(_RoundCallback):
                             "opt_seconds": info["seconds"]})
         return out
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self._due(result.round):
+        if not self.is_due(result.round):
             return
         start = time.perf_counter()
         metrics = self.measure(module, result.global_after)
         self.seconds += time.perf_counter() - start
-        self._record(trainer, result.round + 1, metrics)
+        self.log_round(trainer, result.round + 1, metrics)
 
     def tail_stats(self) -> dict[str, float]:
         """Mean, std and range of ``loss`` (and ``gap``) over the last ``tail`` share of the
@@ -285,10 +284,12 @@ class GlobalObjective(_RoundCallback):
                 out[f"{key}_tail_range"] = float(values.max() - values.min())
         return out
 
-    def _summary(self) -> dict[str, Any]:
+    @override
+    def summary(self) -> dict[str, Any]:
         return {"optimum": self.opt_info, "tail": self.tail_stats()}
 
-    def _plot(self, trainer: Any) -> None:
+    @override
+    def plot(self, trainer: Any) -> None:
         keys = ["gap"] if self.optimum else ["loss"]
         title = "F(w) - F* (exact optimum)" if self.optimum else "global training loss F(w)"
-        self._plot_series(trainer, [*keys, "acc"], self.prefix, title, logy=False)
+        self.plot_series(trainer, [*keys, "acc"], self.prefix, title, logy=False)

@@ -8,13 +8,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
-from fl_lightning.callbacks._base import (
-    Criterion,
-    _buffers,
-    _client_batches,
-    _RoundCallback,
-)
+from fl_lightning.callbacks.base import Criterion, RoundCallback, buffers_of, client_batches
 from fl_lightning.callbacks.functional import (
     exact_minimum,
     flatten,
@@ -26,7 +22,7 @@ from fl_lightning.hooks import RoundResult
 __all__ = ["ClientOptimaProbe"]
 
 
-class ClientOptimaProbe(_RoundCallback):
+class ClientOptimaProbe(RoundCallback):
     """Trains probed clients alone from the global model to a local optimum (opt-in, expensive).
 
     Every ``every_n_rounds`` rounds, from the global weights ``w`` after the round, each probed
@@ -102,19 +98,18 @@ class ClientOptimaProbe(_RoundCallback):
         newton_max_params: int = 2000,
     ) -> None:
         super().__init__(every_n_rounds, criterion)
-        opt = f"--trainer.callbacks.{type(self).__name__}"
         self.clients = None if clients is None else [int(c) for c in clients]
-        self.num_clients = self._int(num_clients, f"{opt}.num_clients")
-        self.lr = self._pos(lr, f"{opt}.lr")
-        self.momentum = self._pos(momentum, f"{opt}.momentum", allow_zero=True)
-        self.max_steps = self._int(max_steps, f"{opt}.max_steps", 0)
-        self.grad_tol = self._pos(grad_tol, f"{opt}.grad_tol", allow_zero=True)
-        self.loss_tol = self._pos(loss_tol, f"{opt}.loss_tol", allow_zero=True)
-        self.batch_size = self._int(batch_size, f"{opt}.batch_size")
+        self.num_clients = self.check_int(num_clients, "num_clients")
+        self.lr = self.check_positive(lr, "lr")
+        self.momentum = self.check_positive(momentum, "momentum", allow_zero=True)
+        self.max_steps = self.check_int(max_steps, "max_steps", 0)
+        self.grad_tol = self.check_positive(grad_tol, "grad_tol", allow_zero=True)
+        self.loss_tol = self.check_positive(loss_tol, "loss_tol", allow_zero=True)
+        self.batch_size = self.check_int(batch_size, "batch_size")
         self.seed = int(seed)
         self.exact = bool(exact)
-        self.l2 = self._pos(l2, f"{opt}.l2", allow_zero=True)
-        self.newton_max_params = self._int(newton_max_params, f"{opt}.newton_max_params", 0)
+        self.l2 = self.check_positive(l2, "l2", allow_zero=True)
+        self.newton_max_params = self.check_int(newton_max_params, "newton_max_params", 0)
         self.optima: dict[int, dict[str, torch.Tensor]] = {}
         self.info: dict[int, dict[str, float]] = {}
 
@@ -143,11 +138,11 @@ class ClientOptimaProbe(_RoundCallback):
         ids = self.probed_clients(module)
         sizes = [len(module.datamodule.client_indices[k]) for k in ids]
         p = torch.tensor(normalize_weights(sizes, len(ids)), dtype=torch.float64)
-        buffers = _buffers(module)
+        buffers = buffers_of(module)
         self.optima, self.info = {}, {}
         with torch.enable_grad():
             for k in ids:
-                batches = _client_batches(module, k, self.batch_size)
+                batches = client_batches(module, k, self.batch_size)
                 if self.exact:
                     w_k, got = exact_minimum(
                         module.net, params, buffers, batches, self.criterion, self.grad_tol,
@@ -181,15 +176,17 @@ class ClientOptimaProbe(_RoundCallback):
     def measure(self, module: Any, params: dict[str, torch.Tensor]) -> dict[str, float]:
         return self.probe(module, params)
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self._due(result.round):
+        if not self.is_due(result.round):
             return
         start = time.perf_counter()
         metrics = self.measure(module, {k: v.detach() for k, v in result.global_after.items()})
         metrics["seconds"] = time.perf_counter() - start
         self.seconds += metrics["seconds"]
-        self._record(trainer, result.round + 1, metrics)
+        self.log_round(trainer, result.round + 1, metrics)
 
-    def _plot(self, trainer: Any) -> None:
-        self._plot_series(trainer, ["spread_V", "dist_mean", "centroid_dist"], self.prefix,
+    @override
+    def plot(self, trainer: Any) -> None:
+        self.plot_series(trainer, ["spread_V", "dist_mean", "centroid_dist"], self.prefix,
                           "client optima probed from the global model")

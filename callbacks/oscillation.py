@@ -8,15 +8,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
-from fl_lightning.callbacks._base import _RoundCallback
+from fl_lightning.callbacks.base import RoundCallback
 from fl_lightning.callbacks.functional import flatten, oscillation_stats
 from fl_lightning.hooks import RoundResult
 
 __all__ = ["GlobalOscillation"]
 
 
-class GlobalOscillation(_RoundCallback):
+class GlobalOscillation(RoundCallback):
     """Step sizes and geometry of the global trajectory, and the spread of late evaluations.
 
     Every round (``w_t`` the global weights after round ``t``)::
@@ -58,15 +59,15 @@ class GlobalOscillation(_RoundCallback):
 
     def __init__(self, every_n_rounds: int = 1, window: int = 10, tail: float = 0.2) -> None:
         super().__init__(every_n_rounds)
-        opt = "--trainer.callbacks.GlobalOscillation"
-        self.window = self._int(window, f"{opt}.window", 2)
-        self.tail = self._pos(tail, f"{opt}.tail")
+        self.window = self.check_int(window, "window", 2)
+        self.tail = self.check_positive(tail, "tail")
         if self.tail > 1:
-            self._fail(f"{opt}.tail={tail!r} is invalid: it is a share in (0, 1]")
+            self.fail(f"{self.option('tail')}={tail!r} is invalid: it is a share in (0, 1]")
         self._weights: deque[torch.Tensor] = deque(maxlen=self.window)
         self.center: torch.Tensor | None = None
         self.evaluations: list[tuple[float, float, float]] = []
 
+    @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
         after = flatten(result.global_after).detach()
         step = float(torch.linalg.vector_norm((after - flatten(result.global_before)).double()))
@@ -75,11 +76,11 @@ class GlobalOscillation(_RoundCallback):
         self._weights.append(after.float().cpu() if after.dtype != torch.float64
                              else after.cpu())
         metrics = {"step_norm": step}
-        if self._due(result.round) and len(self._weights) >= 2:
+        if self.is_due(result.round) and len(self._weights) >= 2:
             w = torch.stack(list(self._weights))
             metrics.update(oscillation_stats(w))
             self.center = w.double().mean(0)
-        self._record(trainer, result.round + 1, metrics)
+        self.log_round(trainer, result.round + 1, metrics)
 
     def spread(self) -> dict[str, float]:
         """Spread of ``val_acc`` / ``val_loss`` over the last ``tail`` share of evaluations."""
@@ -111,7 +112,8 @@ class GlobalOscillation(_RoundCallback):
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=max(trainer.global_step - 1, 0))
 
-    def _summary(self) -> dict[str, Any]:
+    @override
+    def summary(self) -> dict[str, Any]:
         return {"evaluations": self.evaluations, "spread": self.spread()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -123,6 +125,7 @@ class GlobalOscillation(_RoundCallback):
         self._weights = deque(state_dict.get("weights", []), maxlen=self.window)
         self.evaluations = [tuple(e) for e in state_dict.get("evaluations", [])]
 
-    def _plot(self, trainer: Any) -> None:
-        self._plot_series(trainer, ["step_norm", "radius", "straightness"], "oscillation",
+    @override
+    def plot(self, trainer: Any) -> None:
+        self.plot_series(trainer, ["step_norm", "radius", "straightness"], "oscillation",
                           f"global trajectory (window {self.window} rounds)", logy=False)

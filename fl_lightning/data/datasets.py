@@ -29,15 +29,25 @@ functions that need them: :func:`load_labels` of ``digits`` imports none of them
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fl_lightning.data.checksums import MNIST_RAW_MD5, check_file
+from fl_lightning.data.medmnist import (  # noqa: F401 - re-exported: their old home
+    _MULTI_LABEL_TASK,
+    MEDMNIST_MEAN,
+    MEDMNIST_SIZE,
+    MEDMNIST_STD,
+    _load_medmnist,
+    _medmnist,
+    _medmnist_2d_flags,
+    _medmnist_entry,
+    _medmnist_flags,
+)
 from fl_lightning.errors import ConfigError, DataNotFoundError
-from fl_lightning.suggest import did_you_mean
+from fl_lightning.tensors import exception_line
 
 if TYPE_CHECKING:
     import torch
@@ -61,10 +71,6 @@ MNIST_FILES: dict[str, tuple[str, str]] = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-MEDMNIST_MEAN = 0.5
-MEDMNIST_STD = 0.5
-MEDMNIST_SIZE = 28
-
 #: Per-channel (mean, std) of the 32x32 RGB datasets, as in the official FedSoL code.
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
@@ -76,9 +82,6 @@ RGB32 = tuple(NORMALIZATION)
 #: Datasets generated already split into devices (``--data.partition natural``), see
 #: :mod:`fl_lightning.data.natural`: the FedProx paper's synthetic data, 60 features, 10 classes.
 NATURAL = ("synthetic", "synthetic_iid")
-
-_MULTI_LABEL_TASK = "multi-label, binary-class"
-
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -94,34 +97,6 @@ class DatasetInfo:
 # --------------------------------------------------------------------------------------------
 
 
-def _medmnist():
-    """Import medmnist without leaving behind the ``~/.medmnist`` folder it creates on import.
-
-    medmnist makes its default root at import time even though we always pass ``root``; if the
-    folder did not exist before and is still empty, it is removed again.
-    """
-    default_root = os.path.join(os.path.expanduser("~"), ".medmnist")
-    existed = os.path.exists(default_root)
-    import medmnist
-
-    if not existed and os.path.isdir(default_root):
-        try:
-            os.rmdir(default_root)  # only succeeds while empty
-        except OSError:
-            pass
-    return medmnist
-
-
-def _medmnist_2d_flags(info: dict) -> list[str]:
-    return [f for f, i in info.items() if not i["python_class"].endswith("3D")]
-
-
-def _medmnist_flags() -> list[str]:
-    """Loadable MedMNIST flags: 2D and single-label."""
-    info = _medmnist().INFO
-    return [f for f in _medmnist_2d_flags(info) if info[f]["task"] != _MULTI_LABEL_TASK]
-
-
 def available_datasets() -> list[str]:
     """Every name ``load_dataset`` accepts."""
     return ["digits", "mnist", *RGB32, *NATURAL, *_medmnist_flags()]
@@ -134,28 +109,6 @@ def _canonical(name) -> str:
             "synthetic, synthetic_iid or any MedMNIST 2D flag such as pathmnist"
         )
     return name.strip().lower()
-
-
-def _medmnist_entry(name: str) -> dict:
-    info = _medmnist().INFO
-    entry = info.get(name)
-    if entry is None:
-        raise ConfigError(
-            f"--data.dataset={name!r} is not a known dataset"
-            f"{did_you_mean(name, available_datasets(), prefix='--data.dataset ')}; use digits, "
-            "mnist, cifar10, svhn, cinic10 or a single-label MedMNIST 2D flag such as pathmnist"
-        )
-    if entry["python_class"].endswith("3D"):
-        raise ConfigError(
-            f"--data.dataset={name!r} is a 3D MedMNIST volume dataset, which is not supported; "
-            "use a MedMNIST 2D flag such as pathmnist or organamnist"
-        )
-    if entry["task"] == _MULTI_LABEL_TASK:
-        raise ConfigError(
-            f"--data.dataset={name!r} is a multi-label dataset ({entry['task']}), which is not "
-            "supported; use a single-label MedMNIST 2D flag such as pathmnist"
-        )
-    return entry
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -273,13 +226,6 @@ def _data_root(name: str, data_dir) -> str:
     return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
     """``(images / 255 - mean) / std`` per channel of a uint8 ``(N, C, H, W)`` tensor."""
     import torch
@@ -327,7 +273,7 @@ def _digits_table() -> np.ndarray:
         return np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
     except (OSError, ValueError, EOFError) as exc:
         raise DataNotFoundError(
-            f"{path} is unreadable ({_one_line(exc)}): reinstall scikit-learn "
+            f"{path} is unreadable ({exception_line(exc)}): reinstall scikit-learn "
             "(pip install --force-reinstall scikit-learn)"
         ) from None
 
@@ -385,8 +331,8 @@ def _mnist_error(root: str, download: bool, split: str, exc: Exception) -> DataN
     missing = [f for f in needed if not os.path.isfile(os.path.join(raw, f))]
     if missing and download:
         return DataNotFoundError(
-            f"dataset 'mnist': download into {raw} failed ({_one_line(exc)}); check the internet "
-            "connection, or copy the MNIST files there and set --data.download false"
+            f"dataset 'mnist': download into {raw} failed ({exception_line(exc)}); check the "
+            "internet connection, or copy the MNIST files there and set --data.download false"
         )
     if missing:
         hints = []
@@ -410,8 +356,8 @@ def _mnist_error(root: str, download: bool, split: str, exc: Exception) -> DataN
             f"original file or {_mnist_fix_hint()}"
         )
     return DataNotFoundError(
-        f"dataset 'mnist': could not read the data in {raw} ({_one_line(exc)}); replace the files "
-        f"with the originals or {_mnist_fix_hint()}"
+        f"dataset 'mnist': could not read the data in {raw} ({exception_line(exc)}); replace "
+        f"the files with the originals or {_mnist_fix_hint()}"
     )
 
 
@@ -426,7 +372,7 @@ def _find_bad_mnist_file(raw: str, split: str) -> tuple[str, str] | None:
         except AssertionError:  # torchvision asserts on the IDX magic number
             return path, "invalid IDX header"
         except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
-            return path, _one_line(exc)
+            return path, exception_line(exc)
     return None
 
 
@@ -466,94 +412,3 @@ def _load_mnist(
         )
     x = _normalize_uint8(data.unsqueeze(1), MNIST_MEAN, MNIST_STD)
     return x, targets.to(torch.int64)
-
-
-# medmnist ----------------------------------------------------------------------------------
-
-
-def _load_medmnist(
-    flag: str, entry: dict, root: str, download: bool, split: str, verify: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    medmnist = _medmnist()
-    fname = f"{flag}.npz"
-    candidates = [os.path.join(root, "medmnist"), root]
-    found = next((d for d in candidates if os.path.isfile(os.path.join(d, fname))), None)
-    fix = (
-        f"set --data.data_dir <folder containing medmnist/{fname} or {fname}> or "
-        "--data.download true on a machine with internet"
-    )
-    if found is None and not download:
-        raise DataNotFoundError(
-            f"dataset {flag!r}: {fname} (md5 {entry['MD5']}) not found in {candidates[0]} or "
-            f"{candidates[1]} (--data.data_dir={root}, --data.download false); {fix}"
-        )
-    folder = found if found is not None else candidates[0]
-    path = os.path.join(folder, fname)
-    if found is None:  # download requested and the file is absent: fetch into data_dir/medmnist
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise DataNotFoundError(
-                f"dataset {flag!r}: cannot create {folder} for the download ({_one_line(exc)}); "
-                "set --data.data_dir to a writable folder"
-            ) from None
-
-    if found is not None:
-        check_file(flag, path, entry["MD5"], f"copy the original {fname} there, {fix}", verify)
-    dataset_cls = getattr(medmnist, entry["python_class"])
-    # The official FedSoL code trains on the train and val images together.
-    parts = ("train", "val") if split == "train" else (split,)
-    try:
-        # A file that is already there is never re-fetched (medmnist would re-download on an
-        # md5 mismatch), so download=True only acts on a missing file.
-        sets = [
-            dataset_cls(split=p, root=folder, download=found is None and i == 0,
-                        size=MEDMNIST_SIZE)
-            for i, p in enumerate(parts)
-        ]
-        images = np.concatenate([np.asarray(d.imgs) for d in sets])
-        labels = np.concatenate([np.asarray(d.labels).reshape(len(d.imgs), -1) for d in sets])
-    except Exception as exc:  # noqa: BLE001 - re-raised as our own single-line error
-        if found is None:
-            raise DataNotFoundError(
-                f"dataset {flag!r}: download of {fname} into {folder} failed "
-                f"({_one_line(exc)}); check the internet connection, or copy {fname} there and "
-                "set --data.download false"
-            ) from None
-        reason = _one_line(exc)
-        if os.path.isfile(path) and not zipfile.is_zipfile(path):
-            reason = "not an .npz (zip) archive"
-        raise DataNotFoundError(
-            f"dataset {flag!r}: file {path} is corrupt or unreadable ({reason}); "
-            f"replace it with the original {fname} or {fix}"
-        ) from None
-
-    channels = int(entry["n_channels"])
-    size = (MEDMNIST_SIZE, MEDMNIST_SIZE)
-    expected = (*size, 3) if channels == 3 else size
-    if images.dtype != np.uint8 or tuple(images.shape[1:]) != expected or images.ndim < 3:
-        raise DataNotFoundError(
-            f"dataset {flag!r}: file {path} holds {split} images of shape {images.shape} "
-            f"{images.dtype}, expected (N, {', '.join(map(str, expected))}) uint8; replace it "
-            f"with the original {fname} or {fix}"
-        )
-    if labels.ndim <= 1:
-        labels = labels.reshape(-1, 1)
-    num_classes = len(entry["label"])
-    if (
-        labels.shape != (len(images), 1)
-        or labels.dtype.kind not in "iu"
-        or (labels.size and (labels.min() < 0 or labels.max() >= num_classes))
-    ):
-        raise DataNotFoundError(
-            f"dataset {flag!r}: file {path} holds {split} labels of shape {labels.shape} "
-            f"{labels.dtype} for {len(images)} images, expected (N, 1) integers in "
-            f"0..{num_classes - 1}; replace it with the original {fname} or {fix}"
-        )
-
-    x = torch.from_numpy(images)
-    x = x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
-    x = _normalize_uint8(x, MEDMNIST_MEAN, MEDMNIST_STD).contiguous()
-    return x, torch.from_numpy(labels.reshape(-1).astype(np.int64))

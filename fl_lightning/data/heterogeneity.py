@@ -56,6 +56,17 @@ def _js_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.clip(0.5 * kl(p, m) + 0.5 * kl(q, m), 0.0, 1.0)
 
 
+def _class_counts(labels, client_indices: Sequence, num_classes: int | None):
+    """``(counts, k)``: the clients x classes count matrix and the number of classes ``k``
+    (``num_classes``, else ``max(label) + 1``)."""
+    y = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels).astype(np.int64).ravel()
+    k = int(num_classes) if num_classes is not None else int(y.max()) + 1 if len(y) else 0
+    counts = np.stack(
+        [np.bincount(y[np.asarray(idx, dtype=np.int64)], minlength=k) for idx in client_indices]
+    ) if len(client_indices) else np.zeros((0, k), dtype=np.int64)
+    return counts, k
+
+
 def heterogeneity_report(
     labels,
     client_indices: Sequence,
@@ -83,11 +94,7 @@ def heterogeneity_report(
         >>> r["per_client"]["tv_distance"], r["summary"]["classes_per_client"]["mean"]
         ([0.5, 0.5], 1.0)
     """
-    y = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels).astype(np.int64).ravel()
-    k = int(num_classes) if num_classes is not None else int(y.max()) + 1 if len(y) else 0
-    counts = np.stack(
-        [np.bincount(y[np.asarray(idx, dtype=np.int64)], minlength=k) for idx in client_indices]
-    ) if len(client_indices) else np.zeros((0, k), dtype=np.int64)
+    counts, k = _class_counts(labels, client_indices, num_classes)
     sizes = counts.sum(axis=1)
     total = counts.sum(axis=0)
     q = total / max(total.sum(), 1)
@@ -171,8 +178,23 @@ def save_heatmap(report: dict, path: str | os.PathLike, title: str | None = None
         fill="black",
         font=font,
     )
-    # client sizes
     y0 = top + bar_h
+    _draw_sizes(draw, font, sizes, (left, top, y0), cw, bar_h, n_clients)
+    y1 = y0 + 6
+    _draw_cells(img, draw, font, report, share, (left, y1), (cw, ch), (n_clients, n_classes))
+    _draw_colour_bar(img, draw, font, left + cw * max(n_clients, 1) + 14, y1,
+                     ch * max(n_classes, 1))
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def _draw_sizes(draw, font, sizes: np.ndarray, origin: tuple[int, int, int], cw: int,
+                bar_h: int, n_clients: int) -> None:
+    """The bar chart of the client sizes above the heatmap; ``origin`` is ``(left, top, y0)``,
+    ``y0`` the bars' base line."""
+    left, top, y0 = origin
     peak = max(float(sizes.max()) if n_clients else 1.0, 1.0)
     for i, s in enumerate(sizes):
         h = int(round(bar_h * s / peak))
@@ -181,8 +203,15 @@ def save_heatmap(report: dict, path: str | os.PathLike, title: str | None = None
         draw.rectangle([left + i * cw, y0 - h, left + (i + 1) * cw - 1, y0 - 1], fill=(120,) * 3)
     draw.text((4, top + bar_h // 2 - 6), "size", fill="black", font=font)
     draw.text((left + cw * max(n_clients, 1) + 4, top), f"{peak:.0f}", fill="black", font=font)
-    # heatmap
-    y1 = y0 + 6
+
+
+def _draw_cells(img, draw, font, report: dict, share: np.ndarray, origin: tuple[int, int],
+                cell: tuple[int, int], shape: tuple[int, int]) -> None:
+    """The heatmap at ``origin`` (``cell`` = width, height of a cell; ``shape`` = clients,
+    classes), with the class names on the left and the client labels below."""
+    from PIL import Image
+
+    (left, y1), (cw, ch), (n_clients, n_classes) = origin, cell, shape
     if n_clients:
         rgb = _colormap(share.T)  # classes x clients x 3
         cells = np.repeat(np.repeat(rgb, ch, axis=0), cw, axis=1)
@@ -198,17 +227,16 @@ def save_heatmap(report: dict, path: str | os.PathLike, title: str | None = None
               fill="black", font=font)
     draw.text((left, y1 + ch * n_classes + 18), "colour: share of the client's samples in "
               "the class", fill="black", font=font)
-    # colour bar
-    bx = left + cw * max(n_clients, 1) + 14
-    span = ch * max(n_classes, 1)
+
+
+def _draw_colour_bar(img, draw, font, bx: int, y1: int, span: int) -> None:
+    """The colour bar (1.0 at the top, 0.0 at the bottom), ``span`` pixels high at ``(bx, y1)``."""
+    from PIL import Image
+
     ramp = _colormap(np.linspace(1.0, 0.0, span))[:, None, :].repeat(14, axis=1)
     img.paste(Image.fromarray(np.ascontiguousarray(ramp), "RGB"), (bx, y1))
     draw.text((bx + 18, y1 - 2), "1.0", fill="black", font=font)
     draw.text((bx + 18, y1 + span - 10), "0.0", fill="black", font=font)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path, format="PNG")
-    return path
 
 
 def write_report(report: dict, prefix: str | os.PathLike, title: str | None = None):

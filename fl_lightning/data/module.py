@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Literal
 
@@ -13,21 +12,24 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fl_lightning.data.augment import BatchAugment, paper_augmentation
-from fl_lightning.data.datasets import NATURAL, dataset_info, load_dataset
+from fl_lightning.data.datasets import dataset_info, load_dataset
 from fl_lightning.data.natural import powerlaw_devices, split_devices, synthetic
+from fl_lightning.data.options import (  # noqa: F401 - PARTITIONS, AUGMENTATIONS: their old home
+    AUGMENTATIONS,
+    PARTITIONS,
+    check_options,
+    check_priors,
+)
 from fl_lightning.data.partition import partition_indices
 from fl_lightning.data.plans import augment_batch, augment_draws, epoch_keys, sample_clients
 from fl_lightning.data.ticker import RoundTicker
 from fl_lightning.errors import ConfigError
 from fl_lightning.protocol import ClientPlan, RoundPlan
-from fl_lightning.suggest import did_you_mean
 
 __all__ = ["FederatedDataModule", "RoundAugmentation"]
 
-PARTITIONS = ("iid", "shard", "lda", "dirichlet", "natural", "powerlaw")
 #: Partitions that give every device its own test split (the test set is their union).
 DEVICE_SPLIT = ("natural", "powerlaw")
-AUGMENTATIONS = ("paper", "none")
 
 class FederatedDataModule(pl.LightningDataModule):
     """A dataset partitioned across ``num_clients`` clients, with Non-IID label skew.
@@ -112,67 +114,10 @@ class FederatedDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.info = dataset_info(dataset)
-        if partition not in PARTITIONS:
-            raise ConfigError(
-                f"--data.partition={partition!r} is unknown"
-                f"{did_you_mean(str(partition), PARTITIONS, prefix='--data.partition ')}: use one "
-                f"of {', '.join(PARTITIONS)}"
-            )
-        natural = dataset_info(dataset).name in NATURAL
-        if natural and partition != "natural":
-            raise ConfigError(
-                f"--data.partition={partition} is invalid for --data.dataset {dataset}: it is "
-                "generated already split into devices; use --data.partition natural"
-            )
-        if partition == "natural" and not natural:
-            raise ConfigError(
-                f"--data.partition natural is invalid for --data.dataset {dataset}: it arrives "
-                "centralized; use synthetic or synthetic_iid, or a partition such as lda"
-            )
-        if partition == "powerlaw" and dataset_info(dataset).name != "mnist":
-            raise ConfigError(
-                f"--data.partition powerlaw is the FedProx paper's MNIST split (got "
-                f"--data.dataset {dataset}): use --data.dataset mnist or another partition"
-            )
-        if isinstance(num_clients, bool) or int(num_clients) < 1:
-            raise ConfigError(
-                f"--data.num_clients={num_clients!r} is invalid: it must be an integer >= 1"
-            )
-        bad_alpha = not (math.isfinite(float(alpha)) and float(alpha) > 0)
-        if partition in ("lda", "dirichlet") and bad_alpha:
-            raise ConfigError(
-                f"--data.alpha={alpha!r} is invalid: the Dirichlet concentration must be a finite "
-                "number > 0 "
-                "(e.g. 0.1 for strong, 1.0 for mild heterogeneity)"
-            )
-        if client_size is not None and partition != "dirichlet":
-            raise ConfigError(
-                f"--data.client_size={client_size!r} is only used by --data.partition "
-                f"dirichlet (got --data.partition {partition}): drop it or use dirichlet"
-            )
-        if partition == "shard" and int(shards_per_client) < 1:
-            raise ConfigError(
-                f"--data.shards_per_client={shards_per_client!r} is invalid: it must be >= 1"
-            )
-        if isinstance(seed, bool) or int(seed) < 0:
-            raise ConfigError(f"--data.seed={seed!r} is invalid: use an integer >= 0")
-        if int(eval_batch_size) < 1:
-            raise ConfigError(
-                f"--data.eval_batch_size={eval_batch_size!r} is invalid: it must be >= 1"
-            )
-        if sampling not in ("seeded", "official"):
-            raise ConfigError(
-                f"--data.sampling={sampling!r} is unknown: use 'seeded' or 'official'"
-            )
-        if augment not in AUGMENTATIONS:
-            raise ConfigError(
-                f"--data.augment={augment!r} is unknown: use 'paper' (the official code's "
-                "augmentation) or 'none'"
-            )
-        if not isinstance(verify_checksums, bool):
-            raise ConfigError(
-                f"--data.verify_checksums={verify_checksums!r} is invalid: use true or false"
-            )
+        natural = check_options(
+            dataset, num_clients, partition, shards_per_client, alpha, client_size, seed,
+            sampling, eval_batch_size, augment, verify_checksums,
+        )
         self.dataset = dataset
         self.data_dir = os.fspath(data_dir)
         self.download = bool(download)
@@ -188,10 +133,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.augment = augment
         self.verify_checksums = verify_checksums
         if natural:
-            from fl_lightning.data.natural import _prior_std
-
-            _prior_std(synthetic_alpha, "--data.synthetic_alpha")
-            _prior_std(synthetic_beta, "--data.synthetic_beta")
+            check_priors(synthetic_alpha, synthetic_beta)
         self.synthetic_alpha = float(synthetic_alpha)
         self.synthetic_beta = float(synthetic_beta)
         self.test_parts: list[Tensor] = []

@@ -37,12 +37,6 @@ __all__ = ["PARTITION_METHODS", "partition_indices"]
 #: Valid values of ``--data.partition``.
 PARTITION_METHODS: tuple[str, ...] = ("iid", "shard", "lda", "dirichlet")
 
-#: pfl-research's ``spread_distribution_after_num_fails`` and
-#: ``spread_distribution_after_fails_percentage`` defaults: every ``client_size * 20`` class
-#: draws of one client, 0.02 is added to each class prior and the priors are renormalized.
-DIRICHLET_SPREAD_EVERY = 20
-DIRICHLET_SPREAD_BY = 0.02
-
 #: How many full Dirichlet draws the default ``lda`` makes before it repairs the last one.
 LDA_MAX_TRIES = 1000
 
@@ -91,29 +85,9 @@ def partition_indices(
         ConfigError: for an invalid option or an impossible combination of options.
     """
     y = _as_label_array(labels)
-    n = _check_num_clients(num_clients, len(y))
-    if not isinstance(method, str) or method not in PARTITION_METHODS:
-        raise ConfigError(
-            f"--data.partition={method!r} is not a known partition method; "
-            f"use one of {', '.join(PARTITION_METHODS)}"
-        )
-    seed = _check_seed(seed, reference or method == "dirichlet")
-    if client_size is not None and method != "dirichlet":
-        raise ConfigError(
-            f"--data.client_size={client_size!r} is only used by --data.partition dirichlet "
-            f"(got --data.partition {method}); drop --data.client_size or use dirichlet"
-        )
-
+    n, seed = _check_common(y, num_clients, method, seed, reference, client_size)
     if method == "dirichlet":
-        if reference:
-            raise ConfigError(
-                "--data.reference_partition=true replays the FedSoL code's partitions, which "
-                "have no dirichlet mode; --data.partition dirichlet always replays "
-                "pfl-research's draws: set --data.reference_partition false"
-            )
-        a = _check_alpha(alpha)
-        size = _check_client_size(client_size, n, len(y))
-        return _pfl_dirichlet(y, n, a, size, np.random.RandomState(seed))
+        return _dirichlet(y, n, alpha, client_size, seed, reference)
 
     if method == "iid":
         if reference:
@@ -136,6 +110,55 @@ def partition_indices(
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
+
+
+def _check_common(
+    y: np.ndarray, num_clients, method, seed, reference: bool, client_size
+) -> tuple[int, int]:
+    """The checks of :func:`partition_indices` every method shares, in its order.
+
+    Returns:
+        ``(num_clients, seed)`` as ints.
+
+    Raises:
+        ConfigError: a bad client count, method or seed, or ``client_size`` without
+            ``dirichlet``.
+    """
+    n = _check_num_clients(num_clients, len(y))
+    if not isinstance(method, str) or method not in PARTITION_METHODS:
+        raise ConfigError(
+            f"--data.partition={method!r} is not a known partition method; "
+            f"use one of {', '.join(PARTITION_METHODS)}"
+        )
+    seed = _check_seed(seed, reference or method == "dirichlet")
+    if client_size is not None and method != "dirichlet":
+        raise ConfigError(
+            f"--data.client_size={client_size!r} is only used by --data.partition dirichlet "
+            f"(got --data.partition {method}); drop --data.client_size or use dirichlet"
+        )
+    return n, seed
+
+
+def _dirichlet(
+    y: np.ndarray, n: int, alpha, client_size, seed: int, reference: bool
+) -> list[np.ndarray]:
+    """The ``dirichlet`` method of :func:`partition_indices`: its checks, then pfl-research's
+    draws (:func:`fl_lightning.data.dirichlet.pfl_dirichlet`).
+
+    Raises:
+        ConfigError: ``reference`` (no such mode), a bad ``alpha`` or ``client_size``.
+    """
+    from fl_lightning.data.dirichlet import pfl_dirichlet
+
+    if reference:
+        raise ConfigError(
+            "--data.reference_partition=true replays the FedSoL code's partitions, which "
+            "have no dirichlet mode; --data.partition dirichlet always replays "
+            "pfl-research's draws: set --data.reference_partition false"
+        )
+    a = _check_alpha(alpha)
+    size = _check_client_size(client_size, n, len(y))
+    return pfl_dirichlet(y, n, a, size, np.random.RandomState(seed))
 
 
 def _is_int(value) -> bool:
@@ -328,89 +351,6 @@ def _top_up(
             clients[short] = np.concatenate((clients[short], clients[donor][chosen]))
             clients[donor] = clients[donor][keep]
     return clients
-
-
-# --------------------------------------------------------------------------------------------
-# pfl-research's per-client Dirichlet class priors
-# --------------------------------------------------------------------------------------------
-
-
-def _pfl_dirichlet(
-    y: np.ndarray, num_clients: int, alpha: float, size: int, rs: np.random.RandomState
-) -> list[np.ndarray]:
-    """pfl-research's CIFAR-10 partition, random draw for random draw.
-
-    pfl shuffles the data (``np.random.permutation``) and then builds one user after the
-    other: it draws the user's class priors ``p ~ Dir(alpha, ..., alpha)`` and fills the user
-    one sample at a time, each time drawing a class from ``p`` (a uniform ``u``; the first class
-    whose cumulative prior exceeds ``u``) and taking the last remaining sample of that class in
-    the shuffled order; a draw of an exhausted class takes nothing. After every
-    ``size * DIRICHLET_SPREAD_EVERY`` draws of one user, ``DIRICHLET_SPREAD_BY`` is added to each
-    prior and the priors are renormalized, so the last users, who find most classes exhausted,
-    still fill up. pfl's quirk at that point is kept: it sets the last *prior* (not the last
-    cumulative value) to 1 after recomputing the cumulative priors, which tilts the next spread
-    towards the last class; and a ``u`` at or above the last cumulative prior (rounding) picks
-    class 0, as pfl's ``argmax`` over an all-false mask does.
-
-    The draws of one user are made in blocks (up to the next spread) and the block is cut where
-    the user is full; the generator is then rewound and advanced by exactly the draws used, so
-    the stream, and every user, equals pfl's scalar loop on the same labels and seed.
-    """
-    num_samples = len(y)
-    order = rs.permutation(num_samples)
-    # each class's positions in the shuffled order, ascending; a class is consumed from its end
-    pools = _class_pools(y[order])
-    num_classes = len(pools)
-    flat = np.concatenate(pools)
-    start = np.cumsum([0] + [len(p) for p in pools[:-1]])
-    left = np.array([len(p) for p in pools], dtype=np.int64)
-    period = size * DIRICHLET_SPREAD_EVERY
-    concentration = np.full(num_classes, alpha)
-    clients: list[np.ndarray] = []
-    for _ in range(num_clients):
-        priors = rs.dirichlet(concentration)
-        cdf = np.cumsum(priors)
-        cdf[-1] = 1.0
-        got: list[np.ndarray] = []
-        need, draws = size, 0
-        while need:
-            block = period - draws % period
-            state = rs.get_state()
-            u = rs.random_sample(block)
-            cls = np.searchsorted(cdf, u, side="right")
-            cls[cls == num_classes] = 0
-            rank = _occurrence_rank(cls, num_classes)
-            # the k-th draw of class c in the block succeeds iff c had more than k samples left
-            hits = np.flatnonzero(rank < left[cls])
-            if len(hits) >= need:
-                hits = hits[:need]
-                used = int(hits[-1]) + 1
-                rs.set_state(state)
-                rs.random_sample(used)  # the stream advances by the draws pfl made
-            else:
-                used = block
-            c, k = cls[hits], rank[hits]
-            got.append(order[flat[start[c] + left[c] - 1 - k]])
-            left -= np.bincount(c, minlength=num_classes)
-            need -= len(hits)
-            draws += used
-            if need and draws % period == 0:
-                priors = priors + DIRICHLET_SPREAD_BY
-                priors = priors / sum(priors.tolist())  # pfl's Python sum (left to right)
-                cdf = np.cumsum(priors)
-                priors[-1] = 1.0  # pfl's quirk (see the docstring)
-        clients.append(np.concatenate(got).astype(np.int64))
-    return clients
-
-
-def _occurrence_rank(values: np.ndarray, num_values: int) -> np.ndarray:
-    """For each entry, how many earlier entries hold the same value."""
-    order = np.argsort(values, kind="stable")
-    counts = np.bincount(values, minlength=num_values)
-    first = np.cumsum(counts) - counts
-    rank = np.empty(len(values), dtype=np.int64)
-    rank[order] = np.arange(len(values)) - np.repeat(first, counts)
-    return rank
 
 
 # --------------------------------------------------------------------------------------------

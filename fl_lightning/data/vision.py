@@ -27,6 +27,7 @@ import torch
 
 from fl_lightning.data.checksums import CINIC10_ARCHIVE_MD5, check_file
 from fl_lightning.errors import DataNotFoundError
+from fl_lightning.tensors import exception_line
 
 __all__ = ["load_cifar10", "load_svhn", "load_cinic10", "expected_md5", "CINIC10_CLASSES"]
 
@@ -54,20 +55,15 @@ def expected_md5(dataset: str) -> dict[str, str]:
     return {}
 
 
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _download(dataset: str, folder: str, action) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         action()
     except Exception as exc:  # noqa: BLE001 - re-raised as our own single-line error
         raise DataNotFoundError(
-            f"dataset {dataset!r}: download into {folder} failed ({_one_line(exc)}); check the "
-            "internet connection, or copy the files there and set --data.download false"
+            f"dataset {dataset!r}: download into {folder} failed "
+            f"({exception_line(exc, 160)}); check the internet connection, or copy the files "
+            "there and set --data.download false"
         ) from None
 
 
@@ -119,7 +115,7 @@ def load_cifar10(root: str, download: bool, split: str, verify: bool = True):
             data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             target = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
         except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
-            raise _corrupt("cifar10", path, _one_line(exc), fix) from None
+            raise _corrupt("cifar10", path, exception_line(exc, 160), fix) from None
         if target.shape != (len(data),):
             raise _corrupt("cifar10", path, f"{target.shape} labels for {len(data)} images", fix)
         if len(target) and (target.min() < 0 or target.max() > 9):
@@ -154,7 +150,7 @@ def load_svhn(root: str, download: bool, split: str, verify: bool = True):
         x = np.asarray(mat["X"])
         y = np.asarray(mat["y"]).astype(np.int64).reshape(-1)
     except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
-        raise _corrupt("svhn", path, _one_line(exc), fix) from None
+        raise _corrupt("svhn", path, exception_line(exc, 160), fix) from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
         raise _corrupt(
             "svhn", path, f"X is {x.shape} {x.dtype} for {len(y)} labels, expected (32, 32, 3, N)"
@@ -199,8 +195,8 @@ def load_cinic10(root: str, download: bool, split: str, verify: bool = True):
         samples = make_dataset(folder, class_to_idx, extensions=_IMG_EXTENSIONS)
     except (FileNotFoundError, OSError) as exc:
         raise DataNotFoundError(
-            f"dataset 'cinic10': no class folders with images in {folder} ({_one_line(exc)}); "
-            f"{fix}"
+            f"dataset 'cinic10': no class folders with images in {folder} "
+            f"({exception_line(exc, 160)}); {fix}"
         ) from None
     if tuple(classes) != CINIC10_CLASSES:
         raise DataNotFoundError(
@@ -222,7 +218,7 @@ def load_cinic10(root: str, download: bool, split: str, verify: bool = True):
             with Image.open(path) as img:
                 arr = np.asarray(img.convert("RGB"))
         except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
-            raise _corrupt("cinic10", path, _one_line(exc), fix) from None
+            raise _corrupt("cinic10", path, exception_line(exc, 160), fix) from None
         if arr.shape != (32, 32, 3):
             raise _corrupt("cinic10", path, f"image of size {arr.shape[:2]}, expected 32x32", fix)
         images[i] = arr

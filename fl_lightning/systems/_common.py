@@ -1,11 +1,9 @@
-"""Helpers shared by the systems mechanisms: seed streams and generators, validation."""
+"""Helpers shared by the systems mechanisms: seed streams and generators."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-from fl_lightning.validate import share
 
 #: Stream keys: every mechanism draws from its own seed stream, so adding one never changes the
 #: random numbers of another (or the data order, which uses ``(seed, round, client)``).
@@ -27,15 +25,3 @@ def generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator
     gen = torch.Generator(device=device)
     gen.manual_seed(sub_seed(*keys))
     return gen
-
-
-def ratio(value: float, option: str, what: str, high_inclusive: bool = False) -> float:
-    """``value`` as a float in ``[0, 1)`` (or ``[0, 1]``): :func:`fl_lightning.validate.share`
-    with ``what`` and an example as the hint."""
-    return share(value, option, f"{what}; e.g. 0.2", high_open=not high_inclusive)
-
-
-def positive_share(value: float, option: str, what: str, example: float) -> float:
-    """``value`` as a float in ``(0, 1]``: :func:`fl_lightning.validate.share` with ``what``
-    and ``example`` as the hint."""
-    return share(value, option, f"{what}; e.g. {example}", low_open=True, high_open=False)

@@ -10,7 +10,8 @@ import torch
 
 from fl_lightning.errors import ConfigError
 from fl_lightning.protocol import RoundPlan
-from fl_lightning.systems._common import STREAM_PARTICIPATION, generator, positive_share, ratio
+from fl_lightning.systems._common import STREAM_PARTICIPATION, generator
+from fl_lightning.validate import share
 
 __all__ = ["Participation", "split_participation", "straggler_epochs"]
 
@@ -102,16 +103,18 @@ class Participation:
         straggler_epochs: str = "fixed",
         straggler_policy: str = "partial",
     ) -> None:
-        self.dropout_ratio = ratio(
-            dropout_ratio, "--model.participation.dropout_ratio", "the share of dropped clients"
+        self.dropout_ratio = share(
+            dropout_ratio, "--model.participation.dropout_ratio",
+            "the share of dropped clients; e.g. 0.2",
         )
-        self.straggler_ratio = ratio(
+        self.straggler_ratio = share(
             straggler_ratio, "--model.participation.straggler_ratio",
-            "the share of straggling clients", high_inclusive=True,
+            "the share of straggling clients; e.g. 0.2", high_open=False,
         )
-        self.straggler_work = positive_share(
+        self.straggler_work = share(
             straggler_work, "--model.participation.straggler_work",
-            "the share of local steps a straggler completes", 0.5,
+            "the share of local steps a straggler completes; e.g. 0.5", low_open=True,
+            high_open=False,
         )
         if straggler_epochs not in STRAGGLER_EPOCHS:
             raise ConfigError(
