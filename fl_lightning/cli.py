@@ -22,6 +22,7 @@ from fl_lightning import registry
 from fl_lightning.cli_help import CompactHelpFormatter
 from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.errors import ConfigError
+from fl_lightning.interrupt import interrupt_at_round_boundary
 from fl_lightning.module import FederatedModule, Preempted
 from fl_lightning.quiet import quiet_expected_messages
 from fl_lightning.resume import (
@@ -439,7 +440,8 @@ def main(args: list[str] | None = None) -> None:
 def _main(args: list[str] | None) -> None:
     """Run the CLI; a known failure becomes one line on stderr and an exit status."""
     try:
-        FederatedCLI(args=args)
+        with interrupt_at_round_boundary():
+            FederatedCLI(args=args)
     except (ConfigError, DivergenceError) as err:
         if rank_zero_only.rank == 0:  # under DDP every rank stops; one of them says why
             print(f"fl-lightning: error: {err}", file=sys.stderr)
@@ -462,13 +464,14 @@ def _main(args: list[str] | None) -> None:
         print(f"fl-lightning: error: {err.__cause__}", file=sys.stderr)
         raise SystemExit(2) from None
     except Preempted as stop:
+        by = "Ctrl-C (SIGINT)" if stop.signal == "SIGINT" else "SIGTERM"
         print(
-            f"fl-lightning: stopped by SIGTERM after round {stop.rounds}; checkpoint "
+            f"fl-lightning: stopped by {by} after round {stop.rounds}; checkpoint "
             f"{os.path.abspath(stop.path)}; resume with the same command plus --ckpt_path "
             f"{stop.path}",
             file=sys.stderr,
         )
-        raise SystemExit(143) from None
+        raise SystemExit(130 if stop.signal == "SIGINT" else 143) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,7 @@ from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.engine import ClientEngine, SequentialEngine, tracked_batchnorms
 from fl_lightning.errors import ConfigError
+from fl_lightning.interrupt import interrupt_requested
 from fl_lightning.models.base import FederatedNet
 from fl_lightning.models.cnn import FedAvgCNN
 from fl_lightning.optim import ServerSGD
@@ -41,12 +42,14 @@ __all__ = ["FederatedModule", "Preempted"]
 
 
 class Preempted(SIGTERMException):
-    """The run received SIGTERM; a checkpoint at the last round boundary was written."""
+    """The run received SIGTERM (or Ctrl-C: ``signal="SIGINT"``); a checkpoint at the last
+    round boundary was written."""
 
-    def __init__(self, path: str, rounds: int) -> None:
+    def __init__(self, path: str, rounds: int, signal: str = "SIGTERM") -> None:
         super().__init__(path, rounds)
         self.path = path
         self.rounds = rounds
+        self.signal = signal
 
 NetFactory = Callable[[int, Sequence[int]], FederatedNet]
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -356,9 +359,16 @@ class FederatedModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Lightning only notices SIGTERM at the end of an epoch (= the whole run here): stop at
-        # the round boundary instead, with a checkpoint to resume from.
-        if self.trainer.received_sigterm:
-            raise Preempted(self._save_preemption_checkpoint(), self.global_step)
+        # the round boundary instead, with a checkpoint to resume from. A first Ctrl-C
+        # (fl_lightning.interrupt) does the same; under DDP the ranks agree on the decision
+        # (one boolean all-reduce), so every rank stops after the same round.
+        sigint = interrupt_requested()
+        stop = self.trainer.received_sigterm or sigint
+        if self.trainer.world_size > 1:
+            stop = self.trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            raise Preempted(self._save_preemption_checkpoint(), self.global_step,
+                            "SIGINT" if sigint else "SIGTERM")
 
     def _save_preemption_checkpoint(self) -> str:
         trainer = self.trainer

@@ -71,6 +71,20 @@ class SigtermCallback(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigintCallback(Callback):
+    """Test callback: presses Ctrl-C ``times`` times (SIGINT to its own process) as round
+    ``at_round`` starts."""
+
+    def __init__(self, at_round: int = 2, times: int = 1) -> None:
+        self.at_round = at_round
+        self.times = times
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_round:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+
 class NaNForClient(Algorithm):
     """Test algorithm: FedAvg, except that client ``client_id`` returns a NaN direction."""
 

@@ -87,6 +87,38 @@ def test_sigterm_mid_round_then_resume_is_bit_identical(tmp_path, monkeypatch):
     _assert_same(_ckpts(tmp_path, 1)["round=4.ckpt"], _ckpts(tmp_path, 2)["round=4.ckpt"])
 
 
+def test_ctrl_c_stops_at_the_round_boundary_with_a_checkpoint_twice_stops_at_once(
+    tmp_path, monkeypatch, capsys
+):
+    """The first Ctrl-C (SIGINT, in process) behaves as SIGTERM: the round in flight ends, a
+    checkpoint is written, the resume command printed (exit 130), and resuming ends exactly as
+    an uninterrupted run; a second Ctrl-C stops at once, without a checkpoint of that round."""
+    import signal
+
+    args = [*TINY, "--trainer.max_steps", "4"]
+    monkeypatch.chdir(tmp_path)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *args, "--trainer.callbacks+=helpers.SigintCallback",
+              "--trainer.callbacks.at_round=2"])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "Ctrl-C: stopping after the round in flight" in err
+    assert "stopped by Ctrl-C (SIGINT) after round 3" in err and "--ckpt_path" in err
+    ckpt = _ckpts(tmp_path, 0)["preempted-round=3.ckpt"]
+    assert "round=4.ckpt" not in _ckpts(tmp_path, 0)
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is the caller's again
+    main(["fit", *args, "--ckpt_path", str(ckpt)])
+    main(["fit", *args])
+    _assert_same(_ckpts(tmp_path, 1)["round=4.ckpt"], _ckpts(tmp_path, 2)["round=4.ckpt"])
+    with pytest.raises(SystemExit) as twice:
+        main(["fit", *args, "--trainer.callbacks+=helpers.SigintCallback",
+              "--trainer.callbacks.at_round=1", "--trainer.callbacks.times=2"])
+    assert twice.value.code == 1  # Lightning's KeyboardInterrupt shutdown
+    assert not [k for k in _ckpts(tmp_path, 3) if k.startswith("preempted")]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_changed_setting_on_resume_stops_or_applies(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     main(["fit", *TINY, "--trainer.max_steps", "2"])
