@@ -465,12 +465,13 @@ def _main(args: list[str] | None) -> None:
         raise SystemExit(2) from None
     except Preempted as stop:
         by = "Ctrl-C (SIGINT)" if stop.signal == "SIGINT" else "SIGTERM"
-        print(
-            f"fl-lightning: stopped by {by} after round {stop.rounds}; checkpoint "
-            f"{os.path.abspath(stop.path)}; resume with the same command plus --ckpt_path "
-            f"{stop.path}",
-            file=sys.stderr,
-        )
+        if rank_zero_only.rank == 0:  # under DDP every rank stops after the same round
+            print(
+                f"fl-lightning: stopped by {by} after round {stop.rounds}; checkpoint "
+                f"{os.path.abspath(stop.path)}; resume with the same command plus --ckpt_path "
+                f"{stop.path}",
+                file=sys.stderr,
+            )
         raise SystemExit(130 if stop.signal == "SIGINT" else 143) from None
 
 

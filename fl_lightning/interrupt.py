@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
 __all__ = ["interrupt_at_round_boundary", "interrupt_requested"]
 
 _requested = threading.Event()
@@ -31,8 +33,9 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         raise KeyboardInterrupt
     _requested.set()
-    print("\nfl-lightning: Ctrl-C: stopping after the round in flight, with a checkpoint "
-          "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+    if rank_zero_only.rank == 0:  # under DDP every rank gets the Ctrl-C; one of them says so
+        print("\nfl-lightning: Ctrl-C: stopping after the round in flight, with a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
 
 @contextmanager
