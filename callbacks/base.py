@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -150,6 +151,17 @@ class RoundCallback(pl.Callback):
                 ``dtype`` and ``num_classes``; see the batch helpers of this module).
             result: what the round produced (``round`` counts from 0).
         """
+
+    def measure_global(self, trainer: Any, module: Any, result: RoundResult) -> None:
+        """When due: ``self.measure(module, result.global_after)`` (a subclass's measurement
+        of the new global model), timed into :attr:`seconds`, then :meth:`log_round`; the
+        whole ``on_round_end`` of a callback that measures only the global model."""
+        if not self.is_due(result.round):
+            return
+        start = time.perf_counter()
+        metrics = self.measure(module, result.global_after)
+        self.seconds += time.perf_counter() - start
+        self.log_round(trainer, result.round + 1, metrics)
 
     def is_due(self, round_idx: int) -> bool:
         """Whether to measure after round ``round_idx`` (counted from 0)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -68,12 +67,7 @@ class ClassWiseAccuracy(RoundCallback):
 
     @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self.is_due(result.round):
-            return
-        start = time.perf_counter()
-        metrics = self.measure(module, result.global_after)
-        self.seconds += time.perf_counter() - start
-        self.log_round(trainer, result.round + 1, metrics)
+        self.measure_global(trainer, module, result)
 
     def plot(self, trainer: Any) -> None:
         import matplotlib

@@ -261,12 +261,7 @@ class GlobalObjective(RoundCallback):
 
     @override
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: RoundResult) -> None:
-        if not self.is_due(result.round):
-            return
-        start = time.perf_counter()
-        metrics = self.measure(module, result.global_after)
-        self.seconds += time.perf_counter() - start
-        self.log_round(trainer, result.round + 1, metrics)
+        self.measure_global(trainer, module, result)
 
     def tail_stats(self) -> dict[str, float]:
         """Mean, std and range of ``loss`` (and ``gap``) over the last ``tail`` share of the
