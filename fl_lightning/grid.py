@@ -138,12 +138,21 @@ def parse_setting(text: str) -> Setting:
 
 
 def check_datasets(settings: Sequence[Setting]) -> None:
-    """Exit 2 with one line, before any cell starts, on a dataset name no cell could load."""
-    from fl_lightning.data.datasets import available_datasets
+    """Exit 2 with one line, before any cell starts, on a dataset name no cell could load.
+
+    The names that need no import are checked first: listing the MedMNIST flags imports
+    medmnist and PyTorch (~2 s of CPU), which the grid process otherwise never does."""
+    from fl_lightning.data.datasets import NATURAL, RGB32
     from fl_lightning.suggest import did_you_mean
 
+    cheap = {"digits", "mnist", *RGB32, *NATURAL}
+    unknown = [s for s in settings if s.dataset not in cheap]
+    if not unknown:
+        return
+    from fl_lightning.data.datasets import available_datasets
+
     known = available_datasets()
-    for s in settings:
+    for s in unknown:
         if s.dataset not in known:
             _fail(f"--settings dataset {s.dataset!r} is unknown"
                   f"{did_you_mean(s.dataset, known)}: use one of {', '.join(known[:7])} or "
