@@ -7,7 +7,7 @@ traceback) and exits with status 2.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataNotFoundError"]
+__all__ = ["ConfigError", "DataNotFoundError", "exception_line"]
 
 
 class ConfigError(ValueError):
@@ -16,3 +16,12 @@ class ConfigError(ValueError):
 
 class DataNotFoundError(ConfigError):
     """A dataset's files are missing or unreadable under ``data_dir`` and download is off."""
+
+
+def exception_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of ``exc`` on one line (white space folded), cut to ``limit``
+    characters with ``...``."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fl_lightning.errors import exception_line  # re-exported: its home needs no PyTorch
+
 __all__ = [
     "PRECISION_DTYPES",
     "data_weights",
@@ -80,12 +82,3 @@ def flatten_dict(params: Mapping[str, Tensor]) -> Tensor:
 def unflatten_dict(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``flat`` split into a dict shaped like ``like`` (same keys, in order)."""
     return dict(zip(like, unflatten(flat, list(like.values())), strict=True))
-
-
-def exception_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: message`` of ``exc`` on one line (white space folded), cut to ``limit``
-    characters with ``...``."""
-    text = " ".join(str(exc).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -385,3 +385,20 @@ def test_medmnist_labels_out_of_range(tmp_path):
     write_medmnist(path, channels=1, num_classes=5)  # labels up to 3, breastmnist has 2
     with pytest.raises(DataNotFoundError, match="labels"):
         load_dataset("breastmnist", tmp_path, False, "train", verify=False)
+
+
+def test_labels_and_the_grid_check_import_no_pytorch():
+    """A Flower node that only reports its partition's size (``load_labels``) and the grid's
+    dataset check stay free of PyTorch (~2 s of CPU per process start): nothing they import
+    may pull it in (the one-line exception formatter lives in ``fl_lightning.errors``)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fl_lightning.data.datasets import load_labels; "
+            "from fl_lightning.grid import Setting, check_datasets; "
+            "check_datasets([Setting('digits', 'iid'), Setting('synthetic', 'natural', '1:1')]); "
+            "print(sorted(m for m in ('torch', 'lightning', 'medmnist') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -46,8 +46,7 @@ from fl_lightning.data.medmnist import (  # noqa: F401 - re-exported: their old 
     _medmnist_entry,
     _medmnist_flags,
 )
-from fl_lightning.errors import ConfigError, DataNotFoundError
-from fl_lightning.tensors import exception_line
+from fl_lightning.errors import ConfigError, DataNotFoundError, exception_line
 
 if TYPE_CHECKING:
     import torch

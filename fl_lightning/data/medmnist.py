@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fl_lightning.data.checksums import check_file
-from fl_lightning.errors import ConfigError, DataNotFoundError
+from fl_lightning.errors import ConfigError, DataNotFoundError, exception_line
 from fl_lightning.suggest import did_you_mean
-from fl_lightning.tensors import exception_line
 
 if TYPE_CHECKING:
     import torch

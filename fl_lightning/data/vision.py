@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from fl_lightning.data.checksums import CINIC10_ARCHIVE_MD5, check_file
-from fl_lightning.errors import DataNotFoundError
-from fl_lightning.tensors import exception_line
+from fl_lightning.errors import DataNotFoundError, exception_line
 
 __all__ = ["load_cifar10", "load_svhn", "load_cinic10", "expected_md5", "CINIC10_CLASSES"]
 
