@@ -68,8 +68,10 @@ def _exchange(
             key = pending.pop(reply.metadata.reply_to_message_id, None)
             if key is None:
                 continue
-            if reply.has_error():
+            if reply.has_error():  # Flower's own: the node went away, the app crashed
                 failures[key] = f"error {reply.error.code}: {reply.error.reason}"
+            elif "error" in reply.content:  # the ClientApp's: what failed on the node
+                failures[key] = str(reply.content["error"]["reason"])
             else:
                 replies[key] = reply
         if not pending or time.monotonic() > deadline:
