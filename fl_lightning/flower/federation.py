@@ -273,13 +273,17 @@ class LocalFederation:
 
     def start_supernode(
         self, k: int, log_name: str | None = None, private_key: str | os.PathLike | None = None,
-        root_cert: str | os.PathLike | None = None,
+        root_cert: str | os.PathLike | None = None, runs_apps: bool = True,
     ) -> subprocess.Popen:
         """Start SuperNode ``k`` (another key or CA than its own: a node the SuperLink must
-        refuse, with a home and log of its own); stopped by :meth:`stop`."""
+        refuse, with a home and log of its own); stopped by :meth:`stop`. ``runs_apps=False``
+        starts no ``flower-superexec`` beside it (``--isolation process``): a node that is only
+        to connect, or to be refused."""
         name = log_name or f"supernode-{k}"
-        proc = self._spawn(self.supernode_command(k, private_key, root_cert),
-                           self.workdir / f"home-{name}", f"{name}.log")
+        args = self.supernode_command(k, private_key, root_cert)
+        if not runs_apps:
+            args += ["--isolation", "process"]
+        proc = self._spawn(args, self.workdir / f"home-{name}", f"{name}.log")
         if log_name is not None:
             self._extra.append(proc)
         return proc
