@@ -138,23 +138,25 @@ def test_discovery_size_is_the_partition_the_node_trains_on():
 class _MemoryGrid:
     """Flower's ``Grid`` calls over memory instead of the network: every pushed message is
     answered at once by the real ClientApp handler with the node's own context (node config,
-    persistent state). Node ``victim`` leaves after the first round."""
+    persistent state). Node ``victim`` leaves after the first round; node ``restarted`` is
+    restarted then: an empty Flower context, and a new node id (as without authentication)."""
 
     def __init__(self, num_nodes: int, victim: int | None, restarted: int | None = None,
                  node_config: dict | None = None) -> None:
         self.state = {k: RecordDict() for k in range(num_nodes)}
         self.online, self.victim, self.replies, self.pushes = set(range(num_nodes)), victim, {}, 0
         self.restarted, self.node_config = restarted, node_config or {}
+        self.ids = {k: 100 + k for k in range(num_nodes)}
 
     def get_node_ids(self):
-        return [100 + k for k in sorted(self.online)]
+        return [self.ids[k] for k in sorted(self.online)]
 
     def push_messages(self, messages):
         from fl_lightning.flower.client import make_client_app
 
         app, ids = make_client_app(), []
         for i, msg in enumerate(messages):
-            k = msg.metadata.dst_node_id - 100
+            k = {v: k for k, v in self.ids.items()}[msg.metadata.dst_node_id]
             node_config = {"partition-id": k, "num-partitions": len(self.state),
                            "threads": THREADS, **self.node_config.get(k, {})}
             context = Context(run_id=1, node_id=msg.metadata.dst_node_id, state=self.state[k],
@@ -166,6 +168,7 @@ class _MemoryGrid:
             self.online.discard(self.victim)
             if self.restarted is not None:  # a restarted SuperNode: Flower's context is new
                 self.state[self.restarted] = RecordDict()
+                self.ids[self.restarted] += 100
         return ids
 
     def pull_messages(self, ids):

@@ -308,13 +308,6 @@ class LocalFederation:
             proc.wait(timeout=30)
         self.supernodes[k] = None
 
-    def restart(self, k: int) -> None:
-        """Stop SuperNode ``k`` (SIGTERM) and start it again with the same home, key and
-        state folder: its clients go on with the state in their state file."""
-        self.kill(k)
-        self.supernodes[k] = self.start_supernode(k, f"supernode-{k}-restarted")
-        self._extra.remove(self.supernodes[k])
-
     def stop(self) -> None:
         """Stop every process this federation started, the runs it submitted and the
         processes those started (SIGTERM, then SIGKILL after 15 s), then any other process
