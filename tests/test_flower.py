@@ -245,9 +245,10 @@ def test_a_run_whose_clients_all_fail_stops_with_the_node_error(tmp_path, server
     assert grid.pushes == 1 and not (tmp_path / "run" / "summary.json").exists()
     write_error(str(tmp_path / "run"), err.value)
     capsys.readouterr()  # the nodes' tracebacks (their logs, in a deployment)
-    assert _report(str(tmp_path / "run"), tmp_path, NUM_CLIENTS) == 1
+    assert _report(str(tmp_path / "run"), tmp_path, NUM_CLIENTS, exited=[2]) == 1
     out = capsys.readouterr()
     assert out.err.count("\n") == 1 and line in out.err and "accuracy" not in out.out
+    assert "SuperNode(s) 2 exited during the run: see" in out.err
 
 
 def _check_run(tmp_path: Path, name: str, victim: int, last: str) -> None:
@@ -337,9 +338,6 @@ def test_flower_federation_matches_simulation_and_drops_a_killed_supernode(tmp_p
 @pytest.mark.parametrize("argv, named", [
     (["--supernodes", "2"], "--supernodes=2 cannot be combined with --data.num_clients=3"),
     (["--args=--model.privacy fl_lightning.systems.DPFedAvg"], "--model.privacy is not"),
-    (["--args=--model.participation fl_lightning.systems.Participation "
-      "--model.participation.straggler_ratio 0.5 --model.participation.straggler_epochs "
-      "uniform"], "straggler_epochs=uniform"),
     (["--args=--data.nosuch 3"], "--data.nosuch is not an option"),
 ])
 def test_the_launcher_refuses_what_the_apps_would_before_any_process_starts(
@@ -390,3 +388,23 @@ def test_no_process_outlives_a_killed_launcher(tmp_path):
     while tagged(token) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert tagged(token) == [], f"still running after the launcher was killed: {started}"
+
+
+def test_given_certificates_that_cannot_work_are_refused_in_one_line(tmp_path):
+    # a server certificate for another host, signed by another CA, or with another key: the
+    # SuperNodes would fail the handshake one by one; the launcher says which file is wrong
+    from fl_lightning.errors import ConfigError
+    from fl_lightning.flower.tls import check_given, make_server_cert
+
+    ca, ca_key = make_ca(tmp_path / "a")
+    crt, key = make_server_cert(tmp_path / "a", ca, ca_key)
+    check_given(ca, crt, key)  # the pair made for 127.0.0.1: fine
+    other_ca = make_ca(tmp_path / "b")[0]
+    remote_crt, remote_key = make_server_cert(tmp_path / "c", ca, ca_key, hosts=("example.org",))
+    for args, says in (((other_ca, crt, key), "that CA did not sign it"),
+                       ((ca, crt, remote_key), "not that certificate's key"),
+                       ((ca, remote_crt, remote_key), "must name 127.0.0.1")):
+        with pytest.raises(ConfigError, match=says) as err:
+            check_given(*args)
+        assert "\n" not in str(err.value)
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and oct(ca.stat().st_mode & 0o777) == "0o644"

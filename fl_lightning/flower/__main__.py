@@ -140,8 +140,9 @@ def _check_options(parser: argparse.ArgumentParser, opts: argparse.Namespace) ->
                      "(or none, and they are generated)")
 
 
-def _report(save_dir: str, workdir: Path, supernodes: int) -> int:
-    """Print the run's outcome; the exit status (0: it finished, 1: it failed)."""
+def _report(save_dir: str, workdir: Path, supernodes: int, exited: list[int] = ()) -> int:
+    """Print the run's outcome; the exit status (0: it finished, 1: it failed). ``exited``:
+    the SuperNodes that ended during the run (named where the run failed)."""
     from fl_lightning.flower.server import ERROR_FILE
 
     summary = os.path.join(save_dir, "summary.json")
@@ -151,15 +152,18 @@ def _report(save_dir: str, workdir: Path, supernodes: int) -> int:
         print(f"fl-lightning: final global test accuracy {result['test_acc']:.4f} after "
               f"{result['rounds']} rounds over {supernodes} SuperNodes; saved {save_dir}")
         return 0
+    where = f"logs in {workdir}"
+    if exited:
+        where = (f"SuperNode(s) {', '.join(map(str, exited))} exited during the run: see "
+                 f"{workdir}/supernode-{exited[0]}.log")
     error = os.path.join(save_dir, ERROR_FILE)
     if os.path.isfile(error):
         with open(error) as fh:
             line = fh.read().strip()
-        print(f"fl-lightning: error: the run failed: {line} (logs in {workdir})",
-              file=sys.stderr)
+        print(f"fl-lightning: error: the run failed: {line} ({where})", file=sys.stderr)
     else:
-        print(f"fl-lightning: error: the run did not finish (no {summary}); see the logs in "
-              f"{workdir}", file=sys.stderr)
+        print(f"fl-lightning: error: the run did not finish (no {summary}; {where})",
+              file=sys.stderr)
     return 1
 
 
@@ -174,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--save-dir={save_dir} already holds a summary.json: pick a new folder")
     try:
         if opts.ca_cert:  # the given files first: cheap to check
-            from fl_lightning.flower.tls import check_pem
+            from fl_lightning.flower.tls import check_given, check_pem
 
-            for option, kind in (("ca_cert", "certificate"), ("server_cert", "certificate"),
-                                 ("server_key", "private key")):
-                check_pem(getattr(opts, option), f"--{option.replace('_', '-')}", kind)
+            check_given(*[check_pem(getattr(opts, option), f"--{option.replace('_', '-')}",
+                                    kind)
+                          for option, kind in (("ca_cert", "certificate"),
+                                               ("server_cert", "certificate"),
+                                               ("server_key", "private key"))])
         config = os.path.abspath(opts.config) if opts.config else app_config(opts.app)
         check_launch(config, opts.args, opts.rounds, opts.supernodes, opts.data_dir)
         tls = (TLSFiles.create(os.path.join(save_dir, "tls"), opts.supernodes,
@@ -191,13 +197,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_config = {"rounds": opts.rounds, "args": opts.args, "save-dir": save_dir,
                   "config": config}
-    with LocalFederation(opts.supernodes, opts.workdir, data_dir=opts.data_dir,
-                         threads=opts.threads, tls=tls) as fed:
-        security = "TLS, SuperNode authentication" if tls else "insecure"
-        print(f"fl-lightning: SuperLink on 127.0.0.1:{fed.port} ({security}), "
-              f"{opts.supernodes} SuperNodes; logs in {fed.workdir}", flush=True)
-        fed.run(opts.app, run_config)
-    return _report(save_dir, fed.workdir, opts.supernodes)
+    fed = LocalFederation(opts.supernodes, opts.workdir, data_dir=opts.data_dir,
+                          threads=opts.threads, tls=tls)
+    try:
+        with fed:
+            security = "TLS, SuperNode authentication" if tls else "insecure"
+            print(f"fl-lightning: SuperLink on 127.0.0.1:{fed.port} ({security}), "
+                  f"{opts.supernodes} SuperNodes; logs in {fed.workdir}", flush=True)
+            fed.run(opts.app, run_config)
+            exited = fed.exited()
+    except (RuntimeError, OSError) as err:  # a process that did not start (its log named)
+        print(f"fl-lightning: error: {err}", file=sys.stderr)
+        return 1
+    return _report(save_dir, fed.workdir, opts.supernodes, exited)
 
 
 if __name__ == "__main__":  # pragma: no cover

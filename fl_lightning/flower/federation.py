@@ -110,6 +110,7 @@ class TLSFiles:
             ca = tls.check_pem(given[0], names[0], "certificate")
             crt = tls.check_pem(given[1], names[1], "certificate")
             key = tls.check_pem(given[2], names[2], "private key")
+            tls.check_given(ca, crt, key, HOST)
         else:
             ca, ca_key = tls.make_ca(folder)
             crt, key = tls.make_server_cert(folder, ca, ca_key)
@@ -307,6 +308,11 @@ class LocalFederation:
             _signal_tree(proc.pid, sig)
             proc.wait(timeout=30)
         self.supernodes[k] = None
+
+    def exited(self) -> list[int]:
+        """The SuperNodes that ended on their own (refused by the SuperLink, a bad option),
+        not those :meth:`kill` stopped."""
+        return [k for k, p in enumerate(self.supernodes) if p is not None and p.poll() is not None]
 
     def stop(self) -> None:
         """Stop every process this federation started, the runs it submitted and the

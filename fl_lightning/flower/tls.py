@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fl_lightning.errors import ConfigError
 
-__all__ = ["check_pem", "make_ca", "make_node_keys", "make_server_cert"]
+__all__ = ["check_given", "check_pem", "make_ca", "make_node_keys", "make_server_cert"]
 
 VALID_DAYS = 365
 
@@ -162,3 +162,38 @@ def check_pem(path: str | os.PathLike, option: str, kind: str) -> Path:
                           f"without a passphrase ({type(err).__name__}: "
                           f"{' '.join(str(err).split())[:120]})") from None
     return p
+
+
+def check_given(ca_cert: Path, server_cert: Path, server_key: Path, host: str = "127.0.0.1",
+                ) -> None:
+    """Given certificates that can work: the server certificate names ``host`` (as an IP or
+    DNS subject alternative name), the CA signed it, and the key is its key; else one line
+    saying which and how to fix it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    crt = x509.load_pem_x509_certificate(server_cert.read_bytes())
+    key = serialization.load_pem_private_key(server_key.read_bytes(), password=None)
+    try:
+        sans = crt.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n) for n in sans.get_values_for_type(x509.IPAddress)]
+        names += sans.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if host not in names:
+        raise ConfigError(f"--server-cert={str(server_cert)!r} is invalid: it must name {host} "
+                          f"as a subject alternative name (it names {names or 'none'}); the "
+                          "SuperNodes connect to that address")
+    try:
+        crt.verify_directly_issued_by(ca)
+    except Exception as err:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError
+        raise ConfigError(f"--server-cert={str(server_cert)!r} cannot be combined with "
+                          f"--ca-cert={str(ca_cert)!r}: that CA did not sign it "
+                          f"({type(err).__name__}); give the CA that issued it") from None
+    mine = serialization.PublicFormat.SubjectPublicKeyInfo
+    pem = serialization.Encoding.PEM
+    if key.public_key().public_bytes(pem, mine) != crt.public_key().public_bytes(pem, mine):
+        raise ConfigError(f"--server-key={str(server_key)!r} cannot be combined with "
+                          f"--server-cert={str(server_cert)!r}: it is not that certificate's "
+                          "key; give the key the certificate was made for")
