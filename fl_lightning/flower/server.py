@@ -177,8 +177,9 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
         check_round(record, r, rounds)
     if not any(h["reported"] for h in history):
         raise FederationError(
-            f"no client reported in any of the {rounds} rounds (all planned dropouts): "
-            "nothing was trained; lower --model.participation.dropout_ratio"
+            f"no client reported in any of the {rounds} rounds (planned dropouts, or "
+            "non-finite updates skipped): nothing was trained; see progress.jsonl, and lower "
+            "--model.participation.dropout_ratio or the local learning rate"
         )
     module.attach(dm)
     metrics = module.evaluate()
