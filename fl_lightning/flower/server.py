@@ -175,12 +175,6 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
             with open(progress_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         check_round(record, r, rounds)
-    if not any(h["reported"] for h in history):
-        raise FederationError(
-            f"no client reported in any of the {rounds} rounds (planned dropouts, or "
-            "non-finite updates skipped): nothing was trained; see progress.jsonl, and lower "
-            "--model.participation.dropout_ratio or the local learning rate"
-        )
     module.attach(dm)
     metrics = module.evaluate()
     summary = {"rounds": rounds, **metrics, "num_clients": dm.num_clients,
@@ -200,9 +194,10 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
 def check_round(record: dict[str, Any], r: int, rounds: int) -> None:
     """Stop the run (a :class:`FederationError`, one line naming the first lost client's
     error) after a round in which no client reported and at least one was lost for a reason
-    other than a planned dropout: its node failed, went away or did not answer. A round whose
-    every client was a planned dropout, or whose clients were screened as non-finite, is the
-    policy at work and goes on."""
+    other than a planned dropout: its node failed, went away or did not answer. So a run in
+    which no client ever reports stops in its first round (the participation policy never
+    drops every sampled client, and a round whose every update is non-finite raises the
+    round's own ``DivergenceError``)."""
     lost = record["dropped"]
     if record["reported"] or record["skipped_nonfinite"] or not lost:
         return
