@@ -329,7 +329,7 @@ class FederatedCLI(LightningCLI):
             )
         self._weight_shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
         try:
-            check_state_files(ckpt)
+            check_state_files(ckpt, ckpt_path)
         except StateFileError as err:
             raise ConfigError(f"--ckpt_path={ckpt_path}: {err}") from None
         self._stored_config = stored_config(ckpt)[0]

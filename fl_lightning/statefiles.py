@@ -25,7 +25,7 @@ from fl_lightning.algorithms.state_file import Layout, StateFile, StateFileError
 
 __all__ = [
     "ClientStateFiles", "PinningCheckpointIO", "StateFileError", "check_state_files",
-    "client_stores",
+    "client_stores", "relocate",
 ]
 
 #: RAM budget per store before it moves to its file (``--client_state_ram_mb``)
@@ -75,8 +75,10 @@ class PinningCheckpointIO(CheckpointIO):
             store.unpin(str(path))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return self.inner.load_checkpoint(path, map_location=map_location,
-                                          weights_only=weights_only)
+        checkpoint = self.inner.load_checkpoint(path, map_location=map_location,
+                                                weights_only=weights_only)
+        relocate(checkpoint, str(path))
+        return checkpoint
 
     def teardown(self) -> None:
         self.inner.teardown()
@@ -123,18 +125,37 @@ def _references(value: Any) -> Iterable[Mapping[str, Any]]:
             yield from _references(sub)
 
 
-def check_state_files(checkpoint: Mapping[str, Any]) -> None:
-    """Every client-state file a loaded checkpoint refers to exists, is the file it was
-    written with and holds the records it refers to.
+def _all_references(checkpoint: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
+    for key in ("fl_algorithm_state", "fl_systems_state"):
+        yield from _references(checkpoint.get(key, {}))
+
+
+def relocate(checkpoint: Mapping[str, Any], path: str) -> None:
+    """Where a referenced file is gone but the run folder was moved with it (the file is in
+    ``client_state/`` beside the checkpoint's ``checkpoints/`` folder), refer to it there."""
+    run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    for ref in _all_references(checkpoint):
+        files = list(ref["files"])
+        for i, file in enumerate(files):
+            moved = os.path.join(run, "client_state", os.path.basename(str(file)))
+            if not os.path.exists(str(file)) and os.path.exists(moved):
+                files[i] = moved
+        if isinstance(ref, dict):
+            ref["files"] = files
+
+
+def check_state_files(checkpoint: Mapping[str, Any], path: str | None = None) -> None:
+    """Every client-state file a loaded checkpoint (read from ``path``) refers to exists, is
+    the file it was written with and holds the records it refers to.
 
     Raises:
         StateFileError: one line naming the file and what to do.
     """
-    for key in ("fl_algorithm_state", "fl_systems_state"):
-        for ref in _references(checkpoint.get(key, {})):
-            record = Layout.from_plain(ref["layout"]).nbytes
-            files, slots = ref["file"].tolist(), ref["record"].tolist()
-            for i, (path, uid) in enumerate(zip(ref["files"], ref["uids"], strict=True)):
-                need = 1 + max((s for f, s in zip(files, slots, strict=True) if f == i),
-                               default=-1)
-                StateFile.open(str(path), str(uid), record, need).close()
+    if path is not None:
+        relocate(checkpoint, path)
+    for ref in _all_references(checkpoint):
+        record = Layout.from_plain(ref["layout"]).nbytes
+        files, slots = ref["file"].tolist(), ref["record"].tolist()
+        for i, (file, uid) in enumerate(zip(ref["files"], ref["uids"], strict=True)):
+            need = 1 + max((s for f, s in zip(files, slots, strict=True) if f == i), default=-1)
+            StateFile.open(str(file), str(uid), record, need).close()

@@ -172,3 +172,48 @@ def test_scaffold_and_feddyn_are_bit_identical_on_disk(algorithm, engine, tmp_pa
         assert torch.equal(a, b), k
     for c in range(6):
         assert _equal(ram.clients.get(c, lambda: {}), disk.clients.get(c, lambda: {})), c
+
+
+def test_fit_on_disk_resumes_exactly_from_a_moved_run_folder_and_says_when_the_store_is_gone(
+    tmp_path, monkeypatch, capsys
+):
+    """SCAFFOLD with every client's c_i on disk (--client_state_ram_mb 0): the checkpoints
+    hold an index, not the state; resuming from the older of two kept checkpoints, after the
+    run folder was moved and the store holds later writes, ends as the uninterrupted run; a
+    checkpoint whose store is gone is refused with one line before anything runs."""
+    from test_cli import FAST, QUICK, REPO
+
+    from fl_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", QUICK, *FAST, "--config", str(REPO / "configs/algorithms/scaffold.yaml"),
+            "--model.sample_ratio", "0.5", "--trainer.val_check_interval", "2",
+            "--checkpoint_every_n_rounds", "2", "--keep_last_checkpoints", "5",
+            "--trainer.max_steps", "4", "--client_state_ram_mb", "0"]
+    main(["fit", *args, "--trainer.default_root_dir", "a"])
+    run = tmp_path / "a/lightning_logs/fl/version_0"
+    ckpt = torch.load(run / "checkpoints/round=4.ckpt", weights_only=True)
+    ref = ckpt["fl_algorithm_state"]["clients"]["store"]
+    assert "clients" not in ckpt["fl_algorithm_state"]["clients"]  # no copy of the state
+    assert ref["files"] == [str(run / "client_state/algorithm.clients.bin")]
+    assert len(ref["clients"]) > 10
+    os.rename(tmp_path / "a", tmp_path / "moved")
+    moved = tmp_path / "moved/lightning_logs/fl/version_0"
+    main(["fit", *args, "--trainer.default_root_dir", "b",
+          "--ckpt_path", str(moved / "checkpoints/round=2.ckpt")])
+    resumed = torch.load(tmp_path / "b/lightning_logs/fl/version_0/checkpoints/round=4.ckpt",
+                         weights_only=True)
+    for k, w in ckpt["state_dict"].items():
+        assert torch.equal(w, resumed["state_dict"][k]), k
+    assert torch.equal(resumed["fl_algorithm_state"]["server"]["c"]["classifier.bias"],
+                       ckpt["fl_algorithm_state"]["server"]["c"]["classifier.bias"])
+    lonely = tmp_path / "copied.ckpt"
+    lonely.write_bytes((moved / "checkpoints/round=2.ckpt").read_bytes())
+    os.rename(tmp_path / "moved", tmp_path / "gone")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *args, "--trainer.default_root_dir", "c", "--ckpt_path", str(lonely)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in err, err
+    assert err.startswith(f"fl-lightning: error: --ckpt_path={lonely}: client-state file ")
+    assert "algorithm.clients.bin does not exist" in err and not (tmp_path / "c").exists()
