@@ -134,9 +134,9 @@ class StateFile:
     @classmethod
     def open(cls, path: str, uid: str, record: int, records: int) -> StateFile:
         """Open an earlier run's file for reading; it must hold ``records`` records."""
-        what = ("a checkpoint's client state is kept beside it in its run folder's "
-                "client_state/; resume from a checkpoint whose run folder is complete, or "
-                "copy that folder back")
+        what = ("a checkpoint's client state is kept in its run folder's client_state/, not "
+                "in the .ckpt, so a checkpoint copied without that folder cannot resume; resume "
+                "from a checkpoint whose run folder is complete, or copy that folder back")
         if not os.path.isfile(path):
             raise StateFileError(f"client-state file {path} does not exist ({what})")
         fd = os.open(path, os.O_RDONLY)
