@@ -100,6 +100,36 @@ def _fit(args, work: Path, extra: list[str], tag: str) -> dict:
     return out
 
 
+CHECK = """
+import sys, time, torch
+start = time.perf_counter()
+ckpt = torch.load(sys.argv[1], weights_only=True, map_location="cpu", mmap=sys.argv[2] == "mmap")
+shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+config = ckpt["fl_config"]
+print(time.perf_counter() - start)
+"""
+
+
+def resume_check(work: Path, mib: int) -> dict:
+    """The CLI's resume check on a checkpoint of ``mib`` MiB of client state (the layout of a
+    checkpoint that copied the store): a full ``torch.load`` (as before) against
+    ``torch.load(mmap=True)`` (now), each in a fresh process: seconds and peak RSS."""
+    path = work / "big.ckpt"
+    rows = mib * 2**20 // (4 * 199_210)
+    torch = __import__("torch")
+    torch.save({"state_dict": {"w": torch.zeros(199_210)}, "fl_config": "model: {}",
+                "fl_algorithm_state": {"clients": {"clients": {
+                    c: {"c_i": {"w": torch.ones(199_210)}} for c in range(rows)}}}}, path)
+    out = {"checkpoint_mib": path.stat().st_size / 2**20}
+    for how in ("full", "mmap"):
+        proc = subprocess.Popen([sys.executable, "-c", CHECK, str(path), how],
+                                stdout=subprocess.PIPE, text=True)
+        text = proc.stdout.read()
+        _, _, usage = os.wait4(proc.pid, 0)
+        out[how] = {"seconds": float(text), "peak_rss_mib": usage.ru_maxrss / 1024}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared/data"))
@@ -111,8 +141,16 @@ def main() -> None:
     parser.add_argument("--code", default=str(REPO), help="checkout whose fl_lightning runs")
     parser.add_argument("--cap", type=int, default=CAP, help="address-space cap (bytes)")
     parser.add_argument("--resume", action="store_true", help="then resume for one round")
+    parser.add_argument("--resume-check-mib", type=int, default=0,
+                        help="only time the resume check on a checkpoint of this size")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.resume_check_mib:
+        with tempfile.TemporaryDirectory(prefix="scale_") as tmp:
+            result = {"resume_check": resume_check(Path(tmp), args.resume_check_mib),
+                      "load_avg": os.getloadavg()}
+        print(json.dumps(result, indent=2))
+        return
     if "." not in args.algorithm:
         args.algorithm = f"fl_lightning.algorithms.{args.algorithm}"
     result: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"},

@@ -316,7 +316,7 @@ class FederatedCLI(LightningCLI):
         try:
             # mmap: only the pages of what the check reads (the config, the weights' shapes)
             # are read here; Lightning's own load then reads the file once
-            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+            ckpt = _load_for_check(ckpt_path)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
             raise ConfigError(
                 f"--ckpt_path={ckpt_path} is not a readable checkpoint ({type(err).__name__}): "
@@ -410,6 +410,15 @@ class FederatedCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._check_checkpoint_fits()
+
+
+def _load_for_check(path: str) -> Any:
+    """The checkpoint, memory-mapped (only what the check reads is read); a file torch cannot
+    map (the legacy, non-zip format) is read whole."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except RuntimeError:
+        return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _require(module: str, what: str) -> None:
