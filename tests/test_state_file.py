@@ -68,6 +68,13 @@ def test_disk_store_equals_the_ram_store_and_holds_no_rows(budget, tmp_path):
     for c in range(40):
         disk.put(c, _state(1000 + c))
     assert os.path.getsize(tmp_path / "s.bin") == HEADER + 40 * RECORD
+    # a RAM checkpoint (copied state) loads into a store on disk, and the other way round
+    moved = _fresh(tmp_path, "from_ram.bin")
+    moved.load_state_dict(ram.state_dict())
+    back = ClientStateStore()
+    back.load_state_dict(moved.state_dict())
+    assert moved.file is not None and back.file is None and len(moved) == len(back) == 40
+    assert _equal(moved.gather(ids), ram.gather(ids)) and _equal(back.gather(ids), ram.gather(ids))
     with pytest.raises(ValueError, match=r"c_i/w is \[4, 3\] torch.float32 but the store holds"):
         disk.put(1, {"c_i": {"w": torch.zeros(4, 3), "b": torch.zeros(4, dtype=torch.float64)},
                      "n": {"count": torch.zeros(2, dtype=torch.int64)}})
