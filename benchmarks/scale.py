@@ -100,6 +100,13 @@ def _fit(args, work: Path, extra: list[str], tag: str) -> dict:
     return out
 
 
+WRITE = """
+import sys, torch
+torch.save({"state_dict": {"w": torch.zeros(199_210)}, "fl_config": "model: {}",
+            "fl_algorithm_state": {"clients": {"clients": {
+                c: {"c_i": {"w": torch.ones(199_210)}} for c in range(int(sys.argv[2]))}}}},
+           sys.argv[1])
+"""
 CHECK = """
 import sys, time, torch
 start = time.perf_counter()
@@ -116,10 +123,8 @@ def resume_check(work: Path, mib: int) -> dict:
     ``torch.load(mmap=True)`` (now), each in a fresh process: seconds and peak RSS."""
     path = work / "big.ckpt"
     rows = mib * 2**20 // (4 * 199_210)
-    torch = __import__("torch")
-    torch.save({"state_dict": {"w": torch.zeros(199_210)}, "fl_config": "model: {}",
-                "fl_algorithm_state": {"clients": {"clients": {
-                    c: {"c_i": {"w": torch.ones(199_210)}} for c in range(rows)}}}}, path)
+    # written by a child: a forked child's ru_maxrss starts at its parent's RSS
+    subprocess.run([sys.executable, "-c", WRITE, str(path), str(rows)], check=True)
     out = {"checkpoint_mib": path.stat().st_size / 2**20}
     for how in ("full", "mmap"):
         proc = subprocess.Popen([sys.executable, "-c", CHECK, str(path), how],
