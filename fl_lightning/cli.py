@@ -328,15 +328,15 @@ class FederatedCLI(LightningCLI):
                 "fl-lightning"
             )
         self._weight_shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
-        try:
-            check_state_files(ckpt, ckpt_path)
-        except StateFileError as err:
-            raise ConfigError(f"--ckpt_path={ckpt_path}: {err}") from None
         self._stored_config = stored_config(ckpt)[0]
         resume = check_resume(
             ckpt, given, path=ckpt_path, apply=config.get("resume_changes") == "apply",
             full=sub == "fit",
         )
+        try:  # the client-state files the load will read (not those of replaced components)
+            check_state_files(ckpt, ckpt_path, skip=resume.replaced)
+        except StateFileError as err:
+            raise ConfigError(f"--ckpt_path={ckpt_path}: {err}") from None
         self._resume = resume
         if sub == "fit" and not resume.complete and rank_zero_only.rank == 0:
             print(

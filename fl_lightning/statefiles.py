@@ -125,9 +125,18 @@ def _references(value: Any) -> Iterable[Mapping[str, Any]]:
             yield from _references(sub)
 
 
-def _all_references(checkpoint: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
-    for key in ("fl_algorithm_state", "fl_systems_state"):
-        yield from _references(checkpoint.get(key, {}))
+def _all_references(
+    checkpoint: Mapping[str, Any], skip: Iterable[str] = ()
+) -> Iterable[Mapping[str, Any]]:
+    """The client-state references of a checkpoint; ``skip``: replaced components
+    (``model.algorithm``, ``model.compressor``) whose state is not loaded."""
+    skip = set(skip)
+    if "model.algorithm" not in skip:
+        yield from _references(checkpoint.get("fl_algorithm_state", {}))
+    systems = checkpoint.get("fl_systems_state", {})
+    for name, state in (systems.items() if isinstance(systems, Mapping) else ()):
+        if not (name == "compressor" and "model.compressor" in skip):
+            yield from _references(state)
 
 
 def relocate(checkpoint: Mapping[str, Any], path: str) -> None:
@@ -144,7 +153,9 @@ def relocate(checkpoint: Mapping[str, Any], path: str) -> None:
             ref["files"] = files
 
 
-def check_state_files(checkpoint: Mapping[str, Any], path: str | None = None) -> None:
+def check_state_files(
+    checkpoint: Mapping[str, Any], path: str | None = None, skip: Iterable[str] = ()
+) -> None:
     """Every client-state file a loaded checkpoint (read from ``path``) refers to exists, is
     the file it was written with and holds the records it refers to.
 
@@ -153,7 +164,7 @@ def check_state_files(checkpoint: Mapping[str, Any], path: str | None = None) ->
     """
     if path is not None:
         relocate(checkpoint, path)
-    for ref in _all_references(checkpoint):
+    for ref in _all_references(checkpoint, skip):
         record = Layout.from_plain(ref["layout"]).nbytes
         files, slots = ref["file"].tolist(), ref["record"].tolist()
         for i, (file, uid) in enumerate(zip(ref["files"], ref["uids"], strict=True)):

@@ -186,6 +186,11 @@ class StateFile:
             os.close(self.fd)
             self.fd = -1
 
+    def __getstate__(self) -> None:
+        # a copy would share the descriptor and close it twice
+        raise TypeError(f"the client-state file {self.path} is open: a store on disk cannot be "
+                        "copied or pickled; copy its state_dict() instead")
+
 
 class FileRows:
     """Every client's state in :class:`StateFile` records (see the module docstring).
