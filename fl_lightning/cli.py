@@ -36,6 +36,12 @@ from fl_lightning.resume import (
 )
 from fl_lightning.round import DivergenceError
 from fl_lightning.rundir import check_run_dir
+from fl_lightning.statefiles import (
+    DEFAULT_RAM_MB,
+    ClientStateFiles,
+    StateFileError,
+    check_state_files,
+)
 from fl_lightning.trainer_options import check_trainer_options
 from fl_lightning.validate import (
     check_config_files,
@@ -44,6 +50,7 @@ from fl_lightning.validate import (
     finite_spellings,
     integer,
     invalid,
+    nonnegative,
 )
 
 __all__ = ["FederatedCLI", "main"]
@@ -164,6 +171,11 @@ class FederatedCLI(LightningCLI):
             help="How many of the periodic checkpoints to keep (the newest).",
         )
         parser.add_argument(
+            "--client_state_ram_mb", type=float, default=DEFAULT_RAM_MB,
+            help="RAM budget per client-state store (SCAFFOLD's c_i, ...) in MiB; beyond it "
+            "the clients' state is kept in <log_dir>/client_state/ and checkpoints refer to it.",
+        )
+        parser.add_argument(
             "--resume_changes", type=str, default="error",
             help="On fit --ckpt_path, settings that differ from the checkpoint's: 'error' stops "
             "with a message, 'apply' uses the command line's.",
@@ -213,6 +225,7 @@ class FederatedCLI(LightningCLI):
             trainer["val_check_interval"] = rounds
         for option in ("checkpoint_every_n_rounds", "keep_last_checkpoints"):
             integer(config.get(option), f"--{option}", 1)
+        nonnegative(config.get("client_state_ram_mb"), "--client_state_ram_mb")
         choice(config.get("resume_changes"), "--resume_changes", ("error", "apply"))
         self._add_default_checkpointing(config)
 
@@ -301,7 +314,9 @@ class FederatedCLI(LightningCLI):
                 "lightning_logs/fl/version_0/checkpoints/round=10.ckpt"
             )
         try:
-            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            # mmap: only the pages of what the check reads (the config, the weights' shapes)
+            # are read here; Lightning's own load then reads the file once
+            ckpt = _load_for_check(ckpt_path)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
             raise ConfigError(
                 f"--ckpt_path={ckpt_path} is not a readable checkpoint ({type(err).__name__}): "
@@ -318,6 +333,10 @@ class FederatedCLI(LightningCLI):
             ckpt, given, path=ckpt_path, apply=config.get("resume_changes") == "apply",
             full=sub == "fit",
         )
+        try:  # the client-state files the load will read (not those of replaced components)
+            check_state_files(ckpt, ckpt_path, skip=resume.replaced)
+        except StateFileError as err:
+            raise ConfigError(f"--ckpt_path={ckpt_path}: {err}") from None
         self._resume = resume
         if sub == "fit" and not resume.complete and rank_zero_only.rank == 0:
             print(
@@ -361,6 +380,8 @@ class FederatedCLI(LightningCLI):
         if self.subcommand == "fit":
             history = self._resume.history if self._resume is not None else []
             callbacks = [*callbacks, RunRecord(self._run_config, history)]
+        ram = self._sub().get("client_state_ram_mb", DEFAULT_RAM_MB)
+        callbacks = [*callbacks, ClientStateFiles(ram)]
         return super()._instantiate_trainer(config, callbacks)
 
     def _prepare_resume(self) -> None:
@@ -389,6 +410,15 @@ class FederatedCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._check_checkpoint_fits()
+
+
+def _load_for_check(path: str) -> Any:
+    """The checkpoint, memory-mapped (only what the check reads is read); a file torch cannot
+    map (the legacy, non-zip format) is read whole."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except RuntimeError:
+        return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _require(module: str, what: str) -> None:
