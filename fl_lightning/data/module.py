@@ -281,7 +281,7 @@ class FederatedDataModule(pl.LightningDataModule):
         if self.train_x is None:
             self.setup("fit")
         if self.population is not None:
-            raise no_whole_set(self, "the whole training set (train_tensors)")
+            raise no_whole_set(self, "whole training set (train_tensors)")
         return self._on_device("train", self.train_x, self.train_y, device, dtype)
 
     def round_tensors(self, plan: RoundPlan, device: torch.device | str,
