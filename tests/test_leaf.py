@@ -24,6 +24,7 @@ from fl_lightning.errors import ConfigError, DataNotFoundError
 from fl_lightning.models import CharLSTM
 from fl_lightning.models.leaf import UnrolledLSTM
 from fl_lightning.module import FederatedModule
+from fl_lightning.systems import LabelFlip, Systems
 
 SIZES = {"f0003_12": 7, "f0001_40": 3, "f0107_00": 5}
 
@@ -51,6 +52,17 @@ def test_femnist_uint8_lossless_users_and_test_parts(tmp_path):
     assert len(dm.test_y) == 7 and [len(p) for p in dm.test_parts] == [1, 2, 0]
     tx, _ = dm.test_tensors()
     assert tx.dtype == torch.float32 and float(tx.max()) <= 1.0
+
+
+def test_standard_library_json_gives_the_same_arrays(tmp_path, monkeypatch):
+    from fl_lightning.data.leaf import load_leaf
+
+    write_leaf(tmp_path, "synthetic_leaf", SIZES)
+    fast = load_leaf("synthetic_leaf", str(tmp_path), "train")
+    monkeypatch.setitem(sys.modules, "orjson", None)  # import orjson -> ImportError
+    plain = load_leaf("synthetic_leaf", str(tmp_path), "train")
+    assert np.array_equal(fast.x, plain.x) and np.array_equal(fast.y, plain.y)
+    assert fast.users == plain.users and np.array_equal(fast.offsets, plain.offsets)
 
 
 def test_femnist_not_multiples_of_255_float16(tmp_path):
@@ -231,6 +243,23 @@ def test_population_generates_only_the_sampled_clients():
         counts.append(dm.population.generated)
     with pytest.raises(ConfigError, match="synthetic_population .* has no whole training set"):
         dm.train_tensors()
+
+
+def test_label_flip_reaches_the_round_tensors_of_malicious_sampled_clients():
+    dm = FederatedDataModule(dataset="synthetic_population", partition="natural",
+                             num_clients=40, augment="none")
+    plan = dm.round_plan(0, 12, 1, 10)
+    data = dm.round_tensors(plan, "cpu", torch.float32)
+    systems = Systems(attack=LabelFlip(share=0.5))
+    _, flipped = systems.training_data(data, dm.round_client_indices(), dm.seed, 10)
+    bad = systems.malicious(dm.seed, 40)
+    start = 0
+    for c in plan.clients:
+        rows = slice(start, start + c.num_samples)
+        want = 9 - data[1][rows] if c.client_id in bad else data[1][rows]
+        assert torch.equal(flipped[rows], want)
+        start += c.num_samples
+    assert any(c.client_id in bad for c in plan.clients) and start == len(flipped)
 
 
 # ----------------------------------------------------------------------------- CLI
