@@ -31,6 +31,8 @@ import sys  # noqa: E402
 
 def _child(num_clients: int, rounds: int, per_round: int) -> dict:
     import resource
+    import shutil
+    import tempfile
 
     import lightning.pytorch as pl
 
@@ -62,11 +64,14 @@ def _child(num_clients: int, rounds: int, per_round: int) -> dict:
         sample_ratio=per_round / num_clients, local_epochs=1, batch_size=10, local_lr=0.01,
         momentum=0.0, weight_decay=0.0, lr_decay=1.0)
     clock = Clock()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1 + rounds, logger=False,
+    work = tempfile.mkdtemp(prefix="population_bench_")  # the fit's own files go there
+    trainer = pl.Trainer(default_root_dir=work, accelerator="cpu", devices=1,
+                         max_steps=1 + rounds, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                          callbacks=[clock])
     trainer.fit(module, datamodule=dm)
+    shutil.rmtree(work, ignore_errors=True)
     return {"num_clients": num_clients, "setup_s": setup_s, "startup_s": clock.first,
             "round_s": clock.seconds[1:], "peak_rss_mib":
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
