@@ -382,7 +382,7 @@ class FederatedModule(pl.LightningModule):
 
     def _eval_step(self, batch: Any, metric: MulticlassAccuracy, prefix: str) -> None:
         x, y = batch
-        logits = self.net(x.to(self.dtype))
+        logits = self.net(x.to(self.dtype) if x.is_floating_point() else x)  # token ids stay
         metric.update(logits, y)
         loss = F.cross_entropy(logits, y)
         self.log(f"{prefix}_loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
