@@ -313,7 +313,13 @@ class FederatedModule(pl.LightningModule):
         else:  # every replica's round; this module's own result, None once it has diverged
             result = self.replicas.run_round(self, self.global_step)
             if result is None:
-                self.log("round", float(self.global_step + 1), on_step=True, batch_size=1)
+                # Lightning counts rounds by the server optimizer's steps: a step without
+                # gradients counts the round and leaves the diverged weights where they are
+                done = float(self.global_step + 1)
+                opt = self.optimizers()
+                opt.zero_grad(set_to_none=True)
+                opt.step()
+                self.log("round", done, on_step=True, batch_size=1)
                 return
         self.log("train_loss", result.train_loss, on_step=True, prog_bar=True, batch_size=1)
         self.log("local_lr", result.lr, on_step=True, batch_size=1)

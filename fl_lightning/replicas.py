@@ -262,6 +262,9 @@ class ReplicaSet:
             if data is not driver.datamodule and data.train_x is None:
                 with _SharedLoads(driver.datamodule):
                     data.setup("fit")
+                mine = driver.datamodule
+                if data.train_x is mine.train_x and data.test_x is mine.test_x:
+                    data._device_cache = mine._device_cache  # one copy per device and dtype
             module.to(device=driver.device, dtype=driver.dtype)
             module.setup("fit")
             rep.optimizer = module.configure_optimizers()
