@@ -69,8 +69,9 @@ def run(cmd: list[str]) -> dict:
 
 
 def side(workload: list[str], engine: str, seeds: list[int], replicas: bool,
-         folder: str) -> dict:
-    """R processes (``replicas=False``) or one process with R replicas."""
+         folder: str, alone: int = 0) -> dict:
+    """R processes (``replicas=False``; only the first ``alone`` measured and the total
+    scaled, when given) or one process with R replicas."""
     base = [sys.executable, "-m", "fl_lightning.cli", "fit", *workload,
             "--model.engine", ENGINES[engine], "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false"]
@@ -79,12 +80,17 @@ def side(workload: list[str], engine: str, seeds: list[int], replicas: bool,
                    "--replicas.seed", ",".join(map(str, seeds))])
         return {**out, "processes": 1}
     total = {"wall": 0.0, "cpu": 0.0, "rss_mib": 0.0, "processes": len(seeds)}
-    for s in seeds:
+    measured = seeds[:alone or len(seeds)]
+    for s in measured:
         out = run([*base, "--trainer.default_root_dir", os.path.join(folder, f"seed{s}"),
                    "--seed_everything", str(s), "--data.seed", str(s)])
         total["wall"] += out["wall"]
         total["cpu"] += out["cpu"]
         total["rss_mib"] = max(total["rss_mib"], out["rss_mib"])
+    if len(measured) < len(seeds):  # the other processes are estimated as the mean of these
+        scale = len(seeds) / len(measured)
+        total.update(wall=total["wall"] * scale, cpu=total["cpu"] * scale,
+                     measured_processes=len(measured))
     return total
 
 
@@ -95,6 +101,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--engines", default="sequential,batched")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--alone", type=int, default=0,
+                   help="measure only this many of the R separate processes and scale their "
+                   "total by R / alone (0: all R)")
     p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data"))
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
@@ -108,7 +117,7 @@ def main() -> None:
                 folder = tempfile.mkdtemp(prefix="sweep-")
                 load = os.getloadavg()[0]
                 try:
-                    out = side(workload, engine, seeds, replicas, folder)
+                    out = side(workload, engine, seeds, replicas, folder, args.alone)
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
                 out.update(engine=engine, replicas=replicas, repeat=repeat, load_before=load,
