@@ -25,6 +25,7 @@ from fl_lightning.errors import ConfigError
 from fl_lightning.interrupt import interrupt_at_round_boundary
 from fl_lightning.module import FederatedModule, Preempted
 from fl_lightning.quiet import quiet_expected_messages
+from fl_lightning.replicas import ReplicaAxes, build_replicas, extract_axes
 from fl_lightning.resume import (
     AdaptingCheckpointIO,
     Resume,
@@ -119,6 +120,13 @@ class FederatedCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", FederatedArgumentParser)
         raw = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
+        #: ``--replicas.*`` (taken off the command line; :mod:`fl_lightning.replicas`)
+        self._axes_text: dict[str, str] = {}
+        self._axes: ReplicaAxes | None = None
+        if isinstance(raw, (list, tuple)):
+            self._axes_text, rest = extract_axes(raw)
+            if self._axes_text:
+                kwargs["args"] = raw = rest
         #: the subcommand named first on the command line; only its parser is built
         self._invoked: str | None = (
             raw[0] if isinstance(raw, (list, tuple)) and raw and raw[0] in self.subcommands()
@@ -200,6 +208,12 @@ class FederatedCLI(LightningCLI):
         # the output defaults, before Lightning seeds and logs anything
         command = self.config.get("subcommand")
         config = self.config[command] if command else self.config
+        if self._axes_text:  # this process's own run is replica 0 (its seed, its values)
+            if command != "fit":
+                raise ConfigError(f"--replicas.* train several runs: use them with fit, not "
+                                  f"{command}")
+            self._axes = ReplicaAxes.parse(self._axes_text, config)
+            config = self.config[command] = self._axes.config(config, 0)
         if config.get("trainer") is not None:
             self._apply_output_defaults(config)
 
@@ -375,6 +389,13 @@ class FederatedCLI(LightningCLI):
             "a checkpoint fits only the same network on data of the same input shape and "
             "number of classes"
         )
+
+    def instantiate_classes(self) -> None:
+        """Lightning's, then the replicas 1.. of ``--replicas.*`` (each from its own config,
+        seeded as its run alone would be: :func:`build_replicas`)."""
+        super().instantiate_classes()
+        if self._axes is not None:
+            self.model.replicas = build_replicas(self, self._axes)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         if self.subcommand == "fit":
