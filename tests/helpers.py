@@ -60,15 +60,28 @@ def context(net: nn.Module, global_params, step: int = 0) -> LocalContext:
 
 
 class SigtermCallback(Callback):
-    """Test callback: sends SIGTERM to its own process as round ``at_round`` starts, so the
-    signal arrives while that round is in flight."""
+    """Test callback: sends ``signal`` (SIGTERM, or SIGKILL: the process dies at once) to its
+    own process as round ``at_round`` starts (counted from 0), so the signal arrives while that
+    round is in flight."""
+
+    def __init__(self, at_round: int = 2, signal: str = "SIGTERM") -> None:
+        self.at_round = at_round
+        self.signal = signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_round:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class CrashCallback(Callback):
+    """Test callback: the run fails (RuntimeError) as round ``at_round`` (from 0) starts."""
 
     def __init__(self, at_round: int = 2) -> None:
         self.at_round = at_round
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.at_round:
-            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError(f"test crash as round {self.at_round + 1} starts")
 
 
 class SigintCallback(Callback):
