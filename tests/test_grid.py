@@ -137,26 +137,30 @@ def _cells_in_process(monkeypatch) -> None:
 
 
 def test_an_interrupted_and_resumed_cell_gives_the_uninterrupted_row(tmp_path, monkeypatch):
-    """A cell that fails as its round 4 starts (after the periodic checkpoint of round 2, its
-    metrics.csv holding round 3) and is resumed by the next grid gives the uninterrupted cell's
-    curve and table row (before: the evaluation of the checkpointed round was lost)."""
+    """A cell stopped (Ctrl-C) while its round 3 runs, after the periodic checkpoint of round 2,
+    and resumed by the next grid gives the uninterrupted cell's curve and table row (before:
+    the stopped round's evaluation was lost, and the table's best came from the other rounds).
+    The stopped run is the cell's own command, in this process's main thread (Ctrl-C)."""
+    from fl_lightning.cli import main as fit
+
     _cells_in_process(monkeypatch)
     monkeypatch.chdir(REPO)
     argv = ["--algorithms", "fedavg", "--settings", "digits:iid", "--seeds", "0", "--rounds",
             "4", "--checkpoint-every", "2", "--extra",
             "--data.num_clients 4 --model.local_epochs 1 --model.sample_ratio 0.5"]
     grid_main([*argv, "--runs", str(tmp_path / "a")])
-    crash = [*argv[:-1], argv[-1] + " --trainer.callbacks+=helpers.CrashCallback "
-             "--trainer.callbacks.at_round=3"]
-    with pytest.raises(SystemExit):
-        grid_main([*crash, "--runs", str(tmp_path / "b")])
-    grid_main([*argv, "--runs", str(tmp_path / "b")])
+    stopped = [*argv, "--runs", str(tmp_path / "b")]
+    cell = grid.Cell("fedavg", parse_setting("digits:iid"), 0)
+    with pytest.raises(SystemExit) as stop:
+        fit([*cell_command(cell, grid._parser().parse_args(stopped))[3:],
+             "--trainer.callbacks+=helpers.SigintCallback", "--trainer.callbacks.at_round=2"])
+    assert stop.value.code == 130
+    grid_main(stopped)
     cells = [tmp_path / r / "digits_iid" / "fedavg" / "seed0" for r in "ab"]
-    steps = [[r["step"] for r in csv.DictReader(open(cells[1] / f"fl/version_{v}/metrics.csv"))]
-             for v in (0, 1)]
-    assert steps == [["0", "1", "2"], ["2", "3"]]  # round 3 run twice: the join keeps one
-    assert read_curve(str(cells[1])) == read_curve(str(cells[0]))
+    ckpts = sorted(p.name for p in (cells[1] / "fl/version_0/checkpoints").iterdir())
+    assert ckpts == ["preempted-round=3.ckpt", "round=2.ckpt"]
     assert sorted(read_curve(str(cells[0]))) == [1, 2, 3, 4]
+    assert read_curve(str(cells[1])) == read_curve(str(cells[0]))
     rows = [list(csv.DictReader(open(tmp_path / r / "table.csv"))) for r in "ab"]
     assert rows[0] == rows[1]
 
