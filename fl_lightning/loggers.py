@@ -103,6 +103,7 @@ class RoundCSVLogger(CSVLogger):
     ) -> None:
         super().__init__(save_dir, name=name, version=version, prefix=prefix,
                          flush_logs_every_n_steps=flush_logs_every_n_steps)
+        self._write_step: int | None = None  # the step of the newest checkpoint's round
 
     @property
     @rank_zero_experiment
@@ -127,6 +128,8 @@ class RoundCSVLogger(CSVLogger):
         prefixed = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}" if self._prefix else k: v
                     for k, v in metrics.items()}
         writer.log_metrics(prefixed, step)
+        if step == self._write_step:  # the round of the checkpoint just written
+            writer.save_all()
 
     @rank_zero_only
     def save(self) -> None:
@@ -136,8 +139,12 @@ class RoundCSVLogger(CSVLogger):
 
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
-        """A periodic checkpoint was written: write every row now, the newest included, so that
-        ``metrics.csv`` holds every round (and evaluation) that the checkpoint holds."""
+        """A periodic checkpoint was written: write every row now, the newest included, and the
+        checkpointed round's row as soon as it is logged (a round without evaluation is saved
+        before Lightning logs its row), so that ``metrics.csv`` holds every round (and
+        evaluation) that the checkpoint holds, even if the process is killed next."""
+        rounds = getattr(checkpoint_callback, "_last_global_step_saved", None)
+        self._write_step = rounds - 1 if isinstance(rounds, int) else None
         if self._experiment is not None:
             self._experiment.save_all()
 

@@ -183,6 +183,37 @@ def test_a_stop_in_a_round_without_evaluation_keeps_its_metrics_row(tmp_path, mo
     assert [r["round"] for r in _metrics(tmp_path)] == ["1.0", "2.0", "3.0"]
 
 
+def test_metrics_rows_of_a_checkpointed_round_are_on_disk_before_the_next_round(tmp_path):
+    """What a SIGKILL right after a checkpoint leaves in metrics.csv: every row up to the
+    checkpointed round (its row is written as soon as Lightning logs it, after the checkpoint
+    of a round without evaluation), one row per round even when a call at a written row's step
+    comes later (it is taken back and extended)."""
+    import csv
+    from types import SimpleNamespace
+
+    from fl_lightning.loggers import RoundCSVLogger
+
+    logger = RoundCSVLogger(str(tmp_path), name="fl", version=0)
+    path = tmp_path / "fl" / "version_0" / "metrics.csv"
+
+    def on_disk() -> list[dict]:
+        return list(csv.DictReader(open(path))) if path.exists() else []
+
+    logger.log_metrics({"train_loss": 1.0, "round": 1.0}, step=0)
+    logger.log_metrics({"val_acc": 0.5}, step=0)  # round 1 and its evaluation
+    logger.after_save_checkpoint(SimpleNamespace(_last_global_step_saved=2))  # round 2's
+    assert [r["round"] for r in on_disk()] == ["1.0"]
+    logger.log_metrics({"train_loss": 0.9, "round": 2.0}, step=1)  # round 2's row: written
+    assert [r["round"] for r in on_disk()] == ["1.0", "2.0"]
+    logger.log_metrics({"probe/x": 7.0}, step=1)  # a late call at round 2's step: same row
+    logger.log_metrics({"train_loss": 0.8, "round": 3.0}, step=2)
+    logger.finalize("success")
+    rows = on_disk()
+    assert [(r["round"], r["probe/x"]) for r in rows] == [("1.0", ""), ("2.0", "7.0"),
+                                                         ("3.0", "")]
+    assert rows[0]["val_acc"] == "0.5"
+
+
 def test_a_changed_setting_on_resume_stops_or_applies(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     main(["fit", *TINY, "--trainer.max_steps", "2"])
