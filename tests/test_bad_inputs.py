@@ -187,6 +187,11 @@ CLEAR_MESSAGES = [
      ["--config=dupsection.yaml", "key 'model' appears twice", "lines 1 and 5"]),
     # merge keys (<<: *anchor) are not repeated keys; the unknown 'base' key is what is wrong
     (["--config", "anchors.yaml"], ["base", "--config anchors.yaml"]),
+    # an unknown torch.compile backend: one line listing them, not a traceback in round 1
+    (["--model.engine", "fl_lightning.engines.BatchedEngine", "--model.engine.compile", "true",
+      "--model.engine.compile_backend", "nosuchbackend"],
+     ["--model.engine.compile_backend='nosuchbackend'", "available torch.compile backends",
+      "inductor", "aot_eager"]),
     # Trainer options the federated loop cannot honour, with what to use instead
     (["--trainer.val_check_interval", "0"],
      ["--trainer.val_check_interval=0", EVERY]),
