@@ -432,9 +432,9 @@ class FederatedModule(pl.LightningModule):
                                       sync_on_compute=False).to(self.device)
         loss_sum, n = 0.0, 0
         x_all, y_all = dm.test_tensors(self.device, self.dtype)
-        for start in range(0, len(y_all), dm.eval_batch_size):
-            x = x_all[start:start + dm.eval_batch_size]
-            y = y_all[start:start + dm.eval_batch_size]
+        batch = dm.eval_batch(self.device)
+        for start in range(0, len(y_all), batch):
+            x, y = x_all[start:start + batch], y_all[start:start + batch]
             logits = self.net(x)
             accuracy.update(logits, y)
             loss_sum = loss_sum + F.cross_entropy(logits, y, reduction="sum").double()

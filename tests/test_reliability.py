@@ -357,7 +357,7 @@ def test_resume_ignores_harmless_changes(fedsol_ckpt, tmp_path, monkeypatch):
     main(["fit", *TINY, "--trainer.max_steps", "3", "--ckpt_path", str(fedsol_ckpt),
           "--trainer.val_check_interval", "1", "--checkpoint_every_n_rounds", "5",
           "--keep_last_checkpoints", "1", "--trainer.log_every_n_steps", "5",
-          "--data.verify_checksums", "false"])
+          "--data.verify_checksums", "false", "--data.eval_batch_size", "100"])
     final = json.loads((tmp_path / "lightning_logs/fl/version_0/final_metrics.json").read_text())
     assert "settings_changed" not in final and final["rounds"] == 3
 
