@@ -357,9 +357,24 @@ class FederatedModule(pl.LightningModule):
             return
         self._record_evaluation()
         # a stop asked for during the round (deferred to here) or during its evaluation
-        signal = self._stop_after_evaluation or self._stop_signal()
+        signal = self._stop_signal(self._stop_after_evaluation)
         if signal is not None:
             raise Preempted(self._save_preemption_checkpoint(), self.global_step, signal)
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        # Lightning's evaluation loop stops at once (no checkpoint) on a SIGTERM received
+        # during an evaluation: let the evaluation finish and stop after it instead
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._defer_sigterm()
+
+    def _defer_sigterm(self) -> None:
+        """Take over a received SIGTERM: stop after the evaluation in flight (with its
+        checkpoint) rather than in the middle of it, as Lightning's loops would."""
+        connector = self.trainer._signal_connector
+        if connector.received_sigterm:
+            connector.received_sigterm = False
+            self._stop_after_evaluation = self._stop_after_evaluation or "SIGTERM"
 
     def _record_evaluation(self) -> None:
         """Add the evaluation that has just ended to :attr:`curves` (once per round: a
@@ -379,23 +394,25 @@ class FederatedModule(pl.LightningModule):
         if signal is None:
             return
         if evaluation_follows(self.trainer):
+            self._defer_sigterm()
             self._stop_after_evaluation = signal
             return
         # the round's metrics row, which Lightning would log right after this hook
         self.trainer._logger_connector.update_train_step_metrics()
         raise Preempted(self._save_preemption_checkpoint(), self.global_step, signal)
 
-    def _stop_signal(self) -> str | None:
-        """``"SIGTERM"`` or ``"SIGINT"`` when the run was asked to stop, else None. A first
-        Ctrl-C (fl_lightning.interrupt) acts as SIGTERM; under DDP the ranks agree on the
-        decision (one boolean all-reduce), so every rank stops after the same round."""
+    def _stop_signal(self, pending: str | None = None) -> str | None:
+        """``"SIGTERM"`` or ``"SIGINT"`` when the run was asked to stop (``pending``: a stop
+        already taken over), else None. A first Ctrl-C (fl_lightning.interrupt) acts as
+        SIGTERM; under DDP the ranks agree on the decision (one boolean all-reduce, on every
+        rank at the same hooks), so every rank stops after the same round."""
         sigint = interrupt_requested()
-        stop = self.trainer.received_sigterm or sigint
+        stop = bool(pending) or self.trainer.received_sigterm or sigint
         if self.trainer.world_size > 1:
             stop = self.trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return None
-        return "SIGINT" if sigint else "SIGTERM"
+        return pending or ("SIGINT" if sigint else "SIGTERM")
 
     def _save_preemption_checkpoint(self) -> str:
         trainer = self.trainer

@@ -99,17 +99,20 @@ def _assert_same_run(root: Path, uninterrupted: Path, version: int) -> None:
     _assert_same(_ckpts(root, version)["round=8.ckpt"], _ckpts(uninterrupted, 0)["round=8.ckpt"])
 
 
+@pytest.mark.parametrize("during,at_round", [("round", 3), ("evaluation", 4)])
 def test_sigterm_stops_after_the_rounds_evaluation_and_resume_is_bit_identical(
-    uninterrupted, tmp_path, monkeypatch, capsys
+    during, at_round, uninterrupted, tmp_path, monkeypatch, capsys
 ):
-    """SIGTERM while round 4 (whose evaluation is scheduled) runs: the round and its evaluation
-    end, ``preempted-round=4.ckpt`` is written, exit status 143; the resume evaluates rounds 6
-    and 8 only, and the two versions hold every evaluation once, equal to the uninterrupted run.
-    In process: Lightning's SIGTERM handler is installed for the fit."""
+    """SIGTERM while round 4 (whose evaluation is scheduled) runs, or during that evaluation
+    (two batches of 256 test images; Lightning's own loop stops in the middle of it, without a
+    checkpoint): the round and its evaluation end, ``preempted-round=4.ckpt`` is written, exit
+    status 143; the resume evaluates rounds 6 and 8 only, and the two versions hold every
+    evaluation once, equal to the uninterrupted run. In process: Lightning's SIGTERM handler is
+    installed for the fit."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
         main(["fit", *STOPPED, "--trainer.callbacks+=helpers.SigtermCallback",
-              "--trainer.callbacks.at_round=3"])
+              f"--trainer.callbacks.at_round={at_round}", f"--trainer.callbacks.during={during}"])
     assert stop.value.code == 143
     assert "stopped by SIGTERM after round 4" in capsys.readouterr().err
     assert sorted(_ckpts(tmp_path, 0)) == ["preempted-round=4.ckpt", "round=4.ckpt"]
