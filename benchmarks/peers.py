@@ -34,7 +34,11 @@ last round and the machine's 1-minute load average during the run (lowest and hi
 samples every 5 s), since on a shared machine that says what the wall clock means.
 
 Flower and pfl are not dependencies of fl-lightning: install them into a separate environment
-(``pip install ".[peers]"``) and pass its interpreter with ``--peer-python``.
+and pass its interpreter with ``--peer-python``. The peers' runs also use the project (its data
+partition and models), so that environment needs the project's dependencies too: install the
+project itself there with the ``peers`` extra (``/path/to/venv/bin/pip install -e ".[peers]"``
+from the repository root). Before any run, the script imports in ``--peer-python`` what the
+selected peers need and stops with one line naming the missing module and this command.
 
 Example:
     OMP_NUM_THREADS=1 python benchmarks/peers.py --data-dir ../shared/data --rounds 5 \
@@ -342,6 +346,41 @@ CHILDREN = {
 
 
 # ---------------------------------------------------------------------------- the parent
+#: what a peer's child process imports: the project's dependencies and the peer framework
+PEER_IMPORTS = {
+    "flower": ["lightning", "torchvision", "fl_lightning.data.module", "flwr.simulation"],
+    "pfl": ["lightning", "torchvision", "fl_lightning.data.module", "pfl.model.pytorch"],
+}
+
+
+def check_peer_python(frameworks: list[str], python: str) -> None:
+    """Stop with one line when ``python`` cannot import what the selected peers need."""
+    modules = sorted({m for f in frameworks for m in PEER_IMPORTS.get(f, [])})
+    if not modules:
+        return
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE,
+                                                       os.environ.get("PYTHONPATH", "")]))
+    code = ("import importlib, sys\nfor m in sys.argv[1:]:\n    try:\n"
+            "        importlib.import_module(m)\n    except Exception as e:\n"
+            "        print(f'{m}: {type(e).__name__}: {e}'); sys.exit(1)")
+    try:
+        proc = subprocess.run([python, "-c", code, *modules], capture_output=True, text=True,
+                              env=env, cwd=ROOT)
+        failed = proc.stdout.strip().splitlines()[-1] if proc.returncode else None
+        if proc.returncode and not failed:
+            failed = (proc.stderr.strip().splitlines() or ["it exited with an error"])[-1]
+    except OSError as err:
+        failed = f"cannot run it ({err.strerror})"
+    if failed:
+        pip = os.path.join(os.path.dirname(python), "pip")
+        raise SystemExit(
+            f"peers.py: error: --peer-python {python} cannot import what the "
+            f"{' and '.join(f for f in frameworks if f in PEER_IMPORTS)} runs need ({failed}); "
+            "install "
+            f"the project with its peers extra there: {pip} install -e \"{ROOT}[peers]\""
+        )
+
+
 def run_one(framework: str, workload: str, args) -> dict:
     python = sys.executable if framework.startswith("fl_lightning") else args.peer_python
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
@@ -429,6 +468,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         peers.CHILDREN[args.child](WORKLOADS[args.workload], args)
         return None
     frameworks = args.frameworks.split(",")
+    check_peer_python(frameworks, args.peer_python)
     out: dict = {"workloads": WORKLOADS, "results": {}, "raw": {}}
     for workload in args.workloads.split(","):
         raw: dict[str, list[dict]] = {f: [] for f in frameworks}

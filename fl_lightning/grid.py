@@ -30,7 +30,11 @@ folder. Each cell runs with absolute config paths.
 
 Resumable: a cell whose run finished (``result.json`` in its folder) is skipped; a cell that
 was interrupted resumes from its newest checkpoint (``--ckpt_path``), written every
-``--checkpoint-every`` rounds, in a new logger version; its learning curve joins the versions.
+``--checkpoint-every`` rounds (the last two kept), in a new logger version; an unreadable
+newest checkpoint (truncated, corrupt) falls back to the older one, then to a fresh start, with
+one warning line each (``fl_lightning.cellfiles``). Its learning curve joins the versions, each
+from the round it resumed at, so the table of an interrupted cell is that of an uninterrupted
+one.
 ``--report-only`` writes the tables from what has finished, running nothing.
 
 Fails early and says why: every setting's dataset and every algorithm config is checked before
@@ -48,7 +52,6 @@ import glob
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -59,10 +62,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NoReturn
 
+from fl_lightning.cellfiles import (  # noqa: F401  (re-exported: the grid's own API)
+    _newest_checkpoint,
+    _versions,
+    joined_rows,
+    read_curve,
+    resume_checkpoint,
+)
+
 __all__ = ["Cell", "Setting", "main", "parse_setting", "summarize"]
 
 PARTITION_OPTION = {"lda": "--data.alpha", "shard": "--data.shards_per_client"}
 BASELINE = "fedavg"
+#: checkpoints kept per cell (per logger version): an unreadable newest one falls back to the other
+KEEP_CHECKPOINTS = 2
 #: the repository's ``configs/`` folder, beside the installed ``fl_lightning`` package
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -244,26 +257,9 @@ class Cell:
         return os.path.join(runs, self.setting.slug, _algorithm_name(self.algorithm),
                             f"seed{self.seed}")
 
-
-def _versions(folder: str) -> list[int]:
-    found = []
-    for path in glob.glob(os.path.join(folder, "fl", "version_*")):
-        m = re.fullmatch(r"version_(\d+)", os.path.basename(path))
-        if m:
-            found.append(int(m.group(1)))
-    return sorted(found)
-
-
-def _newest_checkpoint(folder: str) -> str | None:
-    """The cell's checkpoint with the most finished rounds: the periodic ``round=<r>.ckpt`` and
-    the ``preempted-round=<r>.ckpt`` a SIGTERM writes (both name the rounds done)."""
-    best, best_round = None, -1
-    pattern = os.path.join(folder, "fl", "version_*", "checkpoints", "*round=*.ckpt")
-    for path in glob.glob(pattern):
-        m = re.fullmatch(r"(?:preempted-)?round=(\d+)\.ckpt", os.path.basename(path))
-        if m and int(m.group(1)) > best_round:
-            best, best_round = path, int(m.group(1))
-    return best
+    @property
+    def label(self) -> str:
+        return f"{self.setting.slug} {_algorithm_name(self.algorithm)} seed {self.seed}"
 
 
 def cell_command(cell: Cell, args: argparse.Namespace, folder: str | None = None) -> list[str]:
@@ -284,10 +280,10 @@ def cell_command(cell: Cell, args: argparse.Namespace, folder: str | None = None
         "--trainer.logger.init_args.save_dir", folder,
         "--trainer.logger.init_args.version", str(versions[-1] + 1 if versions else 0),
         "--checkpoint_every_n_rounds", str(args.checkpoint_every),
-        "--keep_last_checkpoints", "1",
+        "--keep_last_checkpoints", str(KEEP_CHECKPOINTS),
         *shlex.split(args.extra),
     ]
-    ckpt = _newest_checkpoint(folder)
+    ckpt = resume_checkpoint(folder, cell.label)
     if ckpt is not None:
         cmd += ["--ckpt_path", ckpt]
     return cmd
@@ -406,20 +402,6 @@ def _replica_result(cell: Cell, k: int, group: str, rc: int, seconds: float, cmd
           flush=True)
 
 
-def read_curve(folder: str) -> dict[int, float]:
-    """Round (1-based) -> test accuracy, joined over the logger versions (newest wins)."""
-    curve: dict[int, float] = {}
-    for version in _versions(folder):
-        path = os.path.join(folder, "fl", f"version_{version}", "metrics.csv")
-        if not os.path.isfile(path):
-            continue
-        with open(path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row.get("val_acc"):
-                    curve[int(row["step"]) + 1] = float(row["val_acc"])
-    return curve
-
-
 def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     """Run ``cell`` unless it has finished; returns its ``result.json`` content."""
     folder = cell.folder(args.runs)
@@ -441,7 +423,7 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     if rc == 0 and final:
         result["final"] = json.load(open(final[-1]))
         json.dump(result, open(done, "w"), indent=2)
-    label = f"{cell.setting.slug} {_algorithm_name(cell.algorithm)} seed {cell.seed}"
+    label = cell.label
     acc = result.get("final", {}).get("test_acc")
     print(f"fl-lightning-grid: {label}: rc={rc} {seconds:.0f}s test_acc={acc}"
           + ("" if rc == 0 else f" (see {os.path.join(folder, 'log.txt')})"), flush=True)

@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from fl_lightning import plotting, validate
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
+from fl_lightning.checkpoint import evaluation_follows
 from fl_lightning.engine import ClientEngine, SequentialEngine, tracked_batchnorms
 from fl_lightning.errors import ConfigError
 from fl_lightning.interrupt import interrupt_requested
@@ -169,6 +170,7 @@ class FederatedModule(pl.LightningModule):
             "train_loss": [], "val_loss": [], "val_acc": [],
         }  # per round, for curves.png (kept in checkpoints)
         self._out_dir: str | None = None
+        self._stop_after_evaluation: str | None = None  # a stop deferred to the evaluation
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self._datamodule = None
@@ -339,6 +341,7 @@ class FederatedModule(pl.LightningModule):
         self._round = self.build_round()
         # trainer.log_dir is a broadcast under DDP: every rank asks once, here
         self._out_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        self._stop_after_evaluation = None
         # the algorithm's server state, before the first round (after a checkpoint's is loaded)
         self.algorithm.init_server({k: p.detach() for k, p in self.net.named_parameters()})
         if self.replicas is not None:
@@ -373,25 +376,66 @@ class FederatedModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        metrics = trainer.callback_metrics
+        self._record_evaluation()
+        # a stop asked for during the round (deferred to here) or during its evaluation
+        signal = self._stop_signal(self._stop_after_evaluation)
+        if signal is not None:
+            raise Preempted(self._save_preemption_checkpoint(), self.global_step, signal)
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        # Lightning's evaluation loop stops at once (no checkpoint) on a SIGTERM received
+        # during an evaluation: let the evaluation finish and stop after it instead
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._defer_sigterm()
+
+    def _defer_sigterm(self) -> None:
+        """Take over a received SIGTERM: stop after the evaluation in flight (with its
+        checkpoint) rather than in the middle of it, as Lightning's loops would."""
+        connector = self.trainer._signal_connector
+        if connector.received_sigterm:
+            connector.received_sigterm = False
+            self._stop_after_evaluation = self._stop_after_evaluation or "SIGTERM"
+
+    def _record_evaluation(self) -> None:
+        """Add the evaluation that has just ended to :attr:`curves` (once per round: a
+        checkpoint written at the end of the evaluation records it first)."""
+        metrics = self.trainer.callback_metrics
+        step = int(self.trainer.global_step)
         for key in ("val_acc", "val_loss"):
-            if key in metrics:
-                self.curves[key].append((int(trainer.global_step), float(metrics[key])))
-        if self.replicas is not None:
-            self.replicas.validation_end(self, int(trainer.global_step), metrics)
+            points = self.curves[key]
+            if key in metrics and not (points and points[-1][0] == step):
+                points.append((step, float(metrics[key])))
+        if self.replicas is not None:  # once per round too (validation_end skips a done row)
+            self.replicas.validation_end(self, step, metrics)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Lightning only notices SIGTERM at the end of an epoch (= the whole run here): stop at
-        # the round boundary instead, with a checkpoint to resume from. A first Ctrl-C
-        # (fl_lightning.interrupt) does the same; under DDP the ranks agree on the decision
-        # (one boolean all-reduce), so every rank stops after the same round.
+        # the round boundary instead, with a checkpoint to resume from; when the round's
+        # evaluation is scheduled, after it (on_validation_end), so that no evaluation is lost.
+        signal = self._stop_signal()
+        if signal is None:
+            return
+        if evaluation_follows(self.trainer):
+            self._defer_sigterm()
+            self._stop_after_evaluation = signal
+            return
+        # the round's metrics row, which Lightning would log right after this hook
+        self.trainer._logger_connector.update_train_step_metrics()
+        raise Preempted(self._save_preemption_checkpoint(), self.global_step, signal)
+
+    def _stop_signal(self, pending: str | None = None) -> str | None:
+        """``"SIGTERM"`` or ``"SIGINT"`` when the run was asked to stop (``pending``: a stop
+        already taken over), else None. A first Ctrl-C (fl_lightning.interrupt) acts as
+        SIGTERM; under DDP the ranks agree on the decision (one boolean all-reduce, on every
+        rank at the same hooks), so every rank stops after the same round."""
         sigint = interrupt_requested()
-        stop = self.trainer.received_sigterm or sigint
+        stop = bool(pending) or self.trainer.received_sigterm or sigint
         if self.trainer.world_size > 1:
             stop = self.trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
-            raise Preempted(self._save_preemption_checkpoint(), self.global_step,
-                            "SIGINT" if sigint else "SIGTERM")
+        if not stop:
+            return None
+        return pending or ("SIGINT" if sigint else "SIGTERM")
 
     def _save_preemption_checkpoint(self) -> str:
         trainer = self.trainer
@@ -428,9 +472,9 @@ class FederatedModule(pl.LightningModule):
                                       sync_on_compute=False).to(self.device)
         loss_sum, n = 0.0, 0
         x_all, y_all = dm.test_tensors(self.device, self.dtype)
-        for start in range(0, len(y_all), dm.eval_batch_size):
-            x = x_all[start:start + dm.eval_batch_size]
-            y = y_all[start:start + dm.eval_batch_size]
+        batch = dm.eval_batch(self.device)
+        for start in range(0, len(y_all), batch):
+            x, y = x_all[start:start + batch], y_all[start:start + batch]
             logits = self.net(x)
             accuracy.update(logits, y)
             loss_sum = loss_sum + F.cross_entropy(logits, y, reduction="sum").double()
@@ -468,6 +512,9 @@ class FederatedModule(pl.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.validating and trainer.state.fn == "fit":
+            self._record_evaluation()  # saved at the end of the round's evaluation
         checkpoint["fl_curves"] = {k: [list(p) for p in v] for k, v in self.curves.items()}
         checkpoint["fl_algorithm_state"] = self.algorithm.state_dict()
         if self.systems.active:

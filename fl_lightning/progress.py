@@ -2,12 +2,15 @@
 
 :class:`RoundProgressBar` (tqdm) and :class:`RichRoundProgressBar` (``pip install
 fl-lightning[rich]``) show ``round r/R``, the clients trained / skipped / straggling in the round,
-the train loss, the last validation accuracy, seconds per round and the ETA, with no nested
-validation bar. When the output is not a terminal (CI, SLURM, ``| tee``) the tqdm bar prints one
-line per round instead, e.g.::
+the train loss, the last validation accuracy, seconds per round (training + evaluation) and the
+ETA, with no nested validation bar. When the output is not a terminal (CI, SLURM, ``| tee``) the
+tqdm bar prints one line per round instead, e.g.::
 
     round 3/60 | clients 5 (skipped 0, straggling 0) | train_loss 0.7230 | val_acc 0.5667
-    | 0.61 s/round | ETA 35s      (one line)
+    | 0.66 s/round (train 0.61 + eval 0.05) | ETA 38s      (one line)
+
+``s/round`` and the ETA include the evaluation: its time, spread over the rounds between two
+evaluations (``--trainer.val_check_interval``), once one has been timed.
 """
 
 from __future__ import annotations
@@ -47,9 +50,15 @@ def format_round_line(stats: dict[str, Any]) -> str:
         parts.append(f"train_loss {stats['train_loss']:.4f}")
     if stats.get("val_acc") is not None:
         parts.append(f"val_acc {stats['val_acc']:.4f}")
-    parts.append(f"{stats['seconds']:.2f} s/round")
+    train, evaluation = stats["seconds"], stats.get("eval_seconds")
+    if evaluation is None:
+        parts.append(f"{train:.2f} s/round")
+    else:  # the evaluation's share of a round: its time over the rounds between evaluations
+        parts.append(f"{train + evaluation:.2f} s/round (train {train:.2f} + eval "
+                     f"{evaluation:.2f})")
     if total:
-        parts.append(f"ETA {_duration(stats['seconds'] * (total - stats['round']))}")
+        eta = stats.get("eta")
+        parts.append(f"ETA {_duration(train * (total - stats['round']) if eta is None else eta)}")
     return " | ".join(parts)
 
 
@@ -60,10 +69,34 @@ class _RoundStats:
         self.stats: dict[str, Any] = {}
         self._start: float | None = None
         self._seconds: list[float] = []
+        self._eval_start: float | None = None
+        self._eval_seconds: list[float] = []
         self.val_acc: float | None = None
 
     def begin(self) -> None:
         self._start = time.perf_counter()
+
+    def eval_begin(self, trainer: pl.Trainer) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._eval_start = time.perf_counter()
+
+    def _timing(self, trainer: pl.Trainer) -> None:
+        """Seconds per round: training (a moving mean of 10 rounds) plus the evaluation's
+        share (the mean of the last 5 evaluations over the rounds between two), and the ETA of
+        both (the evaluations still scheduled)."""
+        s = self.stats
+        if not s or not self._seconds:
+            return
+        train = sum(self._seconds) / len(self._seconds)
+        every = getattr(trainer, "val_check_batch", None)
+        every = int(every) if isinstance(every, int | float) and math.isfinite(every) else None
+        each = sum(self._eval_seconds) / len(self._eval_seconds) if self._eval_seconds else None
+        s["seconds"] = train
+        s["eval_seconds"] = each / every if each is not None and every else None
+        total, done = s["total"], s["round"]
+        if total:
+            left = total // every - done // every if every and each is not None else 0
+            s["eta"] = train * (total - done) + (each or 0.0) * max(left, 0)
 
     def round_end(self, trainer: pl.Trainer, result: Any) -> None:
         elapsed = time.perf_counter() - self._start if self._start is not None else 0.0
@@ -79,8 +112,14 @@ class _RoundStats:
             "val_acc": self.val_acc,
             "seconds": sum(self._seconds) / len(self._seconds),
         }
+        self._timing(trainer)
 
     def validation_end(self, trainer: pl.Trainer) -> None:
+        if self._eval_start is not None:
+            elapsed = time.perf_counter() - self._eval_start
+            self._eval_seconds = (self._eval_seconds + [elapsed])[-5:]
+            self._eval_start = None
+            self._timing(trainer)
         value = trainer.callback_metrics.get("val_acc")
         if value is not None:
             self.val_acc = float(value)
@@ -95,7 +134,10 @@ class _RoundStats:
                "loss": f"{s['train_loss']:.4f}"}
         if s.get("val_acc") is not None:
             out["val_acc"] = f"{s['val_acc']:.4f}"
-        out["s/round"] = f"{s['seconds']:.2f}"
+        evaluation = s.get("eval_seconds")
+        out["s/round"] = f"{s['seconds'] + (evaluation or 0.0):.2f}"
+        if evaluation is not None:
+            out["eval"] = f"{evaluation:.2f}"
         return out
 
 
@@ -209,6 +251,7 @@ class RoundProgressBar(_NoValidationBatchesInFit, TQDMProgressBar):
 
     # ---------------------------------------------------------------- no nested validation bar
     def on_validation_start(self, trainer, pl_module) -> None:  # noqa: D102
+        self._round.eval_begin(trainer)
         if trainer.state.fn != "fit":
             super().on_validation_start(trainer, pl_module)
 
@@ -243,6 +286,10 @@ class RichRoundProgressBar(_NoValidationBatchesInFit, RichProgressBar):
     def on_round_end(self, trainer: pl.Trainer, module: Any, result: Any) -> None:
         """Round hook: record the round's numbers."""
         self._round.round_end(trainer, result)
+
+    def on_validation_start(self, trainer, pl_module) -> None:  # noqa: D102
+        self._round.eval_begin(trainer)
+        super().on_validation_start(trainer, pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:  # noqa: D102
         self._round.validation_end(trainer)

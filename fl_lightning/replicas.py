@@ -322,7 +322,8 @@ class ReplicaSet:
         """After an evaluation at round ``step``: each live replica's test accuracy and loss
         (replica 0's are the ones Lightning logged)."""
         for rep in self.replicas:
-            if rep.stopped is not None or not rep.rows or rep.rows[-1]["round"] != step:
+            if (rep.stopped is not None or not rep.rows or rep.rows[-1]["round"] != step
+                    or "val_acc" in rep.rows[-1]):  # evaluated already (checkpoint, then hook)
                 continue
             if rep.index == 0:
                 if "val_acc" not in metrics:

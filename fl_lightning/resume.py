@@ -66,6 +66,9 @@ HARMLESS: tuple[str, ...] = (
     "trainer.enable_autolog_hparams", "trainer.model_registry", "trainer.limit_test_batches",
     "trainer.limit_predict_batches",
     "data.data_dir", "data.download", "data.verify_checksums",
+    # evaluation only (training does not read it; results move by float rounding), and its
+    # default depends on the device
+    "data.eval_batch_size",
     # linked from the data module (its dataset is compared); the weights' shapes are checked
     "model.num_classes", "model.input_shape",
 )

@@ -60,15 +60,39 @@ def context(net: nn.Module, global_params, step: int = 0) -> LocalContext:
 
 
 class SigtermCallback(Callback):
-    """Test callback: sends SIGTERM to its own process as round ``at_round`` starts, so the
-    signal arrives while that round is in flight."""
+    """Test callback: sends ``signal`` (SIGTERM, or SIGKILL: the process dies at once) to its
+    own process when ``trainer.global_step == at_round``: as round ``at_round + 1`` starts, so
+    the signal arrives while that round is in flight, or (``during="evaluation"``) as the first
+    batch of the evaluation after round ``at_round`` starts."""
+
+    def __init__(self, at_round: int = 2, signal: str = "SIGTERM",
+                 during: str = "round") -> None:
+        self.at_round = at_round
+        self.signal = signal
+        self.during = during
+
+    def _send(self, trainer, during: str) -> None:
+        if trainer.global_step == self.at_round and during == self.during:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._send(trainer, "round")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
+                                  dataloader_idx=0):
+        if batch_idx == 0 and not trainer.sanity_checking:
+            self._send(trainer, "evaluation")
+
+
+class CrashCallback(Callback):
+    """Test callback: the run fails (RuntimeError) as round ``at_round`` (from 0) starts."""
 
     def __init__(self, at_round: int = 2) -> None:
         self.at_round = at_round
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.at_round:
-            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError(f"test crash as round {self.at_round + 1} starts")
 
 
 class SigintCallback(Callback):

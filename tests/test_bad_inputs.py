@@ -187,6 +187,11 @@ CLEAR_MESSAGES = [
      ["--config=dupsection.yaml", "key 'model' appears twice", "lines 1 and 5"]),
     # merge keys (<<: *anchor) are not repeated keys; the unknown 'base' key is what is wrong
     (["--config", "anchors.yaml"], ["base", "--config anchors.yaml"]),
+    # an unknown torch.compile backend: one line listing them, not a traceback in round 1
+    (["--model.engine", "fl_lightning.engines.BatchedEngine", "--model.engine.compile", "true",
+      "--model.engine.compile_backend", "nosuchbackend"],
+     ["--model.engine.compile_backend='nosuchbackend'", "available torch.compile backends",
+      "inductor", "aot_eager"]),
     # Trainer options the federated loop cannot honour, with what to use instead
     (["--trainer.val_check_interval", "0"],
      ["--trainer.val_check_interval=0", EVERY]),
@@ -239,3 +244,40 @@ def test_zero_is_refused_with_denormals_flushed():
                 FederatedModule(num_classes=10, input_shape=(1, 8, 8), **{option: 0})
     finally:
         torch.set_flush_denormal(False)
+
+
+def _read_only_folder(tmp_path) -> str:
+    """A folder no file can be created in: a read-only one for a normal user; for root (whom
+    permissions do not stop), a path in sysfs, which refuses new entries to everyone."""
+    import os
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "readonly"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return str(folder)
+    folder = "/sys/fl-lightning-readonly-data"
+    try:
+        os.makedirs(folder)
+    except OSError:
+        return folder
+    os.rmdir(folder)
+    pytest.skip("no read-only folder to test with")
+
+
+@pytest.mark.parametrize("dataset,folder", [("mnist", "MNIST/raw"),
+                                            ("pneumoniamnist", "medmnist")])
+def test_a_download_into_a_read_only_folder_says_so(dataset, folder, tmp_path, monkeypatch,
+                                                    capsys):
+    """--data.download true with a data folder that cannot be written: one line naming the
+    folder and the fix (before: a download error that suggested checking the network)."""
+    data_dir = _read_only_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICK, "--data.dataset", dataset, "--data.data_dir", data_dir,
+              "--data.download", "true", "--trainer.enable_progress_bar", "false"])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1, err
+    assert f"must write into {data_dir}/{folder}, which is not writable" in err[0]
+    assert "pass a writable --data.data_dir" in err[0] and "internet" not in err[0]

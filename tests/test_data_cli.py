@@ -97,3 +97,27 @@ def test_checksum_error_through_the_cli(tmp_path, monkeypatch, capsys):
     assert err.startswith("fl-lightning: error: dataset 'svhn': file ")
     assert "expected eb5a983be6a315427106f1b164d9cef3" in err  # torchvision's test_32x32.mat
     assert "--data.verify_checksums false" in err
+
+
+def test_the_default_evaluation_batch_is_by_device_and_changes_no_result():
+    """``--data.eval_batch_size`` unset: 256 on a CPU (batches of 1000 evaluate the CNN
+    markedly slower there, docs/benchmarks.md), 1000 on a GPU; a given value is kept. The
+    batch size changes the evaluation only by float rounding: the same accuracy, the loss to
+    1e-6 (digits: 360 test images, two batches against one)."""
+    import torch
+
+    from fl_lightning.data.module import FederatedDataModule
+    from fl_lightning.module import FederatedModule
+
+    dm = FederatedDataModule(dataset="digits", num_clients=4, partition="iid")
+    assert dm.eval_batch_size is None
+    assert dm.eval_batch("cpu") == 256
+    assert dm.eval_batch("cuda") == dm.eval_batch(torch.device("cuda", 1)) == 1000
+    assert FederatedDataModule(dataset="digits", eval_batch_size=100).eval_batch("cuda") == 100
+    torch.manual_seed(0)
+    module = FederatedModule(num_classes=10, input_shape=(1, 8, 8)).attach(dm)
+    by_default = module.evaluate()
+    dm.eval_batch_size = 1000
+    one_batch = module.evaluate()
+    assert by_default["test_acc"] == one_batch["test_acc"]
+    assert by_default["test_loss"] == pytest.approx(one_batch["test_loss"], rel=1e-6, abs=0)

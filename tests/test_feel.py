@@ -217,6 +217,30 @@ def test_round_line_has_round_clients_accuracy_and_eta():
                     "val_acc 0.8750 | 2.00 s/round | ETA 12s")
 
 
+def test_seconds_per_round_and_eta_include_the_evaluation(monkeypatch):
+    """A round of 7.2 s training and an evaluation of 8.2 s every 2 rounds: 11.30 s/round
+    (train 7.20 + eval 4.10), and the ETA counts the 6 rounds and 3 evaluations still to come
+    (before: 7.20 s/round and an ETA of training only)."""
+    from types import SimpleNamespace
+
+    from fl_lightning import progress
+
+    clock = iter([0.0, 7.2, 7.2, 15.4])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(max_steps=10, val_check_batch=2, state=SimpleNamespace(fn="fit"),
+                              sanity_checking=False, callback_metrics={"val_acc": 0.5})
+    result = SimpleNamespace(round=3, client_ids=[1, 2], skipped_clients=[], systems={},
+                             train_loss=0.25)
+    stats = progress._RoundStats()
+    stats.begin()
+    stats.round_end(trainer, result)
+    stats.eval_begin(trainer)
+    stats.validation_end(trainer)
+    line = format_round_line(stats.stats)
+    assert line.endswith("| val_acc 0.5000 | 11.30 s/round (train 7.20 + eval 4.10) | ETA 1m08s")
+    assert stats.postfix()["s/round"] == "11.30" and stats.postfix()["eval"] == "4.10"
+
+
 def test_hessian_ratio_is_a_gap_when_lambda_k_is_about_zero(tmp_path):
     assert condition_ratio(10.0, 2.5) == 4.0
     with pytest.warns(UserWarning, match="not meaningful"):

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from fl_lightning import grid
 from fl_lightning.grid import (
     _newest_checkpoint,
+    cell_command,
+    joined_rows,
     last_error_line,
     parse_setting,
     read_curve,
     resolve_config,
+    resume_checkpoint,
     summarize,
 )
 from fl_lightning.grid import main as grid_main
@@ -52,6 +56,113 @@ def test_resume_picks_the_checkpoint_with_most_rounds_preempted_included(tmp_pat
     (later / "round=30.ckpt").write_bytes(b"")
     assert _newest_checkpoint(str(tmp_path)) == str(later / "round=30.ckpt")
     assert _newest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def _checkpoint(path: Path, rounds: int) -> Path:
+    """A small file in the real checkpoint format (``torch.save``: a zip archive)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": rounds, "state_dict": {"w": torch.arange(1000.0)}}, path)
+    return path
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_older_then_to_a_fresh_start(
+    tmp_path, capsys
+):
+    """The newest checkpoint truncated (a kill while the disk was full, a copy cut short):
+    the cell resumes from the older one; both unreadable (one corrupt): a fresh start in a new
+    version; one warning line each, naming the file; nothing deleted."""
+    cell = grid.Cell("fedavg", parse_setting("digits:iid"), 0)
+    runs = tmp_path / "runs"
+    folder = Path(cell.folder(str(runs)))
+    older = _checkpoint(folder / "fl/version_0/checkpoints/round=2.ckpt", 2)
+    newest = _checkpoint(folder / "fl/version_0/checkpoints/round=4.ckpt", 4)
+    assert resume_checkpoint(str(folder)) == str(newest)
+    newest.write_bytes(newest.read_bytes()[:-300])  # truncated
+    args = grid._parser().parse_args(["--algorithms", "fedavg", "--settings", "digits:iid",
+                                      "--runs", str(runs)])
+    cmd = cell_command(cell, args)
+    assert cmd[cmd.index("--ckpt_path") + 1] == str(older)
+    assert cmd[cmd.index("--keep_last_checkpoints") + 1] == "2"
+    assert cmd[cmd.index("--trainer.logger.init_args.version") + 1] == "1"
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and f"checkpoint {newest} is unreadable" in out[0]
+    assert "digits_iid fedavg seed 0" in out[0] and f"resuming from the older {older}" in out[0]
+    data = bytearray(older.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: a CRC mismatch
+    older.write_bytes(bytes(data))
+    cmd = cell_command(cell, args)
+    assert "--ckpt_path" not in cmd
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and f"checkpoint {older} is unreadable (member" in out[1]
+    assert "starting afresh in a new version (nothing deleted)" in out[1]
+    assert sorted(p.name for p in older.parent.iterdir()) == ["round=2.ckpt", "round=4.ckpt"]
+
+
+def test_the_curve_joins_versions_from_where_each_resumed(tmp_path):
+    """A version resumed from round 2 supersedes the rounds its predecessor ran past it; a
+    fresh start (from step 0) supersedes every earlier version."""
+    fl = tmp_path / "fl"
+    for version, text in {0: "step,val_acc\n0,0.1\n1,0.2\n2,0.3\n3,0.35\n",
+                          1: "step,val_acc\n2,0.3\n3,0.4\n", 2: "step,val_acc\n"}.items():
+        (fl / f"version_{version}").mkdir(parents=True)
+        (fl / f"version_{version}" / "metrics.csv").write_text(text)
+    assert [r["step"] for r in joined_rows(str(tmp_path))] == ["0", "1", "2", "3"]
+    assert read_curve(str(tmp_path)) == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}
+    (fl / "version_3").mkdir()
+    (fl / "version_3" / "metrics.csv").write_text("step,val_acc\n0,0.5\n")
+    assert read_curve(str(tmp_path)) == {1: 0.5}
+
+
+def _cells_in_process(monkeypatch) -> None:
+    """The grid's cells (``python -m fl_lightning.cli fit ...``) run in this process: the same
+    command, without the ~10 s of a process start."""
+    import subprocess
+
+    from fl_lightning.cli import main as fit
+
+    def run(cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "fl_lightning.cli", "fit"]
+        try:
+            fit(cmd[3:])
+            rc = 0
+        except SystemExit as stop:
+            rc = stop.code
+        except Exception:  # noqa: BLE001  (the cell failed: its return code)
+            rc = 1
+        return subprocess.CompletedProcess(cmd, rc)
+
+    monkeypatch.setattr(grid.subprocess, "run", run)
+
+
+def test_an_interrupted_and_resumed_cell_gives_the_uninterrupted_row(tmp_path, monkeypatch):
+    """A cell stopped (Ctrl-C) while its round 3 runs, after the periodic checkpoint of round 2,
+    and resumed by the next grid gives the uninterrupted cell's curve and table row (before:
+    the stopped round's evaluation was lost, and the table's best came from the other rounds).
+    The stopped run is the cell's own command, in this process's main thread (Ctrl-C)."""
+    from fl_lightning.cli import main as fit
+
+    _cells_in_process(monkeypatch)
+    monkeypatch.chdir(REPO)
+    argv = ["--algorithms", "fedavg", "--settings", "digits:iid", "--seeds", "0", "--rounds",
+            "4", "--checkpoint-every", "2", "--extra",
+            "--data.num_clients 4 --model.local_epochs 1 --model.sample_ratio 0.5"]
+    grid_main([*argv, "--runs", str(tmp_path / "a")])
+    stopped = [*argv, "--runs", str(tmp_path / "b")]
+    cell = grid.Cell("fedavg", parse_setting("digits:iid"), 0)
+    with pytest.raises(SystemExit) as stop:
+        fit([*cell_command(cell, grid._parser().parse_args(stopped))[3:],
+             "--trainer.callbacks+=helpers.SigintCallback", "--trainer.callbacks.at_round=2"])
+    assert stop.value.code == 130
+    grid_main(stopped)
+    cells = [tmp_path / r / "digits_iid" / "fedavg" / "seed0" for r in "ab"]
+    ckpts = sorted(p.name for p in (cells[1] / "fl/version_0/checkpoints").iterdir())
+    assert ckpts == ["preempted-round=3.ckpt", "round=2.ckpt"]
+    assert sorted(read_curve(str(cells[0]))) == [1, 2, 3, 4]
+    assert read_curve(str(cells[1])) == read_curve(str(cells[0]))
+    rows = [list(csv.DictReader(open(tmp_path / r / "table.csv"))) for r in "ab"]
+    assert rows[0] == rows[1]
 
 
 def test_summarize_mean_sample_std_final_and_best():

@@ -63,61 +63,159 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path, monkeypatch):
     assert sorted(_ckpts(tmp_path, 0)) == ["round=4.ckpt", "round=5.ckpt"]
 
 
-def test_sigterm_mid_round_then_resume_is_bit_identical(tmp_path, monkeypatch):
-    """A real subprocess receives SIGTERM while round 2 runs, stops at the round boundary with
-    exit code 143 and a checkpoint; resuming from it ends exactly as an uninterrupted run.
+# an interrupted run: 8 rounds, evaluated every 2, a periodic checkpoint every 4 rounds
+STOPPED = [*TINY, "--trainer.max_steps", "8", "--checkpoint_every_n_rounds", "4"]
 
-    Only the signalled run needs a process of its own; the resumed and the uninterrupted run
-    go in process (each process start costs ~10 s of imports), with the subprocess on the
-    same number of threads: CPU kernels split their reductions by it."""
-    args = [*TINY, "--trainer.max_steps", "4"]
+
+def _evaluations(root: Path) -> list[tuple[int, str]]:
+    """``(round, val_acc)`` of every evaluation in the metrics.csv of every version under
+    ``root``, version by version: a scheduled round lost or evaluated twice shows."""
+    found = []
+    for folder in sorted((root / "lightning_logs" / "fl").glob("version_*"),
+                         key=lambda p: int(p.name.split("_")[1])):
+        found += [(int(r["step"]) + 1, r["val_acc"]) for r in _metrics(folder.parents[2],
+                                                                       int(folder.name[8:]))
+                  if r["val_acc"]]
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run of :data:`STOPPED` without interruption (its folder)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        main(["fit", *STOPPED])
+    finally:
+        os.chdir(cwd)
+    assert [r for r, _ in _evaluations(root)] == [2, 4, 6, 8]
+    return root
+
+
+def _assert_same_run(root: Path, uninterrupted: Path, version: int) -> None:
+    """Every scheduled evaluation exactly once over the versions, each equal to the
+    uninterrupted run's, and the last round's weights bit-identical."""
+    assert _evaluations(root) == _evaluations(uninterrupted)
+    _assert_same(_ckpts(root, version)["round=8.ckpt"], _ckpts(uninterrupted, 0)["round=8.ckpt"])
+
+
+@pytest.mark.parametrize("during,at_round", [("round", 3), ("evaluation", 4)])
+def test_sigterm_stops_after_the_rounds_evaluation_and_resume_is_bit_identical(
+    during, at_round, uninterrupted, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM while round 4 (whose evaluation is scheduled) runs, or during that evaluation
+    (two batches of 256 test images; Lightning's own loop stops in the middle of it, without a
+    checkpoint): the round and its evaluation end, ``preempted-round=4.ckpt`` is written, exit
+    status 143; the resume evaluates rounds 6 and 8 only, and the two versions hold every
+    evaluation once, equal to the uninterrupted run. In process: Lightning's SIGTERM handler is
+    installed for the fit."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *STOPPED, "--trainer.callbacks+=helpers.SigtermCallback",
+              f"--trainer.callbacks.at_round={at_round}", f"--trainer.callbacks.during={during}"])
+    assert stop.value.code == 143
+    assert "stopped by SIGTERM after round 4" in capsys.readouterr().err
+    assert sorted(_ckpts(tmp_path, 0)) == ["preempted-round=4.ckpt", "round=4.ckpt"]
+    assert [r for r, _ in _evaluations(tmp_path)] == [2, 4]
+    main(["fit", *STOPPED, "--ckpt_path", str(_ckpts(tmp_path, 0)["preempted-round=4.ckpt"])])
+    _assert_same_run(tmp_path, uninterrupted, 1)
+
+
+def test_sigkill_then_resume_from_the_newest_periodic_checkpoint_loses_no_evaluation(
+    uninterrupted, tmp_path, monkeypatch
+):
+    """A real subprocess is SIGKILLed while round 5 runs. Its newest checkpoint,
+    ``round=4.ckpt``, was written after round 4's evaluation, and metrics.csv holds every row
+    up to it (written with the checkpoint); the resume from it evaluates rounds 6 and 8, so
+    every scheduled evaluation is in exactly one version, equal to the uninterrupted run.
+    The resume runs in process, with the subprocess on the same number of threads (CPU kernels
+    split their reductions by it)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}",
            "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = subprocess.run(
-        [sys.executable, "-m", "fl_lightning.cli", "fit", *args,
-         "--trainer.callbacks+=helpers.SigtermCallback", "--trainer.callbacks.at_round=2"],
+        [sys.executable, "-m", "fl_lightning.cli", "fit", *STOPPED,
+         "--trainer.callbacks+=helpers.SigtermCallback", "--trainer.callbacks.at_round=4",
+         "--trainer.callbacks.signal=SIGKILL"],
         cwd=tmp_path, env=env, capture_output=True, text=True,
     )
-    assert killed.returncode == 143, killed.stderr[-2000:]
-    assert "stopped by SIGTERM after round 3" in killed.stderr
-    ckpt = _ckpts(tmp_path, 0)["preempted-round=3.ckpt"]
-    assert "round=4.ckpt" not in _ckpts(tmp_path, 0)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(_ckpts(tmp_path, 0)) == ["round=4.ckpt"]
+    assert [r for r, _ in _evaluations(tmp_path)] == [2, 4]
     monkeypatch.chdir(tmp_path)
-    main(["fit", *args, "--ckpt_path", str(ckpt)])
-    main(["fit", *args])
-    _assert_same(_ckpts(tmp_path, 1)["round=4.ckpt"], _ckpts(tmp_path, 2)["round=4.ckpt"])
+    main(["fit", *STOPPED, "--ckpt_path", str(_ckpts(tmp_path, 0)["round=4.ckpt"])])
+    _assert_same_run(tmp_path, uninterrupted, 1)
 
 
 def test_ctrl_c_stops_at_the_round_boundary_with_a_checkpoint_twice_stops_at_once(
-    tmp_path, monkeypatch, capsys
+    uninterrupted, tmp_path, monkeypatch, capsys
 ):
-    """The first Ctrl-C (SIGINT, in process) behaves as SIGTERM: the round in flight ends, a
-    checkpoint is written, the resume command printed (exit 130), and resuming ends exactly as
-    an uninterrupted run; a second Ctrl-C stops at once, without a checkpoint of that round."""
+    """The first Ctrl-C (SIGINT, in process) behaves as SIGTERM: the round in flight and its
+    scheduled evaluation end, a checkpoint is written, the resume command printed (exit 130),
+    and resuming ends exactly as an uninterrupted run, every evaluation once; a second Ctrl-C
+    stops at once, without a checkpoint of that round."""
     import signal
 
-    args = [*TINY, "--trainer.max_steps", "4"]
     monkeypatch.chdir(tmp_path)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as stop:
-        main(["fit", *args, "--trainer.callbacks+=helpers.SigintCallback",
-              "--trainer.callbacks.at_round=2"])
+        main(["fit", *STOPPED, "--trainer.callbacks+=helpers.SigintCallback",
+              "--trainer.callbacks.at_round=3"])
     assert stop.value.code == 130
     err = capsys.readouterr().err
     assert "Ctrl-C: stopping after the round in flight" in err
-    assert "stopped by Ctrl-C (SIGINT) after round 3" in err and "--ckpt_path" in err
-    ckpt = _ckpts(tmp_path, 0)["preempted-round=3.ckpt"]
-    assert "round=4.ckpt" not in _ckpts(tmp_path, 0)
+    assert "stopped by Ctrl-C (SIGINT) after round 4" in err and "--ckpt_path" in err
+    ckpt = _ckpts(tmp_path, 0)["preempted-round=4.ckpt"]
     assert signal.getsignal(signal.SIGINT) is before  # the handler is the caller's again
-    main(["fit", *args, "--ckpt_path", str(ckpt)])
-    main(["fit", *args])
-    _assert_same(_ckpts(tmp_path, 1)["round=4.ckpt"], _ckpts(tmp_path, 2)["round=4.ckpt"])
+    main(["fit", *STOPPED, "--ckpt_path", str(ckpt)])
+    _assert_same_run(tmp_path, uninterrupted, 1)
     with pytest.raises(SystemExit) as twice:
-        main(["fit", *args, "--trainer.callbacks+=helpers.SigintCallback",
+        main(["fit", *STOPPED, "--trainer.callbacks+=helpers.SigintCallback",
               "--trainer.callbacks.at_round=1", "--trainer.callbacks.times=2"])
     assert twice.value.code == 1  # Lightning's KeyboardInterrupt shutdown
-    assert not [k for k in _ckpts(tmp_path, 3) if k.startswith("preempted")]
+    assert not [k for k in _ckpts(tmp_path, 2) if k.startswith("preempted")]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_stop_in_a_round_without_evaluation_keeps_its_metrics_row(tmp_path, monkeypatch):
+    """Stopped while round 3 (not evaluated) runs: its training row is in metrics.csv."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", *TINY, "--trainer.max_steps", "4", "--trainer.callbacks+=helpers."
+              "SigintCallback", "--trainer.callbacks.at_round=2"])
+    assert sorted(_ckpts(tmp_path, 0)) == ["preempted-round=3.ckpt"]
+    assert [r["round"] for r in _metrics(tmp_path)] == ["1.0", "2.0", "3.0"]
+
+
+def test_metrics_rows_of_a_checkpointed_round_are_on_disk_before_the_next_round(tmp_path):
+    """What a SIGKILL right after a checkpoint leaves in metrics.csv: every row up to the
+    checkpointed round (its row is written as soon as Lightning logs it, after the checkpoint
+    of a round without evaluation), one row per round even when a call at a written row's step
+    comes later (it is taken back and extended)."""
+    import csv
+    from types import SimpleNamespace
+
+    from fl_lightning.loggers import RoundCSVLogger
+
+    logger = RoundCSVLogger(str(tmp_path), name="fl", version=0)
+    path = tmp_path / "fl" / "version_0" / "metrics.csv"
+
+    def on_disk() -> list[dict]:
+        return list(csv.DictReader(open(path))) if path.exists() else []
+
+    logger.log_metrics({"train_loss": 1.0, "round": 1.0}, step=0)
+    logger.log_metrics({"val_acc": 0.5}, step=0)  # round 1 and its evaluation
+    logger.after_save_checkpoint(SimpleNamespace(_last_global_step_saved=2))  # round 2's
+    assert [r["round"] for r in on_disk()] == ["1.0"]
+    logger.log_metrics({"train_loss": 0.9, "round": 2.0}, step=1)  # round 2's row: written
+    assert [r["round"] for r in on_disk()] == ["1.0", "2.0"]
+    logger.log_metrics({"probe/x": 7.0}, step=1)  # a late call at round 2's step: same row
+    logger.log_metrics({"train_loss": 0.8, "round": 3.0}, step=2)
+    logger.finalize("success")
+    rows = on_disk()
+    assert [(r["round"], r["probe/x"]) for r in rows] == [("1.0", ""), ("2.0", "7.0"),
+                                                         ("3.0", "")]
+    assert rows[0]["val_acc"] == "0.5"
 
 
 def test_a_changed_setting_on_resume_stops_or_applies(tmp_path, monkeypatch, capsys):
@@ -263,7 +361,7 @@ def test_resume_ignores_harmless_changes(fedsol_ckpt, tmp_path, monkeypatch):
     main(["fit", *TINY, "--trainer.max_steps", "3", "--ckpt_path", str(fedsol_ckpt),
           "--trainer.val_check_interval", "1", "--checkpoint_every_n_rounds", "5",
           "--keep_last_checkpoints", "1", "--trainer.log_every_n_steps", "5",
-          "--data.verify_checksums", "false"])
+          "--data.verify_checksums", "false", "--data.eval_batch_size", "100"])
     final = json.loads((tmp_path / "lightning_logs/fl/version_0/final_metrics.json").read_text())
     assert "settings_changed" not in final and final["rounds"] == 3
 

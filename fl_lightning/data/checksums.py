@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 
 from fl_lightning.errors import DataNotFoundError
 
-__all__ = ["MNIST_RAW_MD5", "CINIC10_ARCHIVE_MD5", "file_md5", "check_file"]
+__all__ = ["MNIST_RAW_MD5", "CINIC10_ARCHIVE_MD5", "file_md5", "check_file", "check_writable"]
 
 #: MD5 of the uncompressed MNIST IDX files (the contents of torchvision's verified archives).
 MNIST_RAW_MD5: dict[str, str] = {
@@ -79,3 +80,21 @@ def check_file(dataset: str, path: str, expected: str | None, fix: str, verify: 
             f"expected {expected}); delete or replace it, then {fix}; or set "
             "--data.verify_checksums false for files you made yourself"
         )
+
+
+def check_writable(dataset: str, folder: str) -> None:
+    """Before a download into ``folder`` (created when absent): raise one line saying that the
+    folder is not writable, naming it and the fix, when a file cannot be created there (a
+    read-only mount, no permission). Otherwise the download fails with an error that reads as
+    a network problem."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise DataNotFoundError(
+            f"dataset {dataset!r}: --data.download true must write into {folder}, which is not "
+            f"writable ({err.strerror or type(err).__name__}); pass a writable --data.data_dir "
+            "(the files are downloaded there), or download them elsewhere and pass that folder "
+            "as --data.data_dir"
+        ) from None

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fl_lightning.data.checksums import MNIST_RAW_MD5, check_file
+from fl_lightning.data.checksums import MNIST_RAW_MD5, check_file, check_writable
 from fl_lightning.data.leaf import LEAF
 from fl_lightning.data.medmnist import (  # noqa: F401 - re-exported: their old home
     _MULTI_LABEL_TASK,
@@ -389,6 +389,9 @@ def _load_mnist(
     import torch
     from torchvision.datasets import MNIST
 
+    raw = os.path.join(root, "MNIST", "raw")
+    if download and not all(os.path.isfile(os.path.join(raw, f)) for f in MNIST_FILES[split]):
+        check_writable("mnist", raw)
     try:
         ds = MNIST(root=root, train=split == "train", download=download)
     except Exception as exc:  # noqa: BLE001 - re-raised as our own single-line error

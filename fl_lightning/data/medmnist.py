@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fl_lightning.data.checksums import check_file
+from fl_lightning.data.checksums import check_file, check_writable
 from fl_lightning.errors import ConfigError, DataNotFoundError, exception_line
 from fl_lightning.suggest import did_you_mean
 
@@ -133,13 +133,7 @@ def _medmnist_folder(
         )
     folder = found if found is not None else candidates[0]
     if found is None:  # download requested and the file is absent: fetch into data_dir/medmnist
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise DataNotFoundError(
-                f"dataset {flag!r}: cannot create {folder} for the download "
-                f"({exception_line(exc)}); set --data.data_dir to a writable folder"
-            ) from None
+        check_writable(flag, folder)
     return found, folder
 
 

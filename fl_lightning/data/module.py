@@ -31,6 +31,10 @@ __all__ = ["FederatedDataModule", "RoundAugmentation"]
 
 #: Partitions that give every device its own test split (the test set is their union).
 DEVICE_SPLIT = ("natural", "powerlaw")
+#: the default evaluation batch on a CPU and on a GPU (``--data.eval_batch_size null``): on a
+#: CPU, batches of 1000 evaluate FedAvgCNN markedly slower than a few hundred (docs/benchmarks.md)
+CPU_EVAL_BATCH = 256
+ACCELERATOR_EVAL_BATCH = 1000
 
 class FederatedDataModule(pl.LightningDataModule):
     """A dataset partitioned across ``num_clients`` clients, with Non-IID label skew.
@@ -75,7 +79,10 @@ class FederatedDataModule(pl.LightningDataModule):
             procedure and its random number stream, seeded by ``seed``; the paper used 19940817).
         sampling: ``seeded`` (clients drawn from ``(seed, round)``) or ``official`` (the official
             code's draw, ``numpy.random.seed(round)``, independent of ``seed``).
-        eval_batch_size: batch size of the global evaluation.
+        eval_batch_size: batch size of the global evaluation; ``None`` (default):
+            :data:`CPU_EVAL_BATCH` (256) on a CPU, :data:`ACCELERATOR_EVAL_BATCH` (1000) on a
+            GPU. It does not change training, and the evaluation's results only by float
+            rounding.
         augment: ``paper`` (the official code's training augmentation for the dataset) or
             ``none``.
         verify_checksums: check the raw files against the MD5 checksums the libraries ship;
@@ -106,7 +113,7 @@ class FederatedDataModule(pl.LightningDataModule):
         seed: int = 0,
         reference_partition: bool = False,
         sampling: Literal["seeded", "official"] = "seeded",
-        eval_batch_size: int = 1000,
+        eval_batch_size: int | None = None,
         augment: Literal["paper", "none"] = "paper",
         verify_checksums: bool = True,
         synthetic_alpha: float = 1.0,
@@ -130,7 +137,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.reference_partition = bool(reference_partition)
         self.sampling = sampling
-        self.eval_batch_size = int(eval_batch_size)
+        self.eval_batch_size = None if eval_batch_size is None else int(eval_batch_size)
         self.augment = augment
         self.verify_checksums = verify_checksums
         if natural:
@@ -246,7 +253,15 @@ class FederatedDataModule(pl.LightningDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         x, y = self.test_tensors(device)
-        return DataLoader(_Slices(x, y, self.eval_batch_size), batch_size=None, shuffle=False)
+        return DataLoader(_Slices(x, y, self.eval_batch(device)), batch_size=None, shuffle=False)
+
+    def eval_batch(self, device: torch.device | str = "cpu") -> int:
+        """The evaluation batch size on ``device``: ``--data.eval_batch_size``, or by default
+        :data:`CPU_EVAL_BATCH` on a CPU and :data:`ACCELERATOR_EVAL_BATCH` on a GPU."""
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        cpu = torch.device(device).type == "cpu"
+        return CPU_EVAL_BATCH if cpu else ACCELERATOR_EVAL_BATCH
 
     def test_tensors(
         self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None

@@ -20,7 +20,7 @@ AUGMENTATIONS = ("paper", "none")
 
 def check_options(
     dataset: str, num_clients: int, partition: str, shards_per_client: int, alpha: float,
-    client_size: int | None, seed: int, sampling: str, eval_batch_size: int, augment: str,
+    client_size: int | None, seed: int, sampling: str, eval_batch_size: int | None, augment: str,
     verify_checksums: bool,
 ) -> bool:
     """Check the data module's options (the arguments of its constructor, same names), in the
@@ -55,7 +55,7 @@ def check_options(
         )
     if isinstance(seed, bool) or int(seed) < 0:
         raise ConfigError(f"--data.seed={seed!r} is invalid: use an integer >= 0")
-    if int(eval_batch_size) < 1:
+    if eval_batch_size is not None and int(eval_batch_size) < 1:
         raise ConfigError(
             f"--data.eval_batch_size={eval_batch_size!r} is invalid: it must be >= 1"
         )

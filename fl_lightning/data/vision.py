@@ -25,7 +25,7 @@ import pickle
 import numpy as np
 import torch
 
-from fl_lightning.data.checksums import CINIC10_ARCHIVE_MD5, check_file
+from fl_lightning.data.checksums import CINIC10_ARCHIVE_MD5, check_file, check_writable
 from fl_lightning.errors import DataNotFoundError, exception_line
 
 __all__ = ["load_cifar10", "load_svhn", "load_cinic10", "expected_md5", "CINIC10_CLASSES"]
@@ -55,8 +55,8 @@ def expected_md5(dataset: str) -> dict[str, str]:
 
 
 def _download(dataset: str, folder: str, action) -> None:
+    check_writable(dataset, folder)
     try:
-        os.makedirs(folder, exist_ok=True)
         action()
     except Exception as exc:  # noqa: BLE001 - re-raised as our own single-line error
         raise DataNotFoundError(
