@@ -7,7 +7,7 @@ round runs it are in :mod:`fl_lightning.engines.vmapped`, the stacked per-round 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -187,8 +187,10 @@ class BatchedEngine(ClientEngine):
         lr: float,
         momentum: float,
         weight_decay: float,
+        sink: Callable[[list[ClientResult]], None] | None = None,
     ) -> list[ClientResult]:
-        """Run local training for every client of ``plan`` at once; one result per client."""
+        """Run local training for every client of ``plan`` at once; one result per client
+        (with a ``sink``: given to it, ``[]`` returned)."""
         self.check(algorithm, net)
         clients = plan.clients
         if not clients:
@@ -228,7 +230,11 @@ class BatchedEngine(ClientEngine):
             else:
                 sums = padded_round(self, algorithm, net, ctx, state, stacked, names, plan,
                                     data, lr, momentum, weight_decay)
-        return _results(algorithm, contexts, plan, stacked, stats, sums)
+        results = _results(algorithm, contexts, plan, stacked, stats, sums)
+        if sink is None:
+            return results
+        sink(results)
+        return []
 
 
 def _stack(tensors: Params, count: int) -> Params:
