@@ -164,3 +164,45 @@ def test_batched_engine_hands_its_results_to_the_sink():
     module = _module(FedAvg())
     results = _rounds(module, _WatchedBatched(watch), held=False)
     assert watch.calls == 2 and [len(r.client_ids) for r in results] == [4, 4]
+
+
+@pytest.mark.parametrize(("name", "bn"), [("scaffold", False), ("fednova_ccvr", False),
+                                          ("fedavg", True)])
+def test_chunked_batched_rounds_equal_one_chunk_in_float64(name, bn):
+    """Momentum 0.9 (the module's default), client state, BatchNorm (the grouped path)."""
+    net = _BNNet if bn else None
+    watch = _Watch()
+    chunked, whole = _module(ALGORITHMS[name](), net), _module(ALGORITHMS[name](), net)
+    engine = _WatchedBatched(watch, max_clients_per_chunk=3)
+    a = _rounds(chunked, engine, held=False)
+    b = _rounds(whole, BatchedEngine(memory_budget="1TiB"), held=False)
+    assert watch.calls == 4 and watch.peak == 3 and engine.last_chunk_size == 3  # 3 + 1
+    assert [r.client_ids for r in a] == [r.client_ids for r in b]
+    for (k, p), q in zip(chunked.net.state_dict().items(), whole.net.state_dict().values(),
+                         strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12), k
+    for cid in a[-1].client_ids if hasattr(chunked.algorithm, "clients") else []:
+        sa = chunked.algorithm.clients.get(cid, dict)
+        sb = whole.algorithm.clients.get(cid, dict)
+        for entry in sa:
+            for k, v in sa[entry].items():
+                assert torch.allclose(v, sb[entry][k], rtol=0, atol=1e-12), (cid, entry, k)
+
+
+def test_the_memory_budget_sets_the_chunk_size():
+    module = _module(SCAFFOLD())
+    engine = BatchedEngine(memory_budget="1B")  # below one client: one client at a time
+    _rounds(module, engine, held=False, rounds=1)
+    assert engine.last_chunk_size == 1
+    fl_round = module.build_round(engine=engine)
+    state = fl_round.plan(1)
+    data = module.datamodule.train_tensors(module.device, module.dtype)
+    per = engine.client_bytes(module.algorithm, module.net, state.global_before, state.plan,
+                              data, 0.9)
+    weights = sum(p.numel() * 8 for p in module.net.parameters())
+    assert per > weights * 6  # weights, direction, new weights, momentum, c_i (x2)
+    engine.memory_budget = 2 * per + 1
+    assert engine.chunk_size(module.algorithm, module.net, state.global_before, state.plan,
+                             data, 0.9) == 2
+    with pytest.raises(Exception, match=r"memory_budget='2XB' is invalid: it must be a byte"):
+        BatchedEngine(memory_budget="2XB")
