@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from fl_lightning import plotting, validate
+from fl_lightning import plotting, preflight, validate
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.engine import ClientEngine, SequentialEngine, tracked_batchnorms
@@ -322,6 +322,13 @@ class FederatedModule(pl.LightningModule):
         self._out_dir = self.trainer.log_dir or self.trainer.default_root_dir
         # the algorithm's server state, before the first round (after a checkpoint's is loaded)
         self.algorithm.init_server({k: p.detach() for k, p in self.net.named_parameters()})
+        # the memory pre-flight: one warning line (rank zero) before training if the run will
+        # not fit; a round that must hold every result and cannot fit once stops here
+        steps = self.trainer.max_steps
+        preflight.check(
+            self._round, steps - self.trainer.global_step if steps and steps > 0 else None,
+            warn=None if self.trainer.is_global_zero else (lambda line: None),
+        )
 
     def _log_clients(self, result: Any) -> None:
         """Append the round's sampled clients to ``<log_dir>/clients.csv``.
