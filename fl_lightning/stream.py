@@ -27,7 +27,7 @@ from fl_lightning.algorithms.base import Algorithm
 from fl_lightning.algorithms.sums import RoundSums, accumulate
 from fl_lightning.protocol import ClientResult, Params
 
-__all__ = ["ResultSink", "accepts_sink", "light"]
+__all__ = ["Released", "ResultSink", "accepts_sink", "light"]
 
 
 def accepts_sink(engine: object) -> bool:
@@ -42,11 +42,30 @@ def accepts_sink(engine: object) -> bool:
         return False
 
 
+class Released(dict):
+    """The weights of a client in a streamed round: folded into the aggregate and released.
+    Reading them raises one line saying how to keep them (an empty dict would let a callback
+    silently use the global weights instead)."""
+
+    def __init__(self, client_id: int) -> None:
+        super().__init__()
+        self.client_id = client_id
+
+    def _released(self, *args: object, **kwargs: object):
+        raise RuntimeError(
+            f"client {self.client_id}'s weights were folded into the round's aggregate and "
+            "released (a streamed round keeps O(model) memory): a callback that reads "
+            "RoundResult.clients[i].params sets needs_client_results = True"
+        )
+
+    __getitem__ = __iter__ = __len__ = keys = values = items = get = _released
+
+
 def light(result: ClientResult) -> ClientResult:
-    """The part of a result a streamed round keeps: id, size, steps and loss (no weights,
-    state, extras or buffers)."""
-    return ClientResult(result.client_id, result.num_samples, {}, result.num_steps,
-                        result.loss.detach())
+    """The part of a result a streamed round keeps: id, size, steps and loss (the weights
+    :class:`Released`; no state, extras or buffers)."""
+    return ClientResult(result.client_id, result.num_samples, Released(result.client_id),
+                        result.num_steps, result.loss.detach())
 
 
 class ResultSink:

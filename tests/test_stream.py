@@ -16,6 +16,7 @@ from fl_lightning.engine import SequentialEngine
 from fl_lightning.engines import BatchedEngine
 from fl_lightning.module import FederatedModule
 from fl_lightning.protocol import ClientResult
+from fl_lightning.stream import Released
 
 
 class _Watch:
@@ -100,7 +101,10 @@ def test_a_streamed_round_holds_one_client_result_at_a_time(name):
     results = _rounds(module, _WatchedSequential(watch), held=False)
     assert watch.calls == 8 and watch.peak == 1  # 4 clients per round, one alive at a time
     assert [len(r.client_ids) for r in results] == [4, 4]
-    assert all(c.params == {} and c.state == {} for r in results for c in r.clients)
+    assert all(isinstance(c.params, Released) and c.state == {} for r in results
+               for c in r.clients)
+    with pytest.raises(RuntimeError, match="sets needs_client_results = True"):
+        results[0].clients[0].params.items()
 
 
 @pytest.mark.parametrize(("name", "bn"), [(name, False) for name in ALGORITHMS]
