@@ -60,6 +60,9 @@ class Released(dict):
 
     __getitem__ = __iter__ = __len__ = keys = values = items = get = _released
 
+    def __reduce__(self):  # copy, deepcopy and pickle keep the marker, not the weights
+        return (Released, (self.client_id,))
+
 
 def light(result: ClientResult) -> ClientResult:
     """The part of a result a streamed round keeps: id, size, steps and loss (the weights
