@@ -14,6 +14,7 @@ from fl_lightning.algorithms import SCAFFOLD, FedAvg, FedDyn, FedNova
 from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.engine import SequentialEngine
 from fl_lightning.engines import BatchedEngine
+from fl_lightning.models.mlp import MLP2NN
 from fl_lightning.module import FederatedModule
 from fl_lightning.protocol import ClientResult
 from fl_lightning.stream import Released
@@ -75,13 +76,16 @@ ALGORITHMS = {
 }
 
 
+def _mlp(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    return MLP2NN(num_classes, input_shape, hidden=32)
+
+
 def _module(algorithm, net=None, **kwargs) -> FederatedModule:
     torch.manual_seed(0)
     dm = FederatedDataModule(dataset="digits", num_clients=8, partition="lda", alpha=0.5)
     module = FederatedModule(
         algorithm=algorithm, num_classes=10, input_shape=(1, 8, 8), sample_ratio=0.5,
-        local_epochs=1, batch_size=64, local_lr=0.05, **({"net": net} if net else {}),
-        **kwargs,
+        local_epochs=1, batch_size=64, local_lr=0.05, net=net or _mlp, **kwargs,
     ).attach(dm)
     return module.double()
 
