@@ -38,7 +38,17 @@ TITLES = {"synthetic_iid_natural": "Synthetic IID", "synthetic_natural_0_0": "Sy
 LEVELS = ("0", "0.5", "0.9")
 
 
-def extract(runs: str, out: str) -> int:
+FIELDS = ["setting", "stragglers", "algorithm", "seed", "round", "train_loss", "test_acc"]
+
+
+def _cell(row: dict) -> tuple[str, str, str, str]:
+    return row["setting"], row["stragglers"], row["algorithm"], row["seed"]
+
+
+def extract(runs: str, out: str, merge: bool = False) -> int:
+    """Write the curves of every finished cell under ``runs`` to ``out``; with ``merge``, the
+    cells of an existing ``out`` that ``runs`` does not hold are kept (a cell in both: the
+    runs folder wins), so runs made in several sessions and folders build one CSV."""
     rows = []
     for cell in sorted(glob.glob(os.path.join(runs, "*", "*", "seed*"))):
         setting_dir, alg = os.path.split(os.path.dirname(cell))
@@ -61,10 +71,14 @@ def extract(runs: str, out: str) -> int:
                          "seed": os.path.basename(cell)[4:], "round": rnd,
                          "train_loss": curve[rnd].get("train_loss", ""),
                          "test_acc": curve[rnd].get("test_acc", "")})
+    if merge and os.path.isfile(out):
+        fresh = {_cell(r) for r in rows}
+        with open(out, newline="") as fh:
+            kept = [r for r in csv.DictReader(fh) if _cell(r) not in fresh]
+        rows = kept + rows
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["setting", "stragglers", "algorithm", "seed", "round",
-                                           "train_loss", "test_acc"])
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
     return len(rows)
@@ -165,12 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("extract")
     e.add_argument("--runs", required=True)
     e.add_argument("--csv", required=True)
+    e.add_argument("--merge", action="store_true",
+                   help="keep the cells of an existing --csv that --runs does not hold")
     d = sub.add_parser("plot")
     d.add_argument("--csv", required=True)
     d.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cmd == "extract":
-        print(f"plot_fedprox: {extract(args.runs, args.csv)} rows -> {args.csv}")
+        print(f"plot_fedprox: {extract(args.runs, args.csv, args.merge)} rows -> {args.csv}")
     else:
         plot(args.csv, args.out)
         print(f"plot_fedprox: wrote {args.out}_loss.png, {args.out}_acc.png, {args.out}.md")

@@ -25,6 +25,7 @@ from fl_lightning.errors import ConfigError
 from fl_lightning.interrupt import interrupt_at_round_boundary
 from fl_lightning.module import FederatedModule, Preempted
 from fl_lightning.quiet import quiet_expected_messages
+from fl_lightning.replicas import ReplicaAxes, build_replicas, extract_axes
 from fl_lightning.resume import (
     AdaptingCheckpointIO,
     Resume,
@@ -36,6 +37,12 @@ from fl_lightning.resume import (
 )
 from fl_lightning.round import DivergenceError
 from fl_lightning.rundir import check_run_dir
+from fl_lightning.statefiles import (
+    DEFAULT_RAM_MB,
+    ClientStateFiles,
+    StateFileError,
+    check_state_files,
+)
 from fl_lightning.trainer_options import check_trainer_options
 from fl_lightning.validate import (
     check_config_files,
@@ -44,6 +51,7 @@ from fl_lightning.validate import (
     finite_spellings,
     integer,
     invalid,
+    nonnegative,
 )
 
 __all__ = ["FederatedCLI", "main"]
@@ -112,6 +120,13 @@ class FederatedCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", FederatedArgumentParser)
         raw = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
+        #: ``--replicas.*`` (taken off the command line; :mod:`fl_lightning.replicas`)
+        self._axes_text: dict[str, str] = {}
+        self._axes: ReplicaAxes | None = None
+        if isinstance(raw, (list, tuple)):
+            self._axes_text, rest = extract_axes(raw)
+            if self._axes_text:
+                kwargs["args"] = raw = rest
         #: the subcommand named first on the command line; only its parser is built
         self._invoked: str | None = (
             raw[0] if isinstance(raw, (list, tuple)) and raw and raw[0] in self.subcommands()
@@ -164,6 +179,11 @@ class FederatedCLI(LightningCLI):
             help="How many of the periodic checkpoints to keep (the newest).",
         )
         parser.add_argument(
+            "--client_state_ram_mb", type=float, default=DEFAULT_RAM_MB,
+            help="RAM budget per client-state store (SCAFFOLD's c_i, ...) in MiB; beyond it "
+            "the clients' state is kept in <log_dir>/client_state/ and checkpoints refer to it.",
+        )
+        parser.add_argument(
             "--resume_changes", type=str, default="error",
             help="On fit --ckpt_path, settings that differ from the checkpoint's: 'error' stops "
             "with a message, 'apply' uses the command line's.",
@@ -188,6 +208,12 @@ class FederatedCLI(LightningCLI):
         # the output defaults, before Lightning seeds and logs anything
         command = self.config.get("subcommand")
         config = self.config[command] if command else self.config
+        if self._axes_text:  # this process's own run is replica 0 (its seed, its values)
+            if command != "fit":
+                raise ConfigError(f"--replicas.* train several runs: use them with fit, not "
+                                  f"{command}")
+            self._axes = ReplicaAxes.parse(self._axes_text, config)
+            config = self.config[command] = self._axes.config(config, 0)
         if config.get("trainer") is not None:
             self._apply_output_defaults(config)
 
@@ -213,6 +239,7 @@ class FederatedCLI(LightningCLI):
             trainer["val_check_interval"] = rounds
         for option in ("checkpoint_every_n_rounds", "keep_last_checkpoints"):
             integer(config.get(option), f"--{option}", 1)
+        nonnegative(config.get("client_state_ram_mb"), "--client_state_ram_mb")
         choice(config.get("resume_changes"), "--resume_changes", ("error", "apply"))
         self._add_default_checkpointing(config)
 
@@ -301,7 +328,9 @@ class FederatedCLI(LightningCLI):
                 "lightning_logs/fl/version_0/checkpoints/round=10.ckpt"
             )
         try:
-            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            # mmap: only the pages of what the check reads (the config, the weights' shapes)
+            # are read here; Lightning's own load then reads the file once
+            ckpt = _load_for_check(ckpt_path)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
             raise ConfigError(
                 f"--ckpt_path={ckpt_path} is not a readable checkpoint ({type(err).__name__}): "
@@ -318,6 +347,10 @@ class FederatedCLI(LightningCLI):
             ckpt, given, path=ckpt_path, apply=config.get("resume_changes") == "apply",
             full=sub == "fit",
         )
+        try:  # the client-state files the load will read (not those of replaced components)
+            check_state_files(ckpt, ckpt_path, skip=resume.replaced)
+        except StateFileError as err:
+            raise ConfigError(f"--ckpt_path={ckpt_path}: {err}") from None
         self._resume = resume
         if sub == "fit" and not resume.complete and rank_zero_only.rank == 0:
             print(
@@ -357,10 +390,19 @@ class FederatedCLI(LightningCLI):
             "number of classes"
         )
 
+    def instantiate_classes(self) -> None:
+        """Lightning's, then the replicas 1.. of ``--replicas.*`` (each from its own config,
+        seeded as its run alone would be: :func:`build_replicas`)."""
+        super().instantiate_classes()
+        if self._axes is not None:
+            self.model.replicas = build_replicas(self, self._axes)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         if self.subcommand == "fit":
             history = self._resume.history if self._resume is not None else []
             callbacks = [*callbacks, RunRecord(self._run_config, history)]
+        ram = self._sub().get("client_state_ram_mb", DEFAULT_RAM_MB)
+        callbacks = [*callbacks, ClientStateFiles(ram)]
         return super()._instantiate_trainer(config, callbacks)
 
     def _prepare_resume(self) -> None:
@@ -389,6 +431,15 @@ class FederatedCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._check_checkpoint_fits()
+
+
+def _load_for_check(path: str) -> Any:
+    """The checkpoint, memory-mapped (only what the check reads is read); a file torch cannot
+    map (the legacy, non-zip format) is read whole."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except RuntimeError:
+        return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _require(module: str, what: str) -> None:

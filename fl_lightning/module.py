@@ -26,6 +26,7 @@ from fl_lightning.models.base import FederatedNet
 from fl_lightning.models.cnn import FedAvgCNN
 from fl_lightning.optim import ServerSGD
 from fl_lightning.protocol import LocalOptim
+from fl_lightning.replicas import ReplicaSet
 from fl_lightning.round import FederatedRound, RoundContext, RoundSource
 from fl_lightning.systems import (
     Attack,
@@ -171,6 +172,8 @@ class FederatedModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self._datamodule = None
+        #: the other runs trained together with this one (``--replicas.*``; ``None``: none)
+        self.replicas: ReplicaSet | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -264,6 +267,10 @@ class FederatedModule(pl.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         validate.choice(precision, "--trainer.precision", PRECISION_DTYPES,
                         "federated local training runs its own optimizers")
+        if precision == "64-true":
+            # Lightning restores a checkpoint before its precision plugin converts the module:
+            # float64 weights copied into float32 parameters would lose their last digits
+            self.double()
         if self._trainer is not None and self.trainer.world_size > 1 and tracked_batchnorms(
             self.net
         ):
@@ -301,7 +308,19 @@ class FederatedModule(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        result = self.round.run(self.global_step)
+        if self.replicas is None:
+            result = self.round.run(self.global_step)
+        else:  # every replica's round; this module's own result, None once it has diverged
+            result = self.replicas.run_round(self, self.global_step)
+            if result is None:
+                # Lightning counts rounds by the server optimizer's steps: a step without
+                # gradients counts the round and leaves the diverged weights where they are
+                done = float(self.global_step + 1)
+                opt = self.optimizers()
+                opt.zero_grad(set_to_none=True)
+                opt.step()
+                self.log("round", done, on_step=True, batch_size=1)
+                return
         self.log("train_loss", result.train_loss, on_step=True, prog_bar=True, batch_size=1)
         self.log("local_lr", result.lr, on_step=True, batch_size=1)
         self.log("round", float(result.round + 1), on_step=True, batch_size=1)
@@ -329,6 +348,8 @@ class FederatedModule(pl.LightningModule):
             self._round, steps - self.trainer.global_step if steps and steps > 0 else None,
             warn=None if self.trainer.is_global_zero else (lambda line: None),
         )
+        if self.replicas is not None:
+            self.replicas.start(self)
 
     def _log_clients(self, result: Any) -> None:
         """Append the round's sampled clients to ``<log_dir>/clients.csv``.
@@ -363,6 +384,8 @@ class FederatedModule(pl.LightningModule):
         for key in ("val_acc", "val_loss"):
             if key in metrics:
                 self.curves[key].append((int(trainer.global_step), float(metrics[key])))
+        if self.replicas is not None:
+            self.replicas.validation_end(self, int(trainer.global_step), metrics)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Lightning only notices SIGTERM at the end of an epoch (= the whole run here): stop at
@@ -389,7 +412,7 @@ class FederatedModule(pl.LightningModule):
 
     def _eval_step(self, batch: Any, metric: MulticlassAccuracy, prefix: str) -> None:
         x, y = batch
-        logits = self.net(x.to(self.dtype))
+        logits = self.net(x.to(self.dtype) if x.is_floating_point() else x)  # token ids stay
         metric.update(logits, y)
         loss = F.cross_entropy(logits, y)
         self.log(f"{prefix}_loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
@@ -430,7 +453,10 @@ class FederatedModule(pl.LightningModule):
         if not self.trainer.is_global_zero:
             return
         rounds = int(self.trainer.global_step)
-        metrics = {"rounds": rounds, **self.evaluate(), **self.systems.final_metrics(rounds)}
+        if self.replicas is not None:  # every replica's outputs, under <log_dir>/replica_<k>
+            metrics = self.replicas.train_end(self)
+        else:
+            metrics = {"rounds": rounds, **self.evaluate(), **self.systems.final_metrics(rounds)}
         if log_dir is not None:
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, "final_metrics.json"), "w") as fh:
@@ -453,9 +479,20 @@ class FederatedModule(pl.LightningModule):
         checkpoint["fl_algorithm_state"] = self.algorithm.state_dict()
         if self.systems.active:
             checkpoint["fl_systems_state"] = self.systems.state_dict()
+        if self.replicas is not None:
+            checkpoint["fl_replicas"] = self.replicas.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for key, points in checkpoint.get("fl_curves", {}).items():
             self.curves[key] = [(int(r), float(v)) for r, v in points]
         self.algorithm.load_state_dict(checkpoint.get("fl_algorithm_state", {}))
         self.systems.load_state_dict(checkpoint.get("fl_systems_state", {}))
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        if self.replicas is not None:
+            self.replicas.load_state_dict(checkpoint.get("fl_replicas"), str(path))
+        elif checkpoint.get("fl_replicas") is not None:
+            raise ConfigError(
+                f"--ckpt_path={path} was written by a run with replicas "
+                f"{[r['values'] for r in checkpoint['fl_replicas']['replicas']]}: resume it "
+                "with the same --replicas.* options"
+            )

@@ -72,6 +72,13 @@ class RoundSource(Protocol):
 
     :class:`~fl_lightning.data.module.FederatedDataModule` is one; on a Flower server, where no
     training data exists, :class:`~fl_lightning.flower.NodePopulation` is another.
+
+    Optional (looked up with ``getattr``; a source without them is read eagerly):
+    ``round_tensors(plan, device, dtype) -> (x, y) | None``, the training data of ``plan``'s
+    round only (its sampled clients; the plan's batch indices point into it; ``None``: use
+    :meth:`train_tensors`), with ``round_client_indices()``, the ``client_indices`` of that
+    data (one entry per client of the population, empty for the clients not in the round).
+    The data module's lazy path (LEAF files, the synthetic population) has them.
     """
 
     num_clients: int
@@ -340,10 +347,16 @@ class FederatedRound:
         finishes, and ``results`` holds only their light part (id, size, steps, loss).
         """
         ctx = self.context
-        data = ctx.source.train_tensors(ctx.device, ctx.dtype)
+        lazy = getattr(ctx.source, "round_tensors", None)
+        data = lazy(state.plan, ctx.device, ctx.dtype) if lazy is not None else None
+        if data is not None:  # the round's clients only: their indices into this data
+            indices = ctx.source.round_client_indices()
+        else:
+            data = ctx.source.train_tensors(ctx.device, ctx.dtype)
+            indices = getattr(ctx.source, "client_indices", ())
         if data is not None and state.systems is not None:
             data = ctx.systems.training_data(
-                data, ctx.source.client_indices, ctx.source.seed, ctx.num_classes
+                data, indices, ctx.source.seed, ctx.num_classes
             )
         opt = state.optim
         args = (ctx.algorithm, ctx.net, state.global_before, state.buffers, state.plan, data,

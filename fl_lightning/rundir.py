@@ -21,7 +21,7 @@ __all__ = ["RUN_FILES", "check_run_dir", "run_files_in"]
 # What a run writes into its folder.
 RUN_FILES = (
     "metrics.csv", "config.yaml", "hparams.yaml", "final_metrics.json", "settings_changed.json",
-    "personalized_metrics.json", "checkpoints", "analysis",
+    "personalized_metrics.json", "checkpoints", "analysis", "client_state",
 )
 
 

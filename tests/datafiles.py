@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -75,3 +76,56 @@ def write_cinic10(root: Path, split: str, per_class: int = 1) -> np.ndarray:
             arr = images[c * per_class + i].transpose(1, 2, 0)
             Image.fromarray(arr, "RGB").save(folder / f"cifar10-{split}-{i:04d}.png")
     return images
+
+
+# ----------------------------------------------------------------------------- LEAF JSON
+#: LEAF's 80 Shakespeare characters (models/utils/language_utils.py), for the tiny files.
+LEAF_CHARS = ("\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]"
+              "abcdefghijklmnopqrstuvwxyz}")
+TWEET_WORDS = ("good", "bad", "day", "love", "hate", "rain", "sun", "the", "a", "so")
+
+
+def leaf_samples(name: str, n: int, seed: int) -> tuple[list, list]:
+    """``n`` LEAF samples ``(x, y)`` as its JSON holds them: FEMNIST 784 pixels ``k / 255``
+    and a class 0..61; Shakespeare 80-character strings and the next character; Sent140 tweet
+    records ``[id, date, query, user, text]`` and 0/1; synthetic 60 floats and 0..9."""
+    rng = np.random.default_rng(seed)
+    if name == "femnist":
+        return ((rng.integers(0, 256, (n, 784)) / 255).tolist(),
+                rng.integers(0, 62, n).tolist())
+    if name == "shakespeare":
+        idx = rng.integers(0, len(LEAF_CHARS), (n, 81))
+        text = ["".join(LEAF_CHARS[i] for i in row) for row in idx]
+        return [t[:80] for t in text], [t[80] for t in text]
+    if name == "sent140":
+        ys = rng.integers(0, 2, n).tolist()
+        x = [[str(1000 + i), "Mon Apr 06 22:19:45 PDT 2009", "NO_QUERY", f"u{seed}",
+              " ".join(TWEET_WORDS[j] for j in rng.integers(0, len(TWEET_WORDS), 3 + i % 30))
+              + ("!" if y else ".")] for i, y in enumerate(ys)]
+        return x, ys
+    return rng.normal(size=(n, 60)).tolist(), rng.integers(0, 10, n).tolist()
+
+
+def write_leaf(root: Path, name: str, train_sizes: dict[str, int],
+               test_sizes: dict[str, int] | None = None, files: int = 2) -> dict[str, dict]:
+    """``root/<name>/{train,test}/all_data_<i>_niid_0_keep_0_<split>_9.json`` in LEAF's layout
+    (users spread over ``files`` files in order). Returns ``{split: {user: {"x", "y"}}}``."""
+    written: dict[str, dict] = {}
+    test_sizes = test_sizes if test_sizes is not None else {
+        u: max(1, n // 4) for u, n in train_sizes.items()}
+    for split, sizes in (("train", train_sizes), ("test", test_sizes)):
+        folder = root / name / split
+        folder.mkdir(parents=True, exist_ok=True)
+        users = list(sizes)
+        written[split] = {}
+        per = -(-len(users) // files)
+        for f in range(files):
+            chunk = users[f * per:(f + 1) * per]
+            doc = {"users": chunk, "num_samples": [sizes[u] for u in chunk], "user_data": {}}
+            for u in chunk:
+                seed = (users.index(u) + 1) * (7 if split == "train" else 13)
+                x, y = leaf_samples(name, sizes[u], seed)
+                doc["user_data"][u] = {"x": x, "y": y}
+                written[split][u] = {"x": x, "y": y}
+            (folder / f"all_data_{f}_niid_0_keep_0_{split}_9.json").write_text(json.dumps(doc))
+    return written

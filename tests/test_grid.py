@@ -174,3 +174,50 @@ def test_a_second_grid_on_the_same_folder_is_refused_and_a_stale_lock_taken_over
         fh.write(dead)
     with grid_lock(runs):
         assert open(os.path.join(runs, ".grid.lock")).read() == str(os.getpid())
+
+
+def test_vectorized_seeds_give_the_same_tables_and_curves_as_separate_cells(
+        tmp_path, monkeypatch, capsys):
+    """``--vectorize seeds``: the two seeds of a cell run as replicas of one ``fit`` and each
+    cell's folder gets its replica's metrics; the table, the CSV and the curves equal those of
+    the same grid run cell by cell. The cells' ``fit`` runs in this process (the grid's
+    subprocess call replaced by ``fl_lightning.cli.main`` on the same arguments): a process
+    start costs ~10 s."""
+    import contextlib
+    import subprocess
+    import types
+
+    from fl_lightning import grid
+    from fl_lightning.cli import main as cli_main
+
+    def in_process(cmd, stdout=None, stderr=None):
+        assert cmd[1:3] == ["-m", "fl_lightning.cli"]
+        code = 0
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
+            try:
+                cli_main(cmd[3:])
+            except SystemExit as stop:
+                code = stop.code or 0
+        return types.SimpleNamespace(returncode=code)
+
+    monkeypatch.setattr(grid, "subprocess", types.SimpleNamespace(run=in_process,
+                                                                  STDOUT=subprocess.STDOUT))
+    monkeypatch.chdir(REPO)
+    tables = {}
+    for mode in ("none", "seeds"):
+        runs = tmp_path / mode
+        grid_main(["--algorithms", "fedprox", "--settings", "digits:iid", "--seeds", "0,1",
+                   "--rounds", "2", "--runs", str(runs), "--vectorize", mode,
+                   "--extra", "--data.num_clients 4 --model.local_epochs 1 "
+                   "--model.sample_ratio 0.5 --model.net LogisticRegression "
+                   "--trainer.enable_model_summary false"])
+        cells = [runs / "digits_iid" / "fedprox" / f"seed{s}" for s in (0, 1)]
+        tables[mode] = ((runs / "table.md").read_text(), (runs / "table.csv").read_text(),
+                        [read_curve(str(c)) for c in cells],
+                        [json.loads((c / "result.json").read_text())["final"]["test_acc"]
+                         for c in cells])
+    out = capsys.readouterr().out
+    assert "replica 1 of" in out
+    assert len(os.listdir(tmp_path / "seeds" / "vectorized")) == 1
+    assert tables["seeds"] == tables["none"]
+    assert all(sorted(c) == [1, 2] for c in tables["none"][2])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
+from fl_lightning.algorithms.state_file import FileRows, Layout
 from fl_lightning.errors import ConfigError
 
 __all__ = ["ClientStateStore", "StatefulAlgorithm", "check_state_device"]
@@ -40,11 +42,12 @@ def _copy_to(t: Tensor, device: torch.device | None) -> Tensor:
 
 
 class ClientStateStore:
-    """Every client's state ``{entry: {name: tensor}}``, stacked: one ``(rows, *shape)`` tensor
-    per entry and name, one row per client that has state.
+    """Every client's state ``{entry: {name: tensor}}``: in RAM, stacked (one
+    ``(rows, *shape)`` tensor per entry and name, one row per client that has state), or, past a
+    RAM budget, in a file of the run (:mod:`fl_lightning.algorithms.state_file`).
 
-    A client's first :meth:`put` gives it a row (the tensors grow by doubling); later puts copy
-    into that row. :meth:`get` returns a copy of the client's rows (on ``device``);
+    In RAM, a client's first :meth:`put` gives it a row (the tensors grow by doubling); later
+    puts copy into that row. :meth:`get` returns a copy of the client's rows (on ``device``);
     :meth:`gather` / :meth:`scatter` read and write the rows of many clients
     in one indexed copy per tensor.
     With ``device`` the store lives there (e.g. ``cpu``
@@ -53,6 +56,12 @@ class ClientStateStore:
     lives where the first stored state was computed. The store round-trips through
     :meth:`state_dict` / :meth:`load_state_dict` (one ``{entry: {name: tensor}}`` per client id,
     independent of the row layout), which the module puts into Lightning checkpoints.
+
+    After :meth:`spill_to` (the CLI does it for every fit, under ``<log_dir>/client_state/``),
+    a store whose rows would outgrow ``ram_bytes`` moves them to a file and from then on holds
+    in RAM only what a call returns: the clients of a round. Its :meth:`state_dict` is then a
+    reference to the file's records (an index of 32 bytes per client), not a copy; what it
+    refers to is never overwritten while a checkpoint that holds it exists.
 
     Args:
         device: where stored tensors live; ``None`` keeps them where they were computed.
@@ -72,16 +81,33 @@ class ClientStateStore:
         self.device = device
         self._rows: dict[int, int] = {}
         self._data: dict[str, dict[str, Tensor]] = {}
+        self._file: FileRows | None = None
+        self._spill: tuple[str, int] | None = None
+        self._home: torch.device | None = None  # where the first stored state was computed
+
+    def spill_to(self, path: str, ram_bytes: int) -> None:
+        """Keep at most ``ram_bytes`` of rows in RAM; beyond, keep every client's state in
+        the file ``path`` (created when needed)."""
+        self._spill = (os.path.abspath(path), int(ram_bytes))
+
+    @property
+    def file(self) -> str | None:
+        """The store's own file once its state is kept on disk, else ``None``."""
+        return self._file.path if self._file is not None else None
 
     def __contains__(self, client_id: int) -> bool:
+        if self._file is not None:
+            return int(client_id) in self._file.where
         return int(client_id) in self._rows
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._file.where) if self._file is not None else len(self._rows)
 
     def stacked(self) -> dict[str, dict[str, Tensor]]:
         """The stacked tensors (``entry -> name -> (capacity, *shape)``); rows of clients that
-        never stored state are unused."""
+        never stored state are unused. A store kept on disk reads every client (sorted ids)."""
+        if self._file is not None:
+            return self.gather(sorted(self._file.where))
         return self._data
 
     def _allocate(self, state: Mapping[str, Mapping[str, Tensor]], rows: int) -> None:
@@ -97,15 +123,38 @@ class ClientStateStore:
             for entry, tensors in state.items()
         }
 
-    def _row(self, client_id: int, state: Mapping[str, Mapping[str, Tensor]]) -> int:
+    def _over_budget(self, state: Mapping[str, Mapping[str, Tensor]], rows: int) -> bool:
+        if self._spill is None:
+            return False
+        return rows * Layout.of(state).nbytes > self._spill[1]
+
+    def _to_file(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Move every row to the spill file; RAM holds none from now on."""
+        assert self._spill is not None
+        self._file = FileRows(self._spill[0], Layout.of(state))
+        if self._rows:
+            ids = list(self._rows)
+            rows = torch.tensor([self._rows[c] for c in ids])
+            self._file.scatter(ids, {e: {k: v.index_select(0, rows.to(v.device)).cpu()
+                                         for k, v in t.items()} for e, t in self._data.items()})
+        self._rows, self._data = {}, {}
+
+    def _row(self, client_id: int, state: Mapping[str, Mapping[str, Tensor]]) -> int | None:
+        """The client's row, allocated if new; ``None`` when the store just moved to disk."""
         row = self._rows.get(client_id)
         if row is not None:
             return row
         if not self._data:
+            if self._over_budget(state, 8):
+                self._to_file(state)
+                return None
             self._allocate(state, 8)
         capacity = next(iter(next(iter(self._data.values())).values())).shape[0]
         row = len(self._rows)
         if row >= capacity:  # grow by doubling
+            if self._over_budget(state, 2 * capacity):
+                self._to_file(state)
+                return None
             old = self._data
             self._allocate({e: {k: v[0] for k, v in t.items()} for e, t in old.items()},
                            2 * capacity)
@@ -115,7 +164,10 @@ class ClientStateStore:
         self._rows[client_id] = row
         return row
 
-    def _check(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+    def _check(self, state: Mapping[str, Mapping[str, Tensor]], batched: bool = False) -> None:
+        if self._file is not None:
+            self._file.layout.check(state, batched)
+            return
         if self._data and (
             set(state) != set(self._data)
             or any(set(state[e]) != set(self._data[e]) for e in state)
@@ -125,10 +177,21 @@ class ClientStateStore:
                 f"{sorted(self._data)}: every client must store the same entries"
             )
 
+    def _out(self, t: Tensor, device: torch.device | None) -> Tensor:
+        """A tensor read from the file, on ``device`` (else where the store would keep it)."""
+        where = device or self.device or self._home
+        return t.to(where, non_blocking=True) if where is not None else t
+
     def get(
         self, client_id: int, default: Callable[[], State], device: torch.device | None = None
     ) -> State:
         """The client's state on ``device`` (a fresh ``default()`` if it has none yet)."""
+        if self._file is not None:
+            if int(client_id) not in self._file.where:
+                return default()
+            one = self._file.gather([int(client_id)])
+            return {e: {k: self._out(v[0], device) for k, v in t.items()}
+                    for e, t in one.items()}
         row = self._rows.get(int(client_id))
         if row is None:
             return default()
@@ -141,7 +204,13 @@ class ClientStateStore:
     def put(self, client_id: int, state: Mapping[str, Mapping[str, Tensor]]) -> None:
         """Store (a copy of) the client's state in its row on the storage device."""
         self._check(state)
-        row = self._row(int(client_id), state)
+        if self._home is None:
+            self._home = next(iter(next(iter(state.values())).values())).device
+        row = None if self._file is not None else self._row(int(client_id), state)
+        if row is None:  # on disk
+            self.scatter([client_id], {e: {k: v.unsqueeze(0) for k, v in t.items()}
+                                       for e, t in state.items()})
+            return
         for entry, tensors in state.items():
             for k, v in tensors.items():
                 self._data[entry][k][row].copy_(v.detach())
@@ -149,9 +218,12 @@ class ClientStateStore:
     def gather(self, client_ids: Sequence[int], device: torch.device | None = None) -> State:
         """The stored state of ``client_ids`` (all must have one), stacked along dimension 0,
         on ``device``: one indexed copy per tensor."""
-        missing = [c for c in client_ids if int(c) not in self._rows]
+        missing = [c for c in client_ids if int(c) not in self]
         if missing:
             raise KeyError(f"clients {missing} have no stored state")
+        if self._file is not None:
+            got = self._file.gather([int(c) for c in client_ids])
+            return {e: {k: self._out(v, device) for k, v in t.items()} for e, t in got.items()}
         first = next(iter(next(iter(self._data.values())).values()))
         rows = torch.tensor([self._rows[int(c)] for c in client_ids], device=first.device)
         return {
@@ -166,16 +238,34 @@ class ClientStateStore:
     @torch.no_grad()
     def scatter(self, client_ids: Sequence[int], stacked: Mapping[str, Mapping[str, Tensor]]):
         """Store row ``i`` of every ``stacked`` tensor as client ``client_ids[i]``'s state."""
-        self._check(stacked)
-        rows = [self._row(int(c), {e: {k: v[0] for k, v in t.items()}
-                                   for e, t in stacked.items()}) for c in client_ids]
-        for entry, tensors in stacked.items():
-            for k, v in tensors.items():
-                dest = self._data[entry][k]
-                dest.index_copy_(0, torch.tensor(rows, device=dest.device),
-                                 v.detach().to(dest.device))
+        self._check(stacked, batched=True)
+        if self._home is None:
+            self._home = next(iter(next(iter(stacked.values())).values())).device
+        if self._file is None:
+            first = {e: {k: v[0] for k, v in t.items()} for e, t in stacked.items()}
+            rows = []
+            for c in client_ids:
+                row = self._row(int(c), first)
+                if row is None:
+                    break
+                rows.append(row)
+            if self._file is None:
+                for entry, tensors in stacked.items():
+                    for k, v in tensors.items():
+                        dest = self._data[entry][k]
+                        dest.index_copy_(0, torch.tensor(rows, device=dest.device),
+                                         v.detach().to(dest.device))
+                return
+            # moved to disk part way: the rows given so far were moved too; write them all
+        self._file.scatter([int(c) for c in client_ids],
+                           {e: {k: v.detach().cpu().contiguous() for k, v in t.items()}
+                            for e, t in stacked.items()})
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"clients": {id: state}}`` in RAM; on disk, ``{"store": reference}`` (see
+        :meth:`~fl_lightning.algorithms.state_file.FileRows.snapshot`)."""
+        if self._file is not None:
+            return self._file.snapshot()
         return {
             "clients": {
                 cid: {e: {k: v[row].clone() for k, v in t.items()} for e, t in self._data.items()}
@@ -184,9 +274,48 @@ class ClientStateStore:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        ref = state.get("store")
+        if ref is not None:
+            self._load_reference(ref)
+            return
         self._rows, self._data = {}, {}
+        if self._file is not None:
+            self._file.where = {}
+            self._file.pins.pop("<loaded>", None)
+            self._file._collect()
         for k, v in dict(state.get("clients", {})).items():
             self.put(int(k), v)
+
+    def _load_reference(self, ref: Mapping[str, Any]) -> None:
+        layout = Layout.from_plain(ref["layout"])
+        self._rows, self._data = {}, {}
+        if self._spill is not None:  # keep referring to the files: nothing is read now
+            if self._file is None or self._file.layout != layout:
+                self._file = FileRows(self._spill[0], layout)
+            self._file.load(ref)
+            return
+        # no file of our own (library use): read every client into RAM
+        reader = FileRows(os.devnull, layout)
+        reader.load(ref)
+        ids = sorted(reader.where)
+        if ids:
+            self._file = None
+            self.scatter(ids, {e: {k: v.to(self.device) if self.device is not None else v
+                                   for k, v in t.items()}
+                               for e, t in reader.gather(ids).items()})
+        reader.close()
+
+    def pin(self, path: str) -> None:
+        """The checkpoint file ``path`` is being written with the last :meth:`state_dict`:
+        what it refers to is kept while the file exists (a no-op in RAM)."""
+        if self._file is not None:
+            self._file.sync()
+            self._file.pin(path)
+
+    def unpin(self, path: str) -> None:
+        """The checkpoint file ``path`` was removed."""
+        if self._file is not None:
+            self._file.unpin(path)
 
 
 class StatefulAlgorithm(Algorithm):

@@ -200,10 +200,10 @@ def paper_augmentation(dataset: str) -> BatchAugment | None:
         >>> paper_augmentation("svhn").cutout, paper_augmentation("digits") is None
         (0, True)
     """
-    from fl_lightning.data.datasets import dataset_info, normalization
+    from fl_lightning.data.datasets import NATURAL, dataset_info, normalization
 
     name = dataset_info(dataset).name
-    if name in ("digits", "synthetic", "synthetic_iid"):
+    if name == "digits" or name in NATURAL:  # LEAF and the synthetic sets: none
         return None
     mean, std = normalization(name)
     black = tuple(-m / s for m, s in zip(mean, std, strict=True))

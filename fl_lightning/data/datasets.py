@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fl_lightning.data.checksums import MNIST_RAW_MD5, check_file
+from fl_lightning.data.leaf import LEAF
 from fl_lightning.data.medmnist import (  # noqa: F401 - re-exported: their old home
     _MULTI_LABEL_TASK,
     MEDMNIST_MEAN,
@@ -79,8 +80,12 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 RGB32 = tuple(NORMALIZATION)
 
 #: Datasets generated already split into devices (``--data.partition natural``), see
-#: :mod:`fl_lightning.data.natural`: the FedProx paper's synthetic data, 60 features, 10 classes.
-NATURAL = ("synthetic", "synthetic_iid")
+#: :mod:`fl_lightning.data.natural` and :mod:`fl_lightning.data.population`: the FedProx
+#: paper's synthetic data, 60 features, 10 classes.
+GENERATED = ("synthetic", "synthetic_iid", "synthetic_population")
+#: Every dataset that arrives split into devices or users: the generated ones and the LEAF JSON
+#: sets (:mod:`fl_lightning.data.leaf`, one client per user).
+NATURAL = (*GENERATED, *LEAF)
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -105,7 +110,8 @@ def _canonical(name) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(
             f"--data.dataset={name!r} is invalid; use digits, mnist, cifar10, svhn, cinic10, "
-            "synthetic, synthetic_iid or any MedMNIST 2D flag such as pathmnist"
+            "synthetic, synthetic_iid, synthetic_population, a LEAF set (femnist, shakespeare, "
+            "sent140, synthetic_leaf) or any MedMNIST 2D flag such as pathmnist"
         )
     return name.strip().lower()
 
@@ -117,7 +123,9 @@ def dataset_info(name: str) -> DatasetInfo:
         return DatasetInfo("digits", 10, (1, 8, 8))
     if name == "mnist":
         return DatasetInfo("mnist", 10, (1, 28, 28))
-    if name in NATURAL:
+    if name in LEAF:
+        return DatasetInfo(name, *LEAF[name])
+    if name in GENERATED:
         return DatasetInfo(name, 10, (1, 1, 60))
     if name in RGB32:
         return DatasetInfo(name, 10, (3, 32, 32))
@@ -187,8 +195,8 @@ def load_dataset(
         return _load_digits(split)
     if name in NATURAL:
         raise ConfigError(
-            f"--data.dataset={name} is generated per device by FederatedDataModule with "
-            "--data.partition natural; it has no files to load"
+            f"--data.dataset={name} is read or generated per device (user) by "
+            "FederatedDataModule with --data.partition natural, not loaded as one split"
         )
     if name == "mnist":
         return _load_mnist(_data_root(name, data_dir), download, split, verify)

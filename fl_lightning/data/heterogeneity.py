@@ -253,6 +253,10 @@ def datamodule_report(dm) -> dict:
     """The report of a set-up :class:`~fl_lightning.data.module.FederatedDataModule`."""
     if not dm.client_indices:
         dm.setup("fit")
+    if getattr(dm, "population", None) is not None:
+        from fl_lightning.data.lazy import no_whole_set
+
+        raise no_whole_set(dm, "whole training set to report on (HeterogeneityReport)")
     return heterogeneity_report(dm.train_y, dm.client_indices, dm.num_classes)
 
 

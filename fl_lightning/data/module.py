@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fl_lightning.data.augment import BatchAugment, paper_augmentation
 from fl_lightning.data.datasets import dataset_info, load_dataset
+from fl_lightning.data.lazy import ClientwiseRounds, as_input, no_whole_set, setup_lazy
 from fl_lightning.data.natural import powerlaw_devices, split_devices, synthetic
 from fl_lightning.data.options import (  # noqa: F401 - PARTITIONS, AUGMENTATIONS: their old home
     AUGMENTATIONS,
@@ -145,6 +146,10 @@ class FederatedDataModule(pl.LightningDataModule):
         self.test_x: Tensor | None = None
         self.test_y: Tensor | None = None
         self.client_indices: list[Tensor] = []
+        #: the lazy path (LEAF files, the synthetic population): rounds made client by client
+        self.rounds: ClientwiseRounds | None = None
+        self.population = None  # the SyntheticPopulation of synthetic_population
+        self.input_scale = 1.0  # LEAF's uint8 pixels: x / 255
         self._device_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ static facts
@@ -164,7 +169,7 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.partition in DEVICE_SPLIT:
-            if self.train_x is None:
+            if self.train_x is None and self.rounds is None:
                 self._setup_devices()
             return
         if self.test_x is None:
@@ -194,7 +199,10 @@ class FederatedDataModule(pl.LightningDataModule):
                 )
 
     def _setup_devices(self) -> None:
-        """Natural and power-law data: every device's train and test samples at once."""
+        """Natural and power-law data: every device's train and test samples at once (LEAF
+        files and the synthetic population: :func:`~fl_lightning.data.lazy.setup_lazy`)."""
+        if setup_lazy(self):
+            return
         if self.partition == "natural":
             data = synthetic(self.synthetic_alpha, self.synthetic_beta,
                              self.dataset == "synthetic_iid", self.num_clients, self.seed)
@@ -246,14 +254,22 @@ class FederatedDataModule(pl.LightningDataModule):
         """The test split as ``(x, y)`` on ``device``; copied once per ``(device, dtype)``."""
         if self.test_x is None:
             self.setup("test")
-        key = ("test", torch.device(device), dtype or self.test_x.dtype)
+        return self._on_device("test", self.test_x, self.test_y, device, dtype)
+
+    def _on_device(self, split: str, x: Tensor, y: Tensor, device: torch.device | str,
+                   dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` as the model's input on ``device`` (:func:`~fl_lightning.data.lazy.as_input`:
+        floats in ``dtype``, token ids as int64), copied once per ``(split, device, dtype)``."""
+        key = (split, torch.device(device), dtype)
         if key not in self._device_cache:
-            self._device_cache[key] = (self.test_x.to(key[1], key[2]), self.test_y.to(key[1]))
+            self._device_cache[key] = (as_input(self, x, key[1], dtype), y.to(key[1]))
         return self._device_cache[key]
 
     # ------------------------------------------------------------------ federated API
     @property
     def client_sizes(self) -> list[int]:
+        if self.rounds is not None:
+            return self.rounds.sizes.tolist()
         return [len(p) for p in self.client_indices]
 
     @property
@@ -270,15 +286,24 @@ class FederatedDataModule(pl.LightningDataModule):
         self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> tuple[Tensor, Tensor]:
         """The whole training set as ``(x, y)`` on ``device``, ``x`` in ``dtype`` (default: as
-        loaded); copied once per ``(device, dtype)``."""
+        loaded; float32 for LEAF's compact pixels; token ids stay int64); copied once per
+        ``(device, dtype)``. The synthetic population has no whole training set (one line)."""
         if self.train_x is None:
             self.setup("fit")
-        key = (torch.device(device), dtype or self.train_x.dtype)
-        if key not in self._device_cache:
-            self._device_cache[key] = (
-                self.train_x.to(key[0], key[1]), self.train_y.to(key[0])
-            )
-        return self._device_cache[key]
+        if self.population is not None:
+            raise no_whole_set(self, "whole training set (train_tensors)")
+        return self._on_device("train", self.train_x, self.train_y, device, dtype)
+
+    def round_tensors(self, plan: RoundPlan, device: torch.device | str,
+                      dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
+        """The optional lazy ``RoundSource`` method: the training data of ``plan``'s round only
+        (its sampled clients, the plan's indices point into it), or ``None`` on the eager path
+        (then the round reads :meth:`train_tensors`)."""
+        return None if self.rounds is None else self.rounds.round_tensors(plan, device, dtype)
+
+    def round_client_indices(self):
+        """``client_indices`` of the last :meth:`round_tensors` (data-level attacks read it)."""
+        return self.rounds.round_indices()
 
     def sample_clients(self, round_idx: int, clients_per_round: int) -> list[int]:
         """The ids of the clients that train in round ``round_idx`` (without replacement)."""
@@ -336,6 +361,8 @@ class FederatedDataModule(pl.LightningDataModule):
         """
         if not self.client_indices:
             self.setup("fit")
+        if self.population is not None:
+            raise no_whole_set(self, "per-client batches outside a round (client_batches)")
         idx, _ = self._round_arrays(round_idx, [client_id], local_epochs, batch_size)
         n = len(self.client_indices[client_id])
         return [
@@ -360,8 +387,11 @@ class FederatedDataModule(pl.LightningDataModule):
         device tensor, and ``plan.transform`` (a :class:`RoundAugmentation`) reads the draws
         from it, so no generator and no host tensor is created inside a local step.
         """
-        if not self.client_indices:
+        if not self.client_indices and self.rounds is None:
             self.setup("fit")
+        if self.rounds is not None:  # the lazy path: indices into the round's own tensors
+            return self.rounds.round_plan(round_idx, clients_per_round, local_epochs, batch_size,
+                                          device)
         ids = self.sample_clients(round_idx, clients_per_round)
         idx, draws = self._round_arrays(round_idx, ids, local_epochs, batch_size)
         total = len(idx)

@@ -90,13 +90,14 @@ def _check_partition(dataset: str, partition: str) -> bool:
     natural = dataset_info(dataset).name in NATURAL
     if natural and partition != "natural":
         raise ConfigError(
-            f"--data.partition={partition} is invalid for --data.dataset {dataset}: it is "
-            "generated already split into devices; use --data.partition natural"
+            f"--data.partition={partition} is invalid for --data.dataset {dataset}: it "
+            "arrives already split into devices (users); use --data.partition natural"
         )
     if partition == "natural" and not natural:
         raise ConfigError(
             f"--data.partition natural is invalid for --data.dataset {dataset}: it arrives "
-            "centralized; use synthetic or synthetic_iid, or a partition such as lda"
+            "centralized; use synthetic, synthetic_iid, synthetic_population or a LEAF set "
+            "(femnist, shakespeare, sent140, synthetic_leaf), or a partition such as lda"
         )
     if partition == "powerlaw" and dataset_info(dataset).name != "mnist":
         raise ConfigError(

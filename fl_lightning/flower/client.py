@@ -14,21 +14,28 @@ Node config (``flower-supernode --node-config``):
     PyTorch's own, which follows ``OMP_NUM_THREADS``). CPU kernels split their reductions by
     thread, so the last bits of a result depend on it: a node reproduces a simulation bit for
     bit only with the simulation's thread count (see ``docs/deployment.md``).
+    ``state-dir`` (optional): a folder on the node for its clients' state files
+    (``run-<run id>-client-<K>.pt``), so that a SuperNode that is restarted keeps them.
 
 The node computes the run's partition (a pure function of the labels and the seed) and keeps
 only its own samples; its persistent client state (SCAFFOLD's ``c_i``, ...) is kept in the
-SuperNode's ``context.state`` between rounds and never sent.
+SuperNode's ``context.state`` between rounds and, with a ``state-dir``, in a state file
+written atomically after each round it trains; it is never sent. A failure on the node is
+answered with an ``error`` record naming it (one line), which the server reports.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_lightning.errors import ConfigError
+from fl_lightning.errors import ConfigError, exception_line
 
 if TYPE_CHECKING:
     import torch
@@ -149,16 +156,38 @@ def _info(client_id: int, num_samples: int) -> ConfigRecord:
     return ConfigRecord({"client_id": client_id, "num_samples": num_samples})
 
 
+def _data_dir(context: Context) -> str | None:
+    """The node's ``data-dir`` (``None``: the run's ``--data.data_dir``); a folder that does
+    not exist is an error, whatever the dataset."""
+    value = context.node_config.get("data-dir")
+    if value is None or str(value) == "":
+        return None
+    if not os.path.isdir(str(value)):
+        raise ConfigError(
+            f"--node-config data-dir={str(value)!r} is invalid: it must be an existing folder "
+            "on this SuperNode (the dataset's folder, as --data.data_dir)"
+        )
+    return str(value)
+
+
 def _train(msg: Message, context: Context) -> Message:
     """A round's message: train where this node's client is in the round's ``train`` list,
-    else answer with its partition id and size only (how the server learns them)."""
-    cfg = msg.content["config"]
-    recipe = json.loads(str(cfg["recipe"]))
-    client_id = _node_partition(context, int(recipe["data"]["num_clients"]))
-    if client_id in json.loads(str(cfg["train"])):
-        return _local_training(msg, context, cfg, recipe, client_id)
-    size = partition_size(recipe["data"], client_id, context.node_config.get("data-dir"))
-    return Message(RecordDict({"info": _info(client_id, size)}), reply_to=msg)
+    else answer with its partition id and size only (how the server learns them). Whatever
+    fails is answered with an ``error`` record (one line: the exception's type and message),
+    which the server names when it stops a run whose clients all failed; the traceback goes
+    to this node's log."""
+    try:
+        cfg = msg.content["config"]
+        recipe = json.loads(str(cfg["recipe"]))
+        client_id = _node_partition(context, int(recipe["data"]["num_clients"]))
+        if client_id in json.loads(str(cfg["train"])):
+            return _local_training(msg, context, cfg, recipe, client_id)
+        size = partition_size(recipe["data"], client_id, _data_dir(context))
+        return Message(RecordDict({"info": _info(client_id, size)}), reply_to=msg)
+    except Exception as err:  # noqa: BLE001 - any failure is the reply's error, never silent
+        traceback.print_exc()
+        reason = ConfigRecord({"reason": f"node {context.node_id}: {exception_line(err, 500)}"})
+        return Message(RecordDict({"error": reason}), reply_to=msg)
 
 
 def _client_plan(
@@ -195,6 +224,55 @@ def _client_plan(
     )
 
 
+def state_file(context: Context, client_id: int) -> Path | None:
+    """Where this node keeps client ``client_id``'s state of the context's run (``None``
+    without a ``state-dir`` in the node config)."""
+    folder = context.node_config.get("state-dir")
+    if folder is None or str(folder) == "":
+        return None
+    return Path(str(folder)).expanduser() / f"run-{context.run_id}-client-{client_id}.pt"
+
+
+def _load_state(context: Context, client_id: int) -> dict[str, Any]:
+    """The client's persistent state: Flower's ``context.state`` of this SuperNode, else (a
+    SuperNode that was restarted has none) its state file; empty if neither has any."""
+    import torch
+
+    from fl_lightning.flower.records import params_from_record
+
+    own = {name[len(STATE_PREFIX):]: params_from_record(rec)
+           for name, rec in context.state.items() if name.startswith(STATE_PREFIX)}
+    path = state_file(context, client_id)
+    if own or path is None or not path.is_file():
+        return own
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file: one line, nothing lost
+        raise ConfigError(
+            f"the client state file {path} is unreadable ({exception_line(err)}): move it "
+            f"away to start client {client_id}'s state afresh (SCAFFOLD's c_i = 0)"
+        ) from None
+
+
+def _save_state(context: Context, client_id: int, state: dict[str, Any]) -> None:
+    """Keep the client's new state in ``context.state`` and, with a ``state-dir``, in its
+    state file, written atomically (a temporary file, then ``os.replace``): a node killed
+    while writing leaves the previous round's file."""
+    import torch
+
+    from fl_lightning.flower.records import params_to_record
+
+    for entry, value in state.items():
+        context.state[STATE_PREFIX + entry] = params_to_record(value)
+    path = state_file(context, client_id)
+    if path is None or not state:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save({k: {n: t.detach().cpu() for n, t in v.items()} for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+
+
 def _local_training(
     msg: Message, context: Context, cfg: ConfigRecord, recipe: dict[str, Any], client_id: int
 ) -> Message:
@@ -211,7 +289,7 @@ def _local_training(
     data = recipe["data"]
     algorithm, net = build_components(recipe)
     dtype = getattr(torch, recipe["dtype"])
-    x, y, own = local_partition(data, client_id, context.node_config.get("data-dir"), dtype)
+    x, y, own = local_partition(data, client_id, _data_dir(context), dtype)
     global_params = params_from_record(msg.content["global"])
     buffers = params_from_record(msg.content["buffers"]) if "buffers" in msg.content else {}
     server_state = {
@@ -220,10 +298,7 @@ def _local_training(
     }
     if server_state:
         algorithm.load_state_dict(server_state)
-    own_state = {
-        name[len(STATE_PREFIX):]: params_from_record(rec)
-        for name, rec in context.state.items() if name.startswith(STATE_PREFIX)
-    }
+    own_state = _load_state(context, client_id)
     if own_state:
         algorithm.clients.put(client_id, own_state)
     plan = _client_plan(cfg, recipe, client_id, own)
@@ -235,8 +310,7 @@ def _local_training(
         bool(torch.isfinite(v).all()) for v in result.params.values()
     )
     if finite:  # as the round loop: only a kept client's new state is stored
-        for entry, value in result.state.items():
-            context.state[STATE_PREFIX + entry] = params_to_record(value)
+        _save_state(context, client_id, result.state)
     content = RecordDict({
         "info": _info(client_id, len(y)),
         "params": params_to_record(result.params),

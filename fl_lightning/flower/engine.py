@@ -68,8 +68,10 @@ def _exchange(
             key = pending.pop(reply.metadata.reply_to_message_id, None)
             if key is None:
                 continue
-            if reply.has_error():
+            if reply.has_error():  # Flower's own: the node went away, the app crashed
                 failures[key] = f"error {reply.error.code}: {reply.error.reason}"
+            elif "error" in reply.content:  # the ClientApp's: what failed on the node
+                failures[key] = str(reply.content["error"]["reason"])
             else:
                 replies[key] = reply
         if not pending or time.monotonic() > deadline:
@@ -210,15 +212,19 @@ class FlowerEngine:
         known = set(self.where.values())
         targets = {c.client_id: self.where[c.client_id] for c in plan.clients
                    if c.client_id in self.where and self.where[c.client_id] in online}
-        targets.update({-1 - i: n for i, n in enumerate(self.nodes)
-                        if n not in known and n in online})
+        # the nodes connected at the start first, then any that joined later (a SuperNode that
+        # was restarted without authentication comes back under a new node id)
+        unknown = [n for n in self.nodes if n in online] + sorted(online - set(self.nodes))
+        targets.update({-1 - i: n for i, n in enumerate(unknown) if n not in known})
         messages = {key: Message(RecordDict(dict(content.items())), node, "train",
                                  group_id=str(plan.round)) for key, node in targets.items()}
         return targets, messages
 
     def _learn_partitions(self, replies: dict[int, Message], targets: dict[int, int]) -> None:
         """Record which node holds which partition id and its size, from the ``info`` every
-        reply carries; two nodes with one partition id are an error."""
+        reply carries; two connected nodes with one partition id are an error (a partition
+        whose node went away and came back under a new id moves to it)."""
+        online = set(self.grid.get_node_ids())
         for key, reply in replies.items():
             info = reply.content["info"]
             cid, node = int(info["client_id"]), targets[key]
@@ -227,7 +233,7 @@ class FlowerEngine:
                     f"a SuperNode holds partition-id={cid} but --data.num_clients="
                     f"{self.num_clients}"
                 )
-            if self.where.get(cid, node) != node:
+            if self.where.get(cid, node) != node and self.where[cid] in online:
                 raise FederationError(
                     f"two SuperNodes hold partition-id={cid}: give each node its own "
                     "partition-id"

@@ -45,11 +45,15 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fl_lightning.errors import ConfigError, exception_line
 from fl_lightning.flower.engine import FederationError
 from fl_lightning.tensors import PRECISION_DTYPES
 
-__all__ = ["FederationError", "make_server_app", "run_server"]
+__all__ = ["ERROR_FILE", "FederationError", "build_run", "check_round", "check_supported",
+           "make_server_app", "run_server", "write_error"]
 
+#: where a failed run's one line goes, in its save-dir (read by ``python -m fl_lightning.flower``)
+ERROR_FILE = "error.txt"
 
 
 def _plain(value: Any) -> Any:
@@ -63,6 +67,33 @@ def _plain(value: Any) -> Any:
     if isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"
     return value
+
+
+def check_supported(module: Any, precision: str) -> str:
+    """The run's dtype name (``"float32"``, ``"float64"``), or a :class:`FederationError` (one
+    line) for what the Flower apps cannot run: the ServerApp calls it through
+    :func:`build_run`, and so does ``python -m fl_lightning.flower`` before it starts any
+    process."""
+    if precision not in PRECISION_DTYPES or precision == "bf16-mixed":
+        raise FederationError(
+            f"--trainer.precision={precision} is not supported with Flower: use 32-true or "
+            "64-true"
+        )
+    systems = module.systems
+    for option in ("attack", "compressor", "privacy", "secure_aggregation", "aggregator"):
+        if getattr(systems, option) is not None:
+            raise FederationError(
+                f"--model.{option} is not supported by the Flower apps: they run "
+                "--model.participation only (see docs/deployment.md for Flower's own mods)"
+            )
+    part = systems.participation
+    if part is not None and part.straggler_epochs != "fixed" and part.straggler_policy != "drop":
+        raise FederationError(
+            f"--model.participation.straggler_epochs={part.straggler_epochs} with partial work "
+            "is not supported by the Flower apps (a node cuts its steps by the fixed "
+            "straggler_work share): use straggler_epochs fixed, or straggler_policy drop"
+        )
+    return str(PRECISION_DTYPES[precision]).removeprefix("torch.")
 
 
 def build_run(config_path: str, args: str, rounds: int):
@@ -79,29 +110,9 @@ def build_run(config_path: str, args: str, rounds: int):
     finally:
         sys.argv = saved_argv
     module, dm, cfg = cli.model, cli.datamodule, cli.config
-    precision = str(cfg.trainer.get("precision") or "32-true")
-    if precision not in PRECISION_DTYPES or precision == "bf16-mixed":
-        raise FederationError(
-            f"--trainer.precision={precision} is not supported with Flower: use 32-true or "
-            "64-true"
-        )
-    dtype = str(PRECISION_DTYPES[precision]).removeprefix("torch.")  # "float32", "float64"
+    dtype = check_supported(module, str(cfg.trainer.get("precision") or "32-true"))
     if dtype == "float64":
         module.double()
-    systems = module.systems
-    for option in ("attack", "compressor", "privacy", "secure_aggregation", "aggregator"):
-        if getattr(systems, option) is not None:
-            raise FederationError(
-                f"--model.{option} is not supported by the Flower apps: they run "
-                "--model.participation only (see docs/deployment.md for Flower's own mods)"
-            )
-    part = systems.participation
-    if part is not None and part.straggler_epochs != "fixed" and part.straggler_policy != "drop":
-        raise FederationError(
-            f"--model.participation.straggler_epochs={part.straggler_epochs} with partial work "
-            "is not supported by the Flower apps (a node cuts its steps by the fixed "
-            "straggler_work share): use straggler_epochs fixed, or straggler_policy drop"
-        )
     recipe = {
         "algorithm": _plain(cfg.model.algorithm),
         "net": _plain(cfg.model.net),
@@ -163,6 +174,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
         if save_dir:
             with open(progress_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+        check_round(record, r, rounds)
     module.attach(dm)
     metrics = module.evaluate()
     summary = {"rounds": rounds, **metrics, "num_clients": dm.num_clients,
@@ -177,6 +189,23 @@ def run_server(grid: Grid, run_config: dict[str, Any], app_dir: Path) -> dict[st
           f"(loss {metrics['test_loss']:.4f}) after {rounds} rounds"
           + (f"; saved {save_dir}" if save_dir else ""), flush=True)
     return summary
+
+
+def check_round(record: dict[str, Any], r: int, rounds: int) -> None:
+    """Stop the run (a :class:`FederationError`, one line naming the first lost client's
+    error) after a round in which no client reported and at least one was lost for a reason
+    other than a planned dropout: its node failed, went away or did not answer. So a run in
+    which no client ever reports stops in its first round (the participation policy never
+    drops every sampled client, and a round whose every update is non-finite raises the
+    round's own ``DivergenceError``)."""
+    lost = record["dropped"]
+    if record["reported"] or record["skipped_nonfinite"] or not lost:
+        return
+    first = lost[0]
+    raise FederationError(
+        f"round {r + 1}/{rounds}: no client reported, {len(lost)} lost ({lost}); client "
+        f"{first}: {record['why'][str(first)]}"
+    )
 
 
 def _round_record(result: Any, engine: Any) -> dict[str, Any]:
@@ -203,8 +232,26 @@ def make_server_app(app_dir: str | os.PathLike) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, dict(context.run_config), folder)
+        run_config = dict(context.run_config)
+        try:
+            run_server(grid, run_config, folder)
+        except Exception as err:  # the one line, where the launcher reads it (then Flower's
+            # own log of the failure)
+            save_dir = str(run_config.get("save-dir", "") or "")
+            if save_dir:
+                write_error(save_dir, err)
+            raise
 
     return app
+
+
+def write_error(save_dir: str, err: BaseException) -> None:
+    """Write why the run failed (one line) to ``<save_dir>/error.txt``, atomically."""
+    line = str(err) if isinstance(err, (FederationError, ConfigError)) else exception_line(err)
+    os.makedirs(save_dir, exist_ok=True)
+    tmp = os.path.join(save_dir, "error.txt.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(" ".join(line.split()) + "\n")
+    os.replace(tmp, os.path.join(save_dir, ERROR_FILE))
 
 
