@@ -394,11 +394,14 @@ class FederatedRound:
         Under a DDP all-reduce the decision needs every rank's counts, which come with the
         combine's one all-reduce: it is taken there, with the same policy.
         """
-        if state.sink is not None:  # screened client by client; stop if every one diverged
+        if state.sink is not None:  # non-finite clients were left out as they came
             sink = state.sink
             state.finite, state.results, state.skipped = sink.finite, sink.kept, sink.skipped
-            if not sink.kept and sink.first_bad is not None:
-                self._screen_batch([sink.first_bad], [False], state.round, len(sink.finite))
+            skip = self.context.on_nonfinite == "skip_client"
+            if sink.first_bad is not None and not (skip and sink.kept):
+                # raise: the first non-finite client; skip_client: every one diverged
+                self._screen_batch([sink.first_bad], [False], state.round,
+                                   len(sink.finite) if skip else None)
             return
         state.finite = finite_flags(state.results)
         if not state.reduce:
@@ -493,20 +496,18 @@ class FederatedRound:
             state.systems.dropped.extend(state.lost)
 
     def _sink(self, state: RoundState) -> ResultSink:
-        """The streamed round's sink: the algorithm's sums and the ``on_nonfinite`` policy
-        applied to each batch of results as it comes (``skip_client`` stops only at the end,
-        in :meth:`screen`, if every client diverged)."""
+        """The streamed round's sink: the algorithm's sums; non-finite clients are left out as
+        they come, and :meth:`screen` applies the ``on_nonfinite`` policy at the end (``raise``
+        names the first one, ``skip_client`` stops if every client diverged)."""
         ctx, plan = self.context, state.plan
         sums = ctx.algorithm.begin_sums(state.global_before, num_clients=plan.num_clients,
                                         total_samples=plan.total_samples)
 
         def screen(results: Sequence[ClientResult], finite: Sequence[bool]):
-            if all(finite):
-                return list(results), []
-            if ctx.on_nonfinite == "skip_client":
-                return ([r for r, ok in zip(results, finite, strict=True) if ok],
-                        [r.client_id for r, ok in zip(results, finite, strict=True) if not ok])
-            return self._screen_batch(results, finite, state.round)
+            # a non-finite client is never folded; the policy's stop comes in the screen phase
+            # (after the whole round trained, as for a round that holds every result)
+            return ([r for r, ok in zip(results, finite, strict=True) if ok],
+                    [r.client_id for r, ok in zip(results, finite, strict=True) if not ok])
 
         return ResultSink(ctx.algorithm, sums, screen)
 
