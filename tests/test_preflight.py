@@ -37,6 +37,8 @@ def test_the_state_estimate_counts_expected_visited_clients():
     visited = 40 * (1 - 0.75 ** 3)  # 10 of 40 per round, 3 rounds
     assert est.total("cpu") == int(model * visited)
     assert expected_visited(40, 10, None) == 40.0
+    fl_round.context.algorithm.clients.spill_to("unused.bin", 1000)  # past 1000 B: a file
+    assert estimate(fl_round, rounds=3).total("cpu") == 1000
 
 
 def test_a_run_that_will_not_fit_warns_in_one_line_naming_the_fix():
