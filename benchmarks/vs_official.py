@@ -69,6 +69,8 @@ class OfficialEvaluationWork(pl.Callback):
     drawn once per client) and the whole test set.
     """
 
+    needs_client_results = True  # reads every client's weights
+
     def __init__(self, dm: FederatedDataModule, batch_size: int = 1000) -> None:
         self.dm = dm
         self.batch_size = batch_size

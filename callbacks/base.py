@@ -80,8 +80,10 @@ class RoundCallback(pl.Callback):
         prefix: the name of the logged quantities (``<prefix>/<name>``) and of the output
             files (class attribute; set it in a subclass).
         needs_client_results: set to ``True`` in a subclass whose measurement reads every
-            client's result (``RoundResult.clients``): under DDP the round then gathers every
-            client's result on every rank instead of all-reducing their mean.
+            client's result (``RoundResult.clients``): the round then holds every client's
+            result instead of folding each into the aggregate as it finishes (``O(K x
+            model)`` memory), and under DDP gathers them on every rank instead of
+            all-reducing their mean.
         history: one dict per measured round: ``{"round": r, <name>: value, ...}``.
         seconds: wall time spent in measurements (subclasses add to it).
 
@@ -141,9 +143,10 @@ class RoundCallback(pl.Callback):
         """Called once per communication round, after the server update, on every rank.
 
         Measure here when :meth:`is_due` ``(result.round)``, then :meth:`log_round`.
-        ``result`` is only valid during the call: copy what you keep. Under DDP
-        ``result.clients`` holds every client's result only if :attr:`needs_client_results`
-        is set (otherwise this rank's share).
+        ``result`` is only valid during the call: copy what you keep. ``result.clients``
+        holds every client's full result only if :attr:`needs_client_results` is set
+        (otherwise their light part, id, size, steps and loss, with empty weights; under DDP
+        this rank's share).
 
         Args:
             trainer: the Lightning ``Trainer``.

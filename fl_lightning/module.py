@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from fl_lightning import plotting, validate
+from fl_lightning import plotting, preflight, validate
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.checkpoint import evaluation_follows
@@ -344,6 +344,13 @@ class FederatedModule(pl.LightningModule):
         self._stop_after_evaluation = None
         # the algorithm's server state, before the first round (after a checkpoint's is loaded)
         self.algorithm.init_server({k: p.detach() for k, p in self.net.named_parameters()})
+        # the memory pre-flight: one warning line (rank zero) before training if the run will
+        # not fit; a round that must hold every result and cannot fit once stops here
+        steps = self.trainer.max_steps
+        preflight.check(
+            self._round, steps - self.trainer.global_step if steps and steps > 0 else None,
+            warn=None if self.trainer.is_global_zero else (lambda line: None),
+        )
         if self.replicas is not None:
             self.replicas.start(self)
 

@@ -49,6 +49,7 @@ from fl_lightning.protocol import (
     RoundResult,
     RoundSystems,
 )
+from fl_lightning.stream import ResultSink, accepts_sink
 from fl_lightning.systems import Systems
 
 __all__ = [
@@ -168,6 +169,9 @@ class RoundState:
         aggregate: the combined weights (``None``: no client reported, no server step).
         train_loss: mean training loss of the kept clients (``None``: not known yet).
         gather_cost: what the DDP all-gather moved (``None``: none this round).
+        stream: the results are folded as they finish (:meth:`FederatedRound.streams`).
+        sink: the streamed round's :class:`~fl_lightning.stream.ResultSink` (``None``: the
+            round holds every result).
     """
 
     round: int
@@ -186,6 +190,8 @@ class RoundState:
     aggregate: Params | None = None
     train_loss: Tensor | None = None
     gather_cost: GatherCost | None = None
+    stream: bool = False
+    sink: ResultSink | None = None
 
 
 def finite_flags(results: Sequence[ClientResult]) -> list[bool]:
@@ -281,6 +287,19 @@ class FederatedRound:
             or ctx.algorithm.server_rule != "mean" or ctx.needs_client_results
         )
 
+    def streams(self) -> bool:
+        """Whether the round folds each client's result as it finishes (``O(model)`` memory,
+        :mod:`fl_lightning.stream`) instead of holding all of them: one process, an algorithm
+        whose server rule is written as sums (:attr:`Algorithm.streamed`), no systems
+        mechanism that acts on each update (participation alone streams), no callback with
+        ``needs_client_results``."""
+        ctx = self.context
+        return (
+            ctx.world_size == 1 and not ctx.needs_client_results
+            and getattr(ctx.algorithm, "streamed", False)
+            and not ctx.systems.needs_all_updates
+        )
+
     def run(self, round_idx: int) -> RoundResult:
         """One communication round; returns what it produced (also given to the hooks)."""
         state = self.plan(round_idx)
@@ -313,6 +332,7 @@ class FederatedRound:
             round=round_idx, optim=ctx.local_optim(round_idx), plan=plan, sampled=sampled,
             systems=info, shares=shares,
             reduce=shares is not None and not self.needs_all_results(),
+            stream=shares is None and self.streams(),
             global_before={k: p.detach().clone() for k, p in ctx.net.named_parameters()},
             buffers={k: b.detach() for k, b in ctx.net.named_buffers()},
         )
@@ -321,7 +341,10 @@ class FederatedRound:
         """Train the planned clients with the engine; collect every rank's results if needed.
 
         Reads ``plan``, ``optim``, ``global_before``, ``buffers``, the training data; writes
-        ``results``, ``lost`` (recorded as dropouts) and ``gather_cost``.
+        ``results``, ``lost`` (recorded as dropouts) and ``gather_cost``. A streamed round
+        (``stream``) gives the engine a :class:`~fl_lightning.stream.ResultSink` (or folds the
+        list of an engine without one): each result is screened, committed and folded as it
+        finishes, and ``results`` holds only their light part (id, size, steps, loss).
         """
         ctx = self.context
         lazy = getattr(ctx.source, "round_tensors", None)
@@ -336,19 +359,27 @@ class FederatedRound:
                 data, indices, ctx.source.seed, ctx.num_classes
             )
         opt = state.optim
-        results = ctx.engine.run_round(
-            ctx.algorithm, ctx.net, state.global_before, state.buffers, state.plan, data,
-            opt.lr, opt.momentum, opt.weight_decay,
-        )
-        reported = {r.client_id for r in results}
-        state.lost = [c.client_id for c in state.plan.clients if c.client_id not in reported]
+        args = (ctx.algorithm, ctx.net, state.global_before, state.buffers, state.plan, data,
+                opt.lr, opt.momentum, opt.weight_decay)
+        if state.stream and accepts_sink(ctx.engine):
+            state.sink = self._sink(state)
+            ctx.engine.run_round(*args, sink=state.sink)
+            results = []
+        else:
+            results = ctx.engine.run_round(*args)
+        if state.stream and state.sink is None:  # an engine that returns a list: fold it now
+            state.sink = self._sink(state)
+            state.sink(results)
+        if state.sink is not None:
+            self._lost(state, state.sink.seen)
+            state.results = state.sink.kept
+            return
+        self._lost(state, [r.client_id for r in results])
         if state.lost and state.shares is not None:
             raise RuntimeError(
                 f"the engine returned no result for clients {state.lost} under DDP: every rank "
                 "must report every client of its share"
             )
-        if state.systems is not None:
-            state.systems.dropped.extend(state.lost)
         if state.shares is not None and not state.reduce:
             # every rank gets every client's result, in plan order: the rest of the round is
             # then exactly the one-process round, computed identically on every rank (each
@@ -363,6 +394,15 @@ class FederatedRound:
         Under a DDP all-reduce the decision needs every rank's counts, which come with the
         combine's one all-reduce: it is taken there, with the same policy.
         """
+        if state.sink is not None:  # non-finite clients were left out as they came
+            sink = state.sink
+            state.finite, state.results, state.skipped = sink.finite, sink.kept, sink.skipped
+            skip = self.context.on_nonfinite == "skip_client"
+            if sink.first_bad is not None and not (skip and sink.kept):
+                # raise: the first non-finite client; skip_client: every one diverged
+                self._screen_batch([sink.first_bad], [False], state.round,
+                                   len(sink.finite) if skip else None)
+            return
         state.finite = finite_flags(state.results)
         if not state.reduce:
             state.results, state.skipped = self._screen(state)
@@ -387,6 +427,11 @@ class FederatedRound:
             return
         if not state.results:  # every planned client was lost: no server step this round
             return
+        if state.sink is not None:  # folded as they finished: only the sums remain
+            state.aggregate = ctx.algorithm.finish(state.sink.sums, state.global_before)
+            if state.systems is not None:  # participation only: log what a list round logs
+                ctx.systems.log_streamed(state.systems, state.results, state.global_before)
+            return
         if state.systems is not None:
             # only the kept clients' new state is committed: a skipped client leaves no trace
             for r in state.results:
@@ -410,7 +455,10 @@ class FederatedRound:
         ctx = self.context
         if state.aggregate is not None:
             ctx.server_update(state.aggregate)
-        average_buffers(ctx.net, state.results)  # BatchNorm running statistics, per client
+        if state.sink is not None:  # BatchNorm running statistics, per client
+            state.sink.set_buffers(ctx.net)
+        else:
+            average_buffers(ctx.net, state.results)
         global_after = {k: p.detach().clone() for k, p in ctx.net.named_parameters()}
         if state.train_loss is not None:
             loss = state.train_loss
@@ -439,6 +487,39 @@ class FederatedRound:
         if ctx.on_round_end is not None:
             ctx.on_round_end(result)
         return result
+
+    def _lost(self, state: RoundState, reported: Sequence[int]) -> None:
+        """Record the planned clients the engine gave no result for as dropouts."""
+        seen = set(reported)
+        state.lost = [c.client_id for c in state.plan.clients if c.client_id not in seen]
+        if state.systems is not None:
+            state.systems.dropped.extend(state.lost)
+
+    def _sink(self, state: RoundState) -> ResultSink:
+        """The streamed round's sink: the algorithm's sums; non-finite clients are left out as
+        they come, and :meth:`screen` applies the ``on_nonfinite`` policy at the end (``raise``
+        names the first one, ``skip_client`` stops if every client diverged)."""
+        ctx, plan = self.context, state.plan
+        sums = ctx.algorithm.begin_sums(state.global_before, num_clients=plan.num_clients,
+                                        total_samples=plan.total_samples)
+
+        def screen(results: Sequence[ClientResult], finite: Sequence[bool]):
+            # a non-finite client is never folded; the policy's stop comes in the screen phase
+            # (after the whole round trained, as for a round that holds every result)
+            return ([r for r, ok in zip(results, finite, strict=True) if ok],
+                    [r.client_id for r, ok in zip(results, finite, strict=True) if not ok])
+
+        return ResultSink(ctx.algorithm, sums, screen)
+
+    def _screen_batch(
+        self, results: Sequence[ClientResult], finite: Sequence[bool], round_idx: int,
+        num_all: int | None = None,
+    ) -> tuple[list[ClientResult], list[int]]:
+        """:func:`screen_nonfinite` with the round's policy and learning rate; ``num_all``
+        (every client of the round) when ``results`` are the non-finite ones only."""
+        ctx = self.context
+        return screen_nonfinite(results, round_idx, ctx.on_nonfinite, ctx.local_optim(0).lr,
+                                finite=finite, num_bad=num_all, num_all=num_all)
 
     def _screen(
         self, state: RoundState, num_bad: int | None = None, num_all: int | None = None

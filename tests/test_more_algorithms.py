@@ -120,8 +120,9 @@ def test_feddyn_client_and_server_match_reference():
                      {k: h_i[k] - alpha * (ref0[k] - gp[k]) for k in gp}) < 1e-10
     new = algo.aggregate(gp, res, num_clients=5)
     h = {k: -(alpha / 5) * ((ref0[k] - gp[k]) + (ref1[k] - gp[k])) for k in gp}
-    # sizes 10 and 11 (see _round); the weights are computed in float32 as in FedAvg
-    p0, p1 = (torch.tensor([10.0, 11.0]) / 21.0).tolist()
+    # sizes 10 and 11 (see _round): (10 w_0 + 11 w_1) / 21, in the weights' dtype (before the
+    # streamed sums the weights 10/21, 11/21 were rounded to float32 first)
+    p0, p1 = 10.0 / 21.0, 11.0 / 21.0
     assert _max_diff(new, {k: p0 * ref0[k] + p1 * ref1[k] - h[k] / alpha for k in gp}) < 1e-10
 
 

@@ -9,7 +9,7 @@ from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.engine import SequentialEngine
 from fl_lightning.models.mlp import MLP2NN
 from fl_lightning.module import FederatedModule
-from fl_lightning.protocol import ClientResult, RoundPlan
+from fl_lightning.protocol import RoundPlan
 from fl_lightning.round import DivergenceError, FederatedRound
 from fl_lightning.systems import Participation
 
@@ -63,22 +63,52 @@ def test_a_client_the_engine_loses_is_a_dropout_like_a_planned_one():
         assert torch.equal(p, dict(lossy.net.named_parameters())[name]), name
 
 
-def test_the_screen_skips_a_nonfinite_client_and_stops_when_all_are():
+class _Poisoning(SequentialEngine):
+    """The sequential engine, except that the clients in ``bad`` report non-finite weights
+    (``what="weights"``) or an infinite loss (``what="loss"``)."""
+
+    def __init__(self, bad: set[int], what: str = "weights") -> None:
+        self.bad, self.what = bad, what
+
+    def _train_client(self, algorithm, ctx, client, *args):
+        result = super()._train_client(algorithm, ctx, client, *args)
+        if client.client_id in self.bad and self.what == "weights":
+            result.params = {k: v * float("nan") for k, v in result.params.items()}
+        elif client.client_id in self.bad:
+            result.loss = torch.tensor(float("inf"))
+        return result
+
+
+class _ListPoisoning(_Poisoning):
+    """The same engine without a ``sink``: it returns its list, which the round folds."""
+
+    def run_round(self, *args):
+        return super().run_round(*args)
+
+
+@pytest.mark.parametrize("path", ["sink", "list engine", "held results"])
+def test_the_screen_skips_a_nonfinite_client_and_stops_when_all_are(path):
     module = _module(on_nonfinite="skip_client")
-    fl_round: FederatedRound = module.build_round(optimizer=module.configure_optimizers())
-    state = fl_round.plan(0)
-    fl_round.train(state)
-    bad = state.results[0]
-    state.results[0] = ClientResult(bad.client_id, bad.num_samples,
-                                    {k: v * float("nan") for k, v in bad.params.items()},
-                                    bad.num_steps, bad.loss)
-    fl_round.screen(state)
-    assert state.skipped == [bad.client_id] and len(state.results) == 2
-    fl_round.combine(state)
-    assert all(torch.isfinite(v).all() for v in state.aggregate.values())
-    state = fl_round.plan(1)
-    fl_round.train(state)
-    state.results = [ClientResult(r.client_id, r.num_samples, r.params, r.num_steps,
-                                  torch.tensor(float("inf"))) for r in state.results]
+    first = module.datamodule.sample_clients(0, 3)[0]
+    engine = (_ListPoisoning if path == "list engine" else _Poisoning)({first})
+    fl_round: FederatedRound = module.build_round(engine=engine,
+                                                  optimizer=module.configure_optimizers())
+    fl_round.context.needs_client_results = path == "held results"
+    assert fl_round.streams() is (path != "held results")
+    result = fl_round.run(0)
+    assert result.skipped_clients == [first] and len(result.client_ids) == 2
+    assert first not in result.client_ids and torch.isfinite(result.train_loss)
+    assert all(torch.isfinite(v).all() for v in result.aggregate.values())
+    engine.bad, engine.what = set(range(4)), "loss"
     with pytest.raises(DivergenceError, match="every client diverged in round 2"):
-        fl_round.screen(state)
+        fl_round.run(1)
+
+
+def test_the_raise_policy_names_the_first_nonfinite_client():
+    module = _module()
+    second = module.datamodule.sample_clients(0, 3)[1]
+    fl_round = module.build_round(engine=_Poisoning({second}),
+                                  optimizer=module.configure_optimizers())
+    with pytest.raises(DivergenceError, match=f"client {second} produced non-finite weights "
+                                               "in round 1"):
+        fl_round.run(0)

@@ -36,6 +36,7 @@ from fl_lightning.algorithms.functional import (
     in_transform,
     swapped_call,
 )
+from fl_lightning.algorithms.sums import RoundSums
 from fl_lightning.errors import ConfigError
 from fl_lightning.protocol import ClientResult, LocalContext, Params
 
@@ -187,8 +188,13 @@ class Algorithm(abc.ABC):
                                                                ``result.extras`` only
     :meth:`commit_client`    per client kept by the round      the client state store
                              (finite update), after training
-    :meth:`aggregate`        once per round, on the kept       the server state; returns the
-                             clients' results                  new global weights
+    :meth:`begin_sums`       once per round, before training   nothing (returns the sums)
+    :meth:`fold`             per kept client, as it finishes,  the sums only
+                             after :meth:`commit_client`
+    :meth:`finish`           once per round, after the last    the server state; returns the
+                             fold                              new global weights
+    :meth:`aggregate`        instead of the three above when   the server state; returns the
+                             the round holds every result      new global weights
     :meth:`state_dict` /     at a checkpoint / a resume        (load: all state)
     :meth:`load_state_dict`
     ======================== ================================= ==============================
@@ -224,6 +230,11 @@ class Algorithm(abc.ABC):
             every client's gradient with one backward. FedAvg declares it.
         cross_entropy_task: fast path: :meth:`task_loss` is the cross-entropy of the logits
             (FedSoL's head-only shortcut computes it from the penultimate features).
+        streamed: the server rule is written as sums (:meth:`begin_sums`, :meth:`fold`,
+            :meth:`finish`), so the round folds each client's result as it finishes and keeps
+            ``O(model)`` memory. Set to ``False`` when the class is defined for a subclass that
+            overrides :meth:`aggregate` without :meth:`fold` (the round then keeps every
+            result until :meth:`aggregate`).
 
     A subclass that overrides the method a fast-path flag vouches for (``direction`` or
     ``task_grad`` for ``plain_gradient``, ``task_loss`` for ``cross_entropy_task``) and does not
@@ -242,6 +253,7 @@ class Algorithm(abc.ABC):
     batchable: bool = True
     plain_gradient: ClassVar[bool] = False
     cross_entropy_task: ClassVar[bool] = True
+    streamed: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -252,6 +264,8 @@ class Algorithm(abc.ABC):
             cls.plain_gradient = False
         if "task_loss" in own and "cross_entropy_task" not in own:
             cls.cross_entropy_task = False
+        if "aggregate" in own and "fold" not in own and "streamed" not in own:
+            cls.streamed = False
 
     def init_server(self, global_params: Params) -> None:
         """Create the server state for a run whose global weights are ``global_params``
@@ -313,6 +327,33 @@ class Algorithm(abc.ABC):
                 "from fl_lightning.algorithms.StatefulAlgorithm"
             )
 
+    def begin_sums(
+        self,
+        global_params: Params,
+        *,
+        num_clients: int | None = None,
+        total_samples: int | None = None,
+    ) -> RoundSums:
+        """Start a round's streamed server rule (before its first client reports). Default:
+        the sums of the data-size weighted mean
+        (:class:`~fl_lightning.algorithms.sums.RoundSums`); never change the server state
+        here."""
+        return RoundSums(list(global_params), num_clients=num_clients,
+                         total_samples=total_samples)
+
+    def fold(self, sums: RoundSums, result: ClientResult) -> None:
+        """Add one kept client's result to the round's sums (called as each client finishes,
+        after :meth:`commit_client`; the result is dropped afterwards, so keep only sums).
+        Default: ``sum_k n_k w_k``. Never change the server state here."""
+        sums.count(result.num_samples)
+        sums.add("mean", result.params, float(result.num_samples))
+
+    def finish(self, sums: RoundSums, global_params: Params) -> Params:
+        """The new global weights from the round's sums (at least one client was folded); the
+        server state may change here. Default: the data-size weighted mean."""
+        del global_params
+        return sums.mean()
+
     def aggregate(
         self,
         global_params: Params,
@@ -321,13 +362,20 @@ class Algorithm(abc.ABC):
         num_clients: int | None = None,
         total_samples: int | None = None,
     ) -> Params:
-        """New global weights from the clients' results: the data-size weighted average.
+        """New global weights from the clients' results: :meth:`begin_sums`, :meth:`fold`
+        of every result in order, :meth:`finish` (the data-size weighted average by default),
+        so the list and the streamed round give the same numbers.
 
         ``num_clients`` and ``total_samples`` describe the whole population (sampled or not);
-        server rules such as SCAFFOLD's and FedDyn's need them.
+        server rules such as SCAFFOLD's and FedDyn's need them. An algorithm that overrides
+        this method without :meth:`fold` is not streamed (:attr:`streamed` is ``False``):
+        the round then keeps every client's result until it calls this.
         """
-        del num_clients, total_samples
-        return weighted_mean(global_params, results)
+        sums = self.begin_sums(global_params, num_clients=num_clients,
+                               total_samples=total_samples)
+        for r in results:
+            self.fold(sums, r)
+        return self.finish(sums, global_params)
 
     def server_state_dict(self) -> dict[str, Any]:
         """The server state a client's local step reads (``{name: {param: tensor}}``, entries

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from fl_lightning import validate
 from fl_lightning.algorithms.base import ClientResult, LocalContext, Params
 from fl_lightning.algorithms.state import StatefulAlgorithm
+from fl_lightning.algorithms.sums import RoundSums
 
 __all__ = ["FedDyn"]
 
@@ -93,20 +92,32 @@ class FedDyn(StatefulAlgorithm):
         result.state["h_i"] = {k: h_i[k] - self.alpha * move[k] for k in h_i}
         result.extras["move"] = move
 
-    def aggregate(
-        self,
-        global_params: Params,
-        results: Sequence[ClientResult],
-        *,
-        num_clients: int | None = None,
-        total_samples: int | None = None,
-    ) -> Params:
-        avg = super().aggregate(global_params, results)
+    def fold(self, sums: RoundSums, result: ClientResult) -> None:
+        """The weighted sum of the weights, and ``h`` moved by this client:
+        ``h <- h - (alpha / N) (w_i - w_g)``, client after client (on a copy: the server's
+        ``h`` changes in :meth:`finish`). Without a population size ``N`` (``num_clients``
+        unknown, the number of kept clients is used), ``sum_i (w_i - w_g)`` is kept instead."""
+        super().fold(sums, result)
+        move = result.extras["move"]
+        if not sums.num_clients:
+            sums.add("move", move)
+            return
+        h = sums.values.get("h")
+        if h is None:
+            server_h = self.server("h", move)
+            h = sums.values["h"] = {k: server_h[k].to(move[k].device) for k in sums.names}
+        scale = self.alpha / float(sums.num_clients)
+        for k in sums.names:
+            h[k] = h[k] - scale * move[k]
+
+    def finish(self, sums: RoundSums, global_params: Params) -> Params:
+        """``w_g <- sum_i p_i w_i - h / alpha`` with the round's new ``h``."""
+        avg = super().finish(sums, global_params)
         server_h = self.server("h", global_params)
-        n = float(num_clients or len(results))
-        for k in server_h:
-            h = server_h[k].to(global_params[k].device)
-            for r in results:
-                h = h - (self.alpha / n) * r.extras["move"][k]
-            server_h[k] = h
+        if "move" in sums.values:
+            n, total = float(sums.kept), sums.values["move"]
+            for k in server_h:
+                server_h[k] = server_h[k].to(global_params[k].device) - (self.alpha / n) * total[k]
+        elif "h" in sums.values:
+            server_h.update(sums.values["h"])
         return {k: avg[k] - server_h[k] / self.alpha for k in avg}

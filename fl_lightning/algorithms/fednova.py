@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from fl_lightning import tensors
 from fl_lightning.algorithms.base import ClientResult, LocalContext, Params
 from fl_lightning.algorithms.scaffold import effective_steps
 from fl_lightning.algorithms.state import StatefulAlgorithm
+from fl_lightning.algorithms.sums import RoundSums, accumulate
 from fl_lightning.errors import ConfigError
 
 __all__ = ["FedNova"]
@@ -108,33 +106,54 @@ class FedNova(StatefulAlgorithm):
             result.state["d_i"] = d_i
             result.extras["d_i"] = d_i
 
-    def aggregate(
+    def begin_sums(
         self,
         global_params: Params,
-        results: Sequence[ClientResult],
         *,
         num_clients: int | None = None,
         total_samples: int | None = None,
-    ) -> Params:
-        a = [float(r.extras.get("a", r.num_steps)) for r in results]
-        if any(v <= 0.0 for v in a):  # a client took no step: nothing to normalize
-            return super().aggregate(global_params, results)
-        p = tensors.data_weights(r.num_samples for r in results).tolist()
-        tau_eff = sum(pi * ai for pi, ai in zip(p, a, strict=True))
-        out: Params = {}
-        for k, w in global_params.items():
-            acc = torch.zeros_like(w)
-            for pi, ai, r in zip(p, a, results, strict=True):
-                acc = acc + (w - r.params[k]) * (pi / ai)
-            out[k] = w - tau_eff * acc
-        new_d = [(r.num_samples, r.extras["d_i"]) for r in results if "d_i" in r.extras]
-        if self.ccvr and self.ccvr_server_update and new_d:
-            server_d = self.server("d", global_params)
-            total = float(total_samples or sum(n for n, _ in new_d))
-            share = sum(n for n, _ in new_d) / total
-            for k in server_d:
-                d = server_d[k] * (1.0 - share)
-                for n, d_i in new_d:
-                    d = d + (n / total) * d_i[k].to(d.device)
-                server_d[k] = d
+    ) -> RoundSums:
+        """The default sums, with the global weights the normalized sum is taken from."""
+        sums = super().begin_sums(global_params, num_clients=num_clients,
+                                  total_samples=total_samples)
+        sums.scalars["global"] = global_params
+        return sums
+
+    def fold(self, sums: RoundSums, result: ClientResult) -> None:
+        """The weighted sum of the weights (the rule when a client took no step), the
+        normalized sum ``sum_i (n_i / a_i) (w_g - w_i)`` and ``sum_i n_i a_i``, and with
+        ``ccvr`` the weighted sum ``sum_i n_i d_i`` of the new ``d_i``."""
+        super().fold(sums, result)
+        a_i, n_i = float(result.extras.get("a", result.num_steps)), float(result.num_samples)
+        if a_i <= 0.0:
+            sums.scalars["no_step"] = True
+        elif not sums.scalars.get("no_step"):
+            gp = sums.scalars["global"]
+            accumulate(sums.values.setdefault("nova", {}),
+                       {k: gp[k] - result.params[k] for k in sums.names}, n_i / a_i, sums.names)
+            sums.scalars["tau"] = sums.scalars.get("tau", 0.0) + n_i * a_i
+        if self.ccvr and self.ccvr_server_update and "d_i" in result.extras:
+            sums.scalars["d_samples"] = sums.scalars.get("d_samples", 0) + result.num_samples
+            sums.add("d", result.extras["d_i"], n_i)
+
+    def finish(self, sums: RoundSums, global_params: Params) -> Params:
+        """``w_g - tau_eff sum_i (p_i / a_i) (w_g - w_i)`` with ``p_i = n_i / n`` over the
+        kept clients and ``tau_eff = sum_i p_i a_i`` (the weighted mean, and no ``d``
+        update, if a client took no step); with ``ccvr``: ``d <- (1 - P_S) d + sum_i (n_i /
+        n) d_i``."""
+        if sums.scalars.get("no_step"):  # a client took no step: nothing to normalize
+            return super().finish(sums, global_params)
+        n = float(sums.kept_samples)
+        tau_eff, acc = sums.scalars["tau"] / n, sums.values["nova"]
+        out = {k: w - tau_eff * (acc[k] / n) for k, w in global_params.items()}
+        if "d" in sums.values:
+            self._update_d(sums, global_params)
         return out
+
+    def _update_d(self, sums: RoundSums, global_params: Params) -> None:
+        server_d = self.server("d", global_params)
+        new_samples = sums.scalars["d_samples"]
+        total = float(sums.total_samples or new_samples)
+        share, acc = new_samples / total, sums.values["d"]
+        for k in server_d:
+            server_d[k] = server_d[k] * (1.0 - share) + acc[k].to(server_d[k].device) / total

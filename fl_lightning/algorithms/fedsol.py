@@ -34,6 +34,7 @@ from fl_lightning.algorithms.base import (
     proximal_sources,
 )
 from fl_lightning.algorithms.features import FeatureCaller
+from fl_lightning.algorithms.sums import RoundSums
 
 __all__ = ["FedSoL", "kl_to_global"]
 
@@ -145,6 +146,7 @@ class FedSoL(Algorithm):
         if proximal is not None:  # its client state and server rule are FedSoL's
             self.client_state = proximal.client_state
             self.server_rule = proximal.server_rule
+            self.streamed = proximal.streamed
             self.batchable = proximal.batchable
         self.source = source
         self._features: FeatureCaller | None = None
@@ -303,6 +305,28 @@ class FedSoL(Algorithm):
         if self.proximal is not None:
             self.proximal.commit_client(result)
 
+    def begin_sums(
+        self,
+        global_params: Params,
+        *,
+        num_clients: int | None = None,
+        total_samples: int | None = None,
+    ) -> RoundSums:
+        source = self.proximal if self.proximal is not None else super()
+        return source.begin_sums(global_params, num_clients=num_clients,
+                                 total_samples=total_samples)
+
+    def fold(self, sums: RoundSums, result: ClientResult) -> None:
+        if self.proximal is not None:
+            self.proximal.fold(sums, result)
+        else:
+            super().fold(sums, result)
+
+    def finish(self, sums: RoundSums, global_params: Params) -> Params:
+        if self.proximal is not None:
+            return self.proximal.finish(sums, global_params)
+        return super().finish(sums, global_params)
+
     def aggregate(
         self,
         global_params: Params,
@@ -311,11 +335,12 @@ class FedSoL(Algorithm):
         num_clients: int | None = None,
         total_samples: int | None = None,
     ) -> Params:
-        if self.proximal is not None:
+        if self.proximal is not None and not self.proximal.streamed:  # its own list rule
             return self.proximal.aggregate(
                 global_params, results, num_clients=num_clients, total_samples=total_samples
             )
-        return super().aggregate(global_params, results)
+        return super().aggregate(global_params, results, num_clients=num_clients,
+                                 total_samples=total_samples)
 
     def frozen(self, ctx: LocalContext) -> set[str]:
         return self.proximal.frozen(ctx) if self.proximal is not None else set()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from fl_lightning.algorithms.base import ClientResult, LocalContext, Params, foreach_add
 from fl_lightning.algorithms.state import StatefulAlgorithm
+from fl_lightning.algorithms.sums import RoundSums
 
 __all__ = ["SCAFFOLD", "effective_steps"]
 
@@ -117,20 +116,21 @@ class SCAFFOLD(StatefulAlgorithm):
         result.state["c_i"] = c_plus
         result.extras["delta_c"] = {k: c_plus[k] - c_i[k] for k in c_i}
 
-    def aggregate(
-        self,
-        global_params: Params,
-        results: Sequence[ClientResult],
-        *,
-        num_clients: int | None = None,
-        total_samples: int | None = None,
-    ) -> Params:
-        out = super().aggregate(global_params, results)
-        deltas = [r.extras["delta_c"] for r in results if "delta_c" in r.extras]
-        if deltas:
-            c = self.server("c", global_params)
-            share = len(deltas) / float(num_clients or len(deltas))
+    def fold(self, sums: RoundSums, result: ClientResult) -> None:
+        """The weighted sum of the weights and ``sum_i (c_i+ - c_i)``."""
+        super().fold(sums, result)
+        if "delta_c" in result.extras:
+            sums.add("delta_c", result.extras["delta_c"])
+
+    def finish(self, sums: RoundSums, global_params: Params) -> Params:
+        """The weighted mean; ``c <- c + (|S| / N) mean_i (c_i+ - c_i)``. The mean of the
+        ``delta_c`` is their left-to-right sum over their count (before streaming:
+        ``torch.stack(...).mean(0)``, whose float32 rounding may differ in the last bits)."""
+        out = super().finish(sums, global_params)
+        count = sums.counts.get("delta_c", 0)
+        if count:
+            c, total = self.server("c", global_params), sums.values["delta_c"]
+            share = count / float(sums.num_clients or count)
             for k in c:
-                mean = torch.stack([d[k] for d in deltas]).mean(0)
-                c[k] = c[k] + share * mean
+                c[k] = c[k] + share * (total[k] / count)
         return out

@@ -287,6 +287,16 @@ class FederatedDataModule(pl.LightningDataModule):
             return self.rounds.sizes.tolist()
         return [len(p) for p in self.client_indices]
 
+    @property
+    def total_samples(self) -> int:
+        """Training samples over the whole population, summed once per partition (the round
+        plan reads it every round: ``O(N)`` once, not per round)."""
+        parts = self.client_indices
+        cached = getattr(self, "_total_samples", None)
+        if cached is None or cached[0] is not parts or cached[1] != len(parts):
+            cached = self._total_samples = (parts, len(parts), sum(len(p) for p in parts))
+        return cached[2]
+
     def train_tensors(
         self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -422,7 +432,7 @@ class FederatedDataModule(pl.LightningDataModule):
             )
         return RoundPlan(
             round=round_idx, clients=clients, transform=transform,
-            num_clients=self.num_clients, total_samples=sum(self.client_sizes),
+            num_clients=self.num_clients, total_samples=self.total_samples,
         )
 
 

@@ -3,7 +3,7 @@ and the BatchNorm helpers both engines use."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fl_lightning.algorithms.base import Algorithm, ClientResult, LocalContext, Params
+from fl_lightning.algorithms.sums import accumulate
 from fl_lightning.engines.base import ClientEngine, sgd_step
 from fl_lightning.errors import ConfigError
-from fl_lightning.tensors import data_weights, weighted_mean
 
 if TYPE_CHECKING:  # the plan types import the engines
     from fl_lightning.engine import BatchTransform, ClientPlan, RoundPlan
@@ -78,12 +78,16 @@ def average_buffers(net: nn.Module, results: Sequence[ClientResult]) -> None:
     kept = [r for r in results if r.buffers]
     if not kept:
         return
-    weights = data_weights([r.num_samples for r in kept], torch.float64).tolist()
+    total = float(sum(r.num_samples for r in kept))
     for name, buf in net.named_buffers():
         if name not in kept[0].buffers:
             continue
-        acc = weighted_mean([r.buffers[name].to(torch.float64) for r in kept], weights)
-        buf.copy_(acc.round() if not buf.is_floating_point() else acc)
+        acc: dict[str, Tensor] = {}
+        for r in kept:  # sum_k n_k b_k / sum_k n_k: the arithmetic of the streamed round
+            accumulate(acc, {name: r.buffers[name].to(torch.float64)}, float(r.num_samples),
+                       (name,))
+        mean = acc[name] / total
+        buf.copy_(mean.round() if not buf.is_floating_point() else mean)
 
 
 def stack_losses(results: Sequence[ClientResult]) -> Tensor:
@@ -112,8 +116,11 @@ class SequentialEngine(ClientEngine):
         lr: float,
         momentum: float,
         weight_decay: float,
+        sink: Callable[[list[ClientResult]], None] | None = None,
     ) -> list[ClientResult]:
-        """Run local training for every client of ``plan``; returns one result per client."""
+        """Run local training for every client of ``plan``; returns one result per client,
+        or, with a ``sink``, gives each result to it as soon as the client is trained (and
+        keeps none: returns ``[]``)."""
         x_all, y_all = data
         results: list[ClientResult] = []
         for client in plan.clients:
@@ -128,11 +135,13 @@ class SequentialEngine(ClientEngine):
                 num_clients=plan.num_clients,
                 total_samples=plan.total_samples,
             )
-            results.append(
-                self._train_client(
-                    algorithm, ctx, client, x_all, y_all, momentum, weight_decay, plan.transform
-                )
+            result = self._train_client(
+                algorithm, ctx, client, x_all, y_all, momentum, weight_decay, plan.transform
             )
+            if sink is None:
+                results.append(result)
+            else:
+                sink([result])
         return results
 
     @staticmethod

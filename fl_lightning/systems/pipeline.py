@@ -133,6 +133,23 @@ class Systems:
     def active(self) -> bool:
         return any(m is not None for m in self._options().values())
 
+    @property
+    def needs_all_updates(self) -> bool:
+        """Whether a mechanism acts on each client's update (an attack, compression and its
+        error memory, DP clipping, secure aggregation's masks, a robust aggregator): the round
+        then holds every client's result until :meth:`aggregate`. Participation alone only
+        changes the plan, so such a round is streamed (:mod:`fl_lightning.stream`)."""
+        return any(m is not None for m in (self.attack, self.compressor, self.privacy,
+                                           self.secure_aggregation, self.aggregator))
+
+    def log_streamed(self, info: RoundSystems, results: Sequence[ClientResult],
+                     global_params: Params) -> None:
+        """The round's metrics for a streamed round (participation only): what
+        :meth:`aggregate` logs, from the kept clients' ids (each sent the full weights)."""
+        like = list(global_params.values())
+        per_client = sum(t.numel() for t in like) * like[0].element_size()
+        self._log(info, results, self.malicious(info.seed, 0), len(results) * per_client)
+
     def first_option(self) -> str:
         """Name of the first mechanism that is on (for error messages), e.g. ``privacy``."""
         return next(name for name, m in self._options().items() if m is not None)
