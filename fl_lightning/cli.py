@@ -180,8 +180,8 @@ class FederatedCLI(LightningCLI):
         )
         parser.add_argument(
             "--client_state_ram_mb", type=float, default=DEFAULT_RAM_MB,
-            help="RAM budget per client-state store (SCAFFOLD's c_i, ...) in MiB; beyond it "
-            "the clients' state is kept in <log_dir>/client_state/ and checkpoints refer to it.",
+            help="MiB of client state (SCAFFOLD's c_i, ...) per store kept in RAM; the rest: "
+            "on disk.",
         )
         parser.add_argument(
             "--resume_changes", type=str, default="error",
