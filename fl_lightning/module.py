@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from fl_lightning import plotting, validate
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
+from fl_lightning.ddpfault import agreed_stop
 from fl_lightning.engine import ClientEngine, SequentialEngine, tracked_batchnorms
 from fl_lightning.errors import ConfigError
 from fl_lightning.interrupt import interrupt_requested
@@ -43,13 +44,16 @@ __all__ = ["FederatedModule", "Preempted"]
 
 class Preempted(SIGTERMException):
     """The run received SIGTERM (or Ctrl-C: ``signal="SIGINT"``); a checkpoint at the last
-    round boundary was written."""
+    round boundary was written. ``ranks``: under DDP, the ranks that received it when not all
+    did."""
 
-    def __init__(self, path: str, rounds: int, signal: str = "SIGTERM") -> None:
+    def __init__(self, path: str, rounds: int, signal: str = "SIGTERM",
+                 ranks: tuple[int, ...] = ()) -> None:
         super().__init__(path, rounds)
         self.path = path
         self.rounds = rounds
         self.signal = signal
+        self.ranks = ranks
 
 NetFactory = Callable[[int, Sequence[int]], FederatedNet]
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -361,14 +365,11 @@ class FederatedModule(pl.LightningModule):
         # Lightning only notices SIGTERM at the end of an epoch (= the whole run here): stop at
         # the round boundary instead, with a checkpoint to resume from. A first Ctrl-C
         # (fl_lightning.interrupt) does the same; under DDP the ranks agree on the decision
-        # (one boolean all-reduce), so every rank stops after the same round.
-        sigint = interrupt_requested()
-        stop = self.trainer.received_sigterm or sigint
-        if self.trainer.world_size > 1:
-            stop = self.trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
-            raise Preempted(self._save_preemption_checkpoint(), self.global_step,
-                            "SIGINT" if sigint else "SIGTERM")
+        # (one small all-reduce, fl_lightning.ddpfault), so every rank stops after the same
+        # round, whichever rank received the signal.
+        stop = agreed_stop(self.trainer, self.trainer.received_sigterm, interrupt_requested())
+        if stop is not None:
+            raise Preempted(self._save_preemption_checkpoint(), self.global_step, *stop)
 
     def _save_preemption_checkpoint(self) -> str:
         trainer = self.trainer
