@@ -33,6 +33,9 @@ was interrupted resumes from its newest checkpoint (``--ckpt_path``), written ev
 ``--checkpoint-every`` rounds, in a new logger version; its learning curve joins the versions.
 ``--report-only`` writes the tables from what has finished, running nothing.
 
+On a cluster: ``--launcher submitit`` submits each unfinished cell as a SLURM job through
+submitit and waits for them (``fl_lightning/launchers.py``, ``docs/cluster.md``).
+
 Fails early and says why: every setting's dataset and every algorithm config is checked before
 any cell starts; a second grid on the same ``--runs`` folder stops at once (``.grid.lock``,
 taken over when the grid that held it is gone); a failed cell prints the line of its
@@ -53,10 +56,11 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
+
+from fl_lightning import launchers
 
 __all__ = ["Cell", "Setting", "main", "parse_setting", "summarize"]
 
@@ -305,8 +309,15 @@ def read_curve(folder: str) -> dict[int, float]:
     return curve
 
 
-def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
-    """Run ``cell`` unless it has finished; returns its ``result.json`` content."""
+def cell_label(cell: Cell) -> str:
+    return f"{cell.setting.slug} {_algorithm_name(cell.algorithm)} seed {cell.seed}"
+
+
+def run_cell(cell: Cell, args: argparse.Namespace,
+             started: Callable[[subprocess.Popen], None] | None = None) -> dict:
+    """Run ``cell`` unless it has finished; returns its ``result.json`` content.
+    ``started``: called with the run's process once it has started (a submitit job stops it
+    on preemption, :class:`fl_lightning.launchers.CellJob`)."""
     folder = cell.folder(args.runs)
     done = os.path.join(folder, "result.json")
     if os.path.isfile(done):
@@ -319,14 +330,17 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     with open(os.path.join(folder, "log.txt"), "a") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if started is not None:
+            started(proc)
+        rc = proc.wait()
     seconds = time.time() - start
     final = sorted(glob.glob(os.path.join(folder, "fl", "version_*", "final_metrics.json")))
     result: dict = {"rc": rc, "seconds": seconds, "cmd": cmd}
     if rc == 0 and final:
         result["final"] = json.load(open(final[-1]))
         json.dump(result, open(done, "w"), indent=2)
-    label = f"{cell.setting.slug} {_algorithm_name(cell.algorithm)} seed {cell.seed}"
+    label = cell_label(cell)
     acc = result.get("final", {}).get("test_acc")
     print(f"fl-lightning-grid: {label}: rc={rc} {seconds:.0f}s test_acc={acc}"
           + ("" if rc == 0 else f" (see {os.path.join(folder, 'log.txt')})"), flush=True)
@@ -494,7 +508,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="prefix of the outputs: <out>.md, <out>.csv, <out>_<setting>.png "
                    "(default: <runs>/table)")
-    p.add_argument("--jobs", type=int, default=1, help="cells run at the same time")
+    launchers.add_arguments(p)
     p.add_argument("--extra", default="", help="more fl-lightning options for every cell")
     p.add_argument("--report-only", action="store_true",
                    help="write the tables from the finished cells, run nothing")
@@ -523,16 +537,17 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         _fail(f"--seeds {args.seeds!r} is invalid: use comma-separated integers, e.g. 0,1,2")
-    for name in ("rounds", "eval_every", "checkpoint_every", "jobs"):
+    for name in ("rounds", "eval_every", "checkpoint_every"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: use >= 1")
+    problem = launchers.check_arguments(args)
+    if problem is not None:
+        _fail(problem)
     out = args.out or os.path.join(args.runs, "table")
     # seed-major order: every algorithm and setting gets its first seed before any second one
     cells = [Cell(a, s, seed) for seed in seeds for s in settings for a in algorithms]
-    with grid_lock(args.runs, enabled=not args.report_only), ThreadPoolExecutor(
-        max_workers=args.jobs
-    ) as pool:
-        results = list(pool.map(lambda c: run_cell(c, args), cells))
+    with grid_lock(args.runs, enabled=not args.report_only):
+        results = launchers.run_cells(cells, args)
     names = [_algorithm_name(a) for a in algorithms]
     curves, finals = {}, {}
     for cell, result in zip(cells, results, strict=True):

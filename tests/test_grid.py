@@ -174,3 +174,49 @@ def test_a_second_grid_on_the_same_folder_is_refused_and_a_stale_lock_taken_over
         fh.write(dead)
     with grid_lock(runs):
         assert open(os.path.join(runs, ".grid.lock")).read() == str(os.getpid())
+
+
+def test_submitit_launcher_gives_the_local_table_and_skips_finished_cells(
+    tmp_path, monkeypatch, capsys
+):
+    """A 2-cell grid (FedAvg, FedProx on synthetic data, logistic regression, 3 rounds) as two
+    jobs of submitit's LocalExecutor gives the table of the same grid run by the local
+    launcher; a second invocation submits nothing."""
+    pytest.importorskip("submitit")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the jobs import this checkout
+    common = ["--base", "fedprox/synthetic.yaml", "--algorithms",
+              "fedprox/fedavg.yaml,fedprox/fedprox_mu1.yaml", "--settings", "synthetic:0:0",
+              "--seeds", "0", "--rounds", "3",
+              "--extra", "--model.local_epochs 1 --data.num_clients 10"]
+    grid_main([*common, "--runs", str(tmp_path / "local"), "--jobs", "2"])
+    jobs = [*common, "--runs", str(tmp_path / "jobs"), "--launcher", "submitit",
+            "--submitit-executor", "local", "--slurm-time", "30"]
+    grid_main(jobs)
+    out = capsys.readouterr().out
+    assert "submitted 2 job(s) through submitit (local)" in out, out
+    assert len([ln for ln in out.splitlines() if ": job " in ln and "rc=0" in ln]) == 2, out
+    tables = [list(csv.DictReader(open(tmp_path / w / "table.csv"))) for w in ("local", "jobs")]
+    assert tables[0] == tables[1] and len(tables[0]) == 2, tables
+    assert list((tmp_path / "jobs" / ".submitit").iterdir())  # submitit's logs and pickles
+    grid_main(jobs)
+    assert "submitted" not in capsys.readouterr().out  # both cells finished: nothing submitted
+    assert (tmp_path / "jobs" / "table.md").read_text() == (
+        tmp_path / "local" / "table.md").read_text()
+
+
+def test_submitit_launcher_options_are_checked_before_anything_runs(tmp_path, capsys,
+                                                                    monkeypatch):
+    import fl_lightning.launchers as launchers
+
+    base = ["--algorithms", "fedavg", "--settings", "digits:iid", "--runs", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        grid_main([*base, "--launcher", "submitit", "--slurm-time", "0"])
+    assert exit_info.value.code == 2
+    assert "--slurm-time 0 is invalid: use >= 1" in capsys.readouterr().err
+    monkeypatch.setattr(launchers, "submitit_installed", lambda: False)
+    with pytest.raises(SystemExit):
+        grid_main([*base, "--launcher", "submitit"])
+    assert "pip install 'fl-lightning[cluster]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
