@@ -168,15 +168,7 @@ class FederatedCLI(LightningCLI):
             help="On fit --ckpt_path, settings that differ from the checkpoint's: 'error' stops "
             "with a message, 'apply' uses the command line's.",
         )
-        parser.add_argument(
-            "--ddp_timeout", type=float, default=1800.0,
-            help="DDP: seconds a collective waits for the other ranks before the run stops.",
-        )
-        parser.add_argument(
-            "--ddp_stop_timeout", type=float, default=120.0,
-            help="DDP: seconds from SIGTERM/Ctrl-C until every rank is stopped, round boundary "
-            "reached or not.",
-        )
+        ddpfault.add_arguments(parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Check the ``--config`` files and spell ``nan``/``inf`` so options' own checks see

@@ -52,6 +52,7 @@ from fl_lightning import validate
 __all__ = [
     "LOST_GRACE",
     "RankLost",
+    "add_arguments",
     "agreed_stop",
     "check_options",
     "newest_checkpoint",
@@ -72,6 +73,19 @@ _ROUND = re.compile(r"round=(\d+)")
 
 class RankLost(RuntimeError):
     """A DDP rank was lost or did not answer; the message is the one line to print."""
+
+
+def add_arguments(parser: Any) -> None:
+    """``--ddp_timeout`` and ``--ddp_stop_timeout`` (the command line's options)."""
+    parser.add_argument(
+        "--ddp_timeout", type=float, default=1800.0,
+        help="DDP: seconds a collective waits for the other ranks before the run stops.",
+    )
+    parser.add_argument(
+        "--ddp_stop_timeout", type=float, default=120.0,
+        help="DDP: seconds from SIGTERM/Ctrl-C until every rank is stopped, round boundary "
+        "reached or not.",
+    )
 
 
 def check_options(config: Any) -> None:
