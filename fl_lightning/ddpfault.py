@@ -26,6 +26,10 @@ per-round stop decision, validation's metric sync). What can go wrong, and what 
   after SIGTERM or Ctrl-C reached this rank (or after the ranks agreed to stop), the thread
   prints one line, SIGKILLs rank 0's children and ends the process (exit 143, or 130 for
   Ctrl-C). Any other rank then stops as a survivor of a lost rank.
+
+In one process only the SIGTERM flag applies: Lightning's own flag made its loop end the run
+after an evaluation with exit status 0, no checkpoint and no message when the SIGTERM came
+during the evaluation; now the run stops at the next round boundary with its checkpoint.
 """
 
 from __future__ import annotations
@@ -239,10 +243,11 @@ class _Watch:
             time.sleep(0.05)
         return (1 - self.rank, "") if self.world == 2 else (None, "")
 
-    def lost_message(self, error: str = "") -> str:
-        """The one line of a survivor; ``error``: the collective's error, if any."""
+    def lost_message(self, error: str = "", wait: float = 2.0) -> str:
+        """The one line of a survivor; ``error``: the collective's error, if any; ``wait``:
+        how long to look for the lost rank's end (see :meth:`lost`)."""
         timed_out = bool(_TIMED_OUT.search(error))
-        rank, how = self.lost(0.0 if timed_out else 2.0)
+        rank, how = self.lost(0.0 if timed_out else wait)
         who = f"DDP rank {rank}" if rank is not None else "another DDP rank"
         if "clients joined" in error:  # the process group's start
             what = f"{who} did not start within --ddp_timeout={self.timeout:g} s"
@@ -335,23 +340,30 @@ def _quiet_sigterm(watch: _Watch) -> Any:
 def watch_ranks(trainer: Any, stop_timeout: float = 120.0,
                 timeout: float = 1800.0) -> Iterator[None]:
     """Run a trainer call (``fit``, ``validate``, ``test``) with the DDP fault handling of this
-    module; nothing is changed in one process. A collective's failure leaves the block as
-    :class:`RankLost` with the one line to print (rank 0's children SIGKILLed first)."""
+    module. A collective's failure leaves the block as :class:`RankLost` with the one line to
+    print (rank 0's children SIGKILLed first). In one process only SIGTERM is changed: it sets
+    the flag :func:`agreed_stop` reads instead of Lightning's ``received_sigterm``, on which
+    Lightning's loop ends the run after an evaluation with a bare ``SIGTERMException``: exit
+    status 0, no checkpoint, no message (a SIGTERM during evaluation, e.g. a preempted grid
+    job)."""
     global _current
-    if int(getattr(trainer, "world_size", 1)) <= 1:
-        yield
-        return
-    from lightning.pytorch.strategies.launchers import subprocess_script as launchers
-
     watch = _Watch(trainer, stop_timeout, timeout)
-    observer = getattr(launchers, "_launch_process_observer", None)
-    if observer is not None:
-        launchers._launch_process_observer = watch.observe
     connector = getattr(trainer, "_signal_connector", None)
     if connector is not None:
         connector._sigterm_notifier_fn = _quiet_sigterm(watch)
-    watch.watch_signals()
     _current = watch
+    if watch.world <= 1:  # one process: only the SIGTERM flag (a SIGTERM during evaluation)
+        try:
+            yield
+        finally:
+            _current = None
+        return
+    from lightning.pytorch.strategies.launchers import subprocess_script as launchers
+
+    observer = getattr(launchers, "_launch_process_observer", None)
+    if observer is not None:
+        launchers._launch_process_observer = watch.observe
+    watch.watch_signals()
     try:
         yield
     except BaseException as err:

@@ -16,7 +16,7 @@ import ddp_cases
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 
 from fl_lightning.algorithms import FedAvg
 from fl_lightning.algorithms.base import ClientResult
@@ -382,11 +382,11 @@ def test_the_survivor_line_names_the_lost_rank_and_the_newest_checkpoint(tmp_pat
     assert live.returncode == -signal.SIGKILL
     # rank 1 of 2, its parent alive: the other rank; no checkpoint folder / no file yet
     other = ddpfault._Watch(_trainer(tmp_path / "none", rank=1, rounds=0), 120, 30)
-    assert other.lost_message("Connection closed by peer") == (
+    assert other.lost_message("Connection closed by peer", wait=0) == (
         "DDP rank 0 was lost after round 0; the run stopped; no checkpoint yet: rerun the same "
         "command")
     off = ddpfault._Watch(_trainer(tmp_path, rank=1, world=3, checkpoints=False), 120, 30)
-    assert off.lost_message("Connection closed by peer").startswith(
+    assert off.lost_message("Connection closed by peer", wait=0).startswith(
         "another DDP rank was lost after round 4; the run stopped; checkpointing is off")
     # rank 0 busy training when its child dies: its observer says it after LOST_GRACE
     ended = []
@@ -416,3 +416,34 @@ def test_ddp_timeout_reaches_the_strategy_and_one_process_stops_as_before():
     assert ddpfault.agreed_stop(one, False, False) is None
     assert ddpfault.agreed_stop(one, True, False) == ("SIGTERM", ())
     assert ddpfault.agreed_stop(one, True, True) == ("SIGINT", ())
+
+
+class SigtermDuringValidation(Callback):
+    """Test callback: SIGTERM to its own process while round ``at_round``'s evaluation runs."""
+
+    def __init__(self, at_round: int = 2) -> None:
+        self.at_round = at_round
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == self.at_round and batch_idx == 0 and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_an_evaluation_stops_at_the_next_round_boundary(tmp_path, monkeypatch,
+                                                                       capsys):
+    """One process, SIGTERM while the global model is evaluated after round 2: Lightning's loop
+    ended the run with exit status 0, no checkpoint and no message (a preempted grid job was
+    recorded as rc=0); now the run stops after round 3 with its checkpoint (exit 143)."""
+    from test_reliability import TINY
+
+    from fl_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *TINY, "--trainer.max_steps", "5", "--trainer.val_check_interval", "1",
+              "--trainer.callbacks+=test_ddp.SigtermDuringValidation"])
+    assert stop.value.code == 143
+    assert "stopped by SIGTERM after round 3" in capsys.readouterr().err
+    assert (tmp_path / "lightning_logs/fl/version_0/checkpoints/preempted-round=3.ckpt").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before
