@@ -81,15 +81,10 @@ class RankLost(RuntimeError):
 
 def add_arguments(parser: Any) -> None:
     """``--ddp_timeout`` and ``--ddp_stop_timeout`` (the command line's options)."""
-    parser.add_argument(
-        "--ddp_timeout", type=float, default=1800.0,
-        help="DDP: seconds a collective waits for the other ranks before the run stops.",
-    )
-    parser.add_argument(
-        "--ddp_stop_timeout", type=float, default=120.0,
-        help="DDP: seconds from SIGTERM/Ctrl-C until every rank is stopped, round boundary "
-        "reached or not.",
-    )
+    parser.add_argument("--ddp_timeout", type=float, default=1800.0,
+                        help="DDP: seconds a collective waits for the others.")
+    parser.add_argument("--ddp_stop_timeout", type=float, default=120.0,
+                        help="DDP: seconds from SIGTERM to a forced stop.")
 
 
 def check_options(config: Any) -> None:
