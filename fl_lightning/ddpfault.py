@@ -82,9 +82,9 @@ class RankLost(RuntimeError):
 def add_arguments(parser: Any) -> None:
     """``--ddp_timeout`` and ``--ddp_stop_timeout`` (the command line's options)."""
     parser.add_argument("--ddp_timeout", type=float, default=1800.0,
-                        help="DDP: seconds a collective waits for the others.")
+                        help="DDP wait limit, s.")
     parser.add_argument("--ddp_stop_timeout", type=float, default=120.0,
-                        help="DDP: seconds from SIGTERM to a forced stop.")
+                        help="DDP stop deadline, s.")
 
 
 def check_options(config: Any) -> None:
