@@ -18,7 +18,7 @@ from jsonargparse import Namespace, class_from_function
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
 
-from fl_lightning import registry
+from fl_lightning import ddpfault, registry
 from fl_lightning.cli_help import CompactHelpFormatter
 from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.errors import ConfigError
@@ -188,6 +188,7 @@ class FederatedCLI(LightningCLI):
             help="On fit --ckpt_path, settings that differ from the checkpoint's: 'error' stops "
             "with a message, 'apply' uses the command line's.",
         )
+        ddpfault.add_arguments(parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Check the ``--config`` files and spell ``nan``/``inf`` so options' own checks see
@@ -241,6 +242,7 @@ class FederatedCLI(LightningCLI):
             integer(config.get(option), f"--{option}", 1)
         nonnegative(config.get("client_state_ram_mb"), "--client_state_ram_mb")
         choice(config.get("resume_changes"), "--resume_changes", ("error", "apply"))
+        ddpfault.check_options(config)
         self._add_default_checkpointing(config)
 
     def _add_default_checkpointing(self, config: Namespace) -> None:
@@ -403,7 +405,14 @@ class FederatedCLI(LightningCLI):
             callbacks = [*callbacks, RunRecord(self._run_config, history)]
         ram = self._sub().get("client_state_ram_mb", DEFAULT_RAM_MB)
         callbacks = [*callbacks, ClientStateFiles(ram)]
+        config["strategy"] = ddpfault.with_timeout(config.get("strategy"), self._sub().ddp_timeout)
         return super()._instantiate_trainer(config, callbacks)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's, inside :func:`fl_lightning.ddpfault.watch_ranks` (DDP faults)."""
+        config = self._sub()
+        with ddpfault.watch_ranks(self.trainer, config.ddp_stop_timeout, config.ddp_timeout):
+            super()._run_subcommand(subcommand)
 
     def _prepare_resume(self) -> None:
         self._check_checkpoint_fits()
@@ -514,8 +523,13 @@ def _main(args: list[str] | None) -> None:
             raise
         print(f"fl-lightning: error: {err.__cause__}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ddpfault.RankLost as err:  # said by every surviving rank
+        print(f"fl-lightning: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except Preempted as stop:
         by = "Ctrl-C (SIGINT)" if stop.signal == "SIGINT" else "SIGTERM"
+        if stop.ranks:  # under DDP, when not every rank received it
+            by += f" on rank{'s' if len(stop.ranks) > 1 else ''} {', '.join(map(str, stop.ranks))}"
         if rank_zero_only.rank == 0:  # under DDP every rank stops after the same round
             print(
                 f"fl-lightning: stopped by {by} after round {stop.rounds}; checkpoint "

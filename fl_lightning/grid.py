@@ -37,6 +37,9 @@ from the round it resumed at, so the table of an interrupted cell is that of an 
 one.
 ``--report-only`` writes the tables from what has finished, running nothing.
 
+On a cluster: ``--launcher submitit`` submits each unfinished cell as a SLURM job through
+submitit and waits for them (``fl_lightning/launchers.py``, ``docs/cluster.md``).
+
 Fails early and says why: every setting's dataset and every algorithm config is checked before
 any cell starts; a second grid on the same ``--runs`` folder stops at once (``.grid.lock``,
 taken over when the grid that held it is gone); a failed cell prints the line of its
@@ -53,15 +56,14 @@ import json
 import math
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+from fl_lightning import launchers
 from fl_lightning.cellfiles import (  # noqa: F401  (re-exported: the grid's own API)
     _newest_checkpoint,
     _versions,
@@ -289,121 +291,15 @@ def cell_command(cell: Cell, args: argparse.Namespace, folder: str | None = None
     return cmd
 
 
-# ------------------------------------------------------------------ vectorized cells
-def _numeric(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
+def cell_label(cell: Cell) -> str:
+    return cell.label
 
 
-def _numeric_options(setting: Setting) -> dict[str, str]:
-    """The setting's numeric options (``--data.alpha 0.1``, the straggler share), by flag."""
-    opts = setting.options()
-    return {flag: value for flag, value in zip(opts[::2], opts[1::2], strict=True)
-            if flag not in ("--data.dataset", "--data.partition") and _numeric(value)}
-
-
-def vector_groups(cells: Sequence[Cell], mode: str) -> list[list[Cell]]:
-    """The cells that one process trains as replicas: ``seeds``: the cells of one algorithm
-    and setting; ``numeric``: of one algorithm, dataset and partition (their seeds, partition
-    values and straggler shares differ); ``none``: each cell alone. Groups keep the cells'
-    order."""
-    groups: dict[tuple, list[Cell]] = {}
-    for cell in cells:
-        if mode == "none":
-            key: tuple = (cell,)
-        elif mode == "seeds":
-            key = (cell.algorithm, cell.setting)
-        else:
-            s = cell.setting
-            key = (cell.algorithm, s.dataset, s.partition, tuple(_numeric_options(s)))
-        groups.setdefault(key, []).append(cell)
-    return list(groups.values())
-
-
-def group_folder(cells: Sequence[Cell], runs: str) -> str:
-    """Where a vectorized group's process writes (named by its cells, so the same group
-    resumes from its own checkpoints)."""
-    import hashlib
-
-    first = cells[0]
-    names = "\n".join(c.folder(runs) for c in cells)
-    digest = hashlib.sha1(names.encode()).hexdigest()[:10]
-    return os.path.join(runs, "vectorized", f"{_algorithm_name(first.algorithm)}_"
-                        f"{first.setting.dataset}_{len(cells)}cells_{digest}")
-
-
-def group_command(cells: Sequence[Cell], args: argparse.Namespace) -> list[str]:
-    """One ``fl-lightning fit`` for the group: the first cell's command with one
-    ``--replicas.*`` axis per option that differs between the cells (``seed`` for seeds)."""
-    cmd = cell_command(cells[0], args, group_folder(cells, args.runs))
-    axes = {"seed": [str(c.seed) for c in cells]}
-    columns = [_numeric_options(c.setting) for c in cells]
-    for flag in columns[0]:
-        values = [col[flag] for col in columns]
-        if len(set(values)) > 1:
-            axes[flag[2:]] = values
-    for name, values in axes.items():
-        cmd += [f"--replicas.{name}", ",".join(values)]
-    return cmd
-
-
-def run_group(cells: Sequence[Cell], args: argparse.Namespace) -> list[dict]:
-    """Run the group's unfinished cells as replicas of one process (one cell: as itself);
-    each cell then gets its replica's metrics and ``result.json``, as if it had run alone."""
-    done = [os.path.join(c.folder(args.runs), "result.json") for c in cells]
-    pending = [c for c, d in zip(cells, done, strict=True) if not os.path.isfile(d)]
-    if len(pending) < 2 or args.report_only:
-        return [run_cell(c, args) for c in cells]
-    folder = group_folder(pending, args.runs)
-    os.makedirs(folder, exist_ok=True)
-    cmd = group_command(pending, args)
-    start = time.time()
-    with open(os.path.join(folder, "log.txt"), "a") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    seconds = time.time() - start
-    for k, cell in enumerate(pending):
-        _replica_result(cell, k, folder, rc, seconds, cmd, args)
-    # every cell is finished now (its result.json), or said why and is reported as failed
-    return [run_cell(c, args) if os.path.isfile(d) else {"rc": rc or 1}
-            for c, d in zip(cells, done, strict=True)]
-
-
-def _replica_result(cell: Cell, k: int, group: str, rc: int, seconds: float, cmd: list[str],
-                    args: argparse.Namespace) -> None:
-    """Copy replica ``k``'s metrics of every logger version of ``group`` into the cell's
-    folder and write its ``result.json`` when it finished (a diverged replica says why)."""
-    target = cell.folder(args.runs)
-    final = None
-    for version in _versions(group):
-        src = os.path.join(group, "fl", f"version_{version}", f"replica_{k}")
-        if not os.path.isdir(src):
-            continue
-        dst = os.path.join(target, "fl", f"version_{version}")
-        os.makedirs(dst, exist_ok=True)
-        for name in ("metrics.csv", "final_metrics.json", "curves.png"):
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-        if os.path.isfile(os.path.join(src, "final_metrics.json")):
-            final = json.load(open(os.path.join(src, "final_metrics.json")))
-    label = f"{cell.setting.slug} {_algorithm_name(cell.algorithm)} seed {cell.seed}"
-    if rc == 0 and final is not None and "stopped" not in final:
-        json.dump({"rc": 0, "seconds": seconds, "cmd": cmd, "replica": k, "final": final},
-                  open(os.path.join(target, "result.json"), "w"), indent=2)
-        print(f"fl-lightning-grid: {label}: rc=0 {seconds:.0f}s (replica {k} of "
-              f"{os.path.basename(group)}) test_acc={final.get('test_acc')}", flush=True)
-        return
-    why = final["stopped"] if final and "stopped" in final else last_error_line(
-        os.path.join(group, "log.txt"))
-    print(f"fl-lightning-grid: {label}: replica {k} of {group} did not finish: {why}",
-          flush=True)
-
-
-def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
-    """Run ``cell`` unless it has finished; returns its ``result.json`` content."""
+def run_cell(cell: Cell, args: argparse.Namespace,
+             started: Callable[[subprocess.Popen], None] | None = None) -> dict:
+    """Run ``cell`` unless it has finished; returns its ``result.json`` content.
+    ``started``: called with the run's process once it has started (a submitit job stops it
+    on preemption, :class:`fl_lightning.launchers.CellJob`)."""
     folder = cell.folder(args.runs)
     done = os.path.join(folder, "result.json")
     if os.path.isfile(done):
@@ -416,7 +312,10 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     with open(os.path.join(folder, "log.txt"), "a") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if started is not None:
+            started(proc)
+        rc = proc.wait()
     seconds = time.time() - start
     final = sorted(glob.glob(os.path.join(folder, "fl", "version_*", "final_metrics.json")))
     result: dict = {"rc": rc, "seconds": seconds, "cmd": cmd}
@@ -591,7 +490,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="prefix of the outputs: <out>.md, <out>.csv, <out>_<setting>.png "
                    "(default: <runs>/table)")
-    p.add_argument("--jobs", type=int, default=1, help="cells run at the same time")
+    launchers.add_arguments(p)
     p.add_argument("--extra", default="", help="more fl-lightning options for every cell")
     p.add_argument("--vectorize", default="none", choices=("none", "seeds", "numeric"),
                    help="train the cells that differ only in seed (seeds), or only in seed, "
@@ -624,21 +523,17 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         _fail(f"--seeds {args.seeds!r} is invalid: use comma-separated integers, e.g. 0,1,2")
-    for name in ("rounds", "eval_every", "checkpoint_every", "jobs"):
+    for name in ("rounds", "eval_every", "checkpoint_every"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: use >= 1")
+    problem = launchers.check_arguments(args)
+    if problem is not None:
+        _fail(problem)
     out = args.out or os.path.join(args.runs, "table")
     # seed-major order: every algorithm and setting gets its first seed before any second one
     cells = [Cell(a, s, seed) for seed in seeds for s in settings for a in algorithms]
-    with grid_lock(args.runs, enabled=not args.report_only), ThreadPoolExecutor(
-        max_workers=args.jobs
-    ) as pool:
-        groups = vector_groups(cells, args.vectorize)
-        by_cell = {}
-        for group, got in zip(groups, pool.map(lambda g: run_group(g, args), groups),
-                              strict=True):
-            by_cell.update(zip(group, got, strict=True))
-        results = [by_cell[c] for c in cells]
+    with grid_lock(args.runs, enabled=not args.report_only):
+        results = launchers.run_cells(cells, args)
     names = [_algorithm_name(a) for a in algorithms]
     curves, finals = {}, {}
     for cell, result in zip(cells, results, strict=True):

@@ -20,6 +20,7 @@ from fl_lightning import plotting, preflight, validate
 from fl_lightning.algorithms.base import Algorithm, Params
 from fl_lightning.algorithms.fedavg import FedAvg
 from fl_lightning.checkpoint import evaluation_follows
+from fl_lightning.ddpfault import agreed_stop
 from fl_lightning.engine import ClientEngine, SequentialEngine, tracked_batchnorms
 from fl_lightning.errors import ConfigError
 from fl_lightning.interrupt import interrupt_requested
@@ -45,13 +46,16 @@ __all__ = ["FederatedModule", "Preempted"]
 
 class Preempted(SIGTERMException):
     """The run received SIGTERM (or Ctrl-C: ``signal="SIGINT"``); a checkpoint at the last
-    round boundary was written."""
+    round boundary was written. ``ranks``: under DDP, the ranks that received it when not all
+    did."""
 
-    def __init__(self, path: str, rounds: int, signal: str = "SIGTERM") -> None:
+    def __init__(self, path: str, rounds: int, signal: str = "SIGTERM",
+                 ranks: tuple[int, ...] = ()) -> None:
         super().__init__(path, rounds)
         self.path = path
         self.rounds = rounds
         self.signal = signal
+        self.ranks = ranks
 
 NetFactory = Callable[[int, Sequence[int]], FederatedNet]
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -170,7 +174,8 @@ class FederatedModule(pl.LightningModule):
             "train_loss": [], "val_loss": [], "val_acc": [],
         }  # per round, for curves.png (kept in checkpoints)
         self._out_dir: str | None = None
-        self._stop_after_evaluation: str | None = None  # a stop deferred to the evaluation
+        # a stop agreed on at the round boundary, deferred to the end of its evaluation
+        self._stop_after_evaluation: tuple[str, tuple[int, ...]] | None = None
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self._datamodule = None
@@ -385,9 +390,9 @@ class FederatedModule(pl.LightningModule):
             return
         self._record_evaluation()
         # a stop asked for during the round (deferred to here) or during its evaluation
-        signal = self._stop_signal(self._stop_after_evaluation)
-        if signal is not None:
-            raise Preempted(self._save_preemption_checkpoint(), self.global_step, signal)
+        stop = self._stop_signal(self._stop_after_evaluation)
+        if stop is not None:
+            raise Preempted(self._save_preemption_checkpoint(), self.global_step, *stop)
 
     def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
@@ -402,7 +407,7 @@ class FederatedModule(pl.LightningModule):
         connector = self.trainer._signal_connector
         if connector.received_sigterm:
             connector.received_sigterm = False
-            self._stop_after_evaluation = self._stop_after_evaluation or "SIGTERM"
+            self._stop_after_evaluation = self._stop_after_evaluation or ("SIGTERM", ())
 
     def _record_evaluation(self) -> None:
         """Add the evaluation that has just ended to :attr:`curves` (once per round: a
@@ -420,29 +425,30 @@ class FederatedModule(pl.LightningModule):
         # Lightning only notices SIGTERM at the end of an epoch (= the whole run here): stop at
         # the round boundary instead, with a checkpoint to resume from; when the round's
         # evaluation is scheduled, after it (on_validation_end), so that no evaluation is lost.
-        signal = self._stop_signal()
-        if signal is None:
+        stop = self._stop_signal()
+        if stop is None:
             return
         if evaluation_follows(self.trainer):
             self._defer_sigterm()
-            self._stop_after_evaluation = signal
+            self._stop_after_evaluation = stop
             return
         # the round's metrics row, which Lightning would log right after this hook
         self.trainer._logger_connector.update_train_step_metrics()
-        raise Preempted(self._save_preemption_checkpoint(), self.global_step, signal)
+        raise Preempted(self._save_preemption_checkpoint(), self.global_step, *stop)
 
-    def _stop_signal(self, pending: str | None = None) -> str | None:
-        """``"SIGTERM"`` or ``"SIGINT"`` when the run was asked to stop (``pending``: a stop
-        already taken over), else None. A first Ctrl-C (fl_lightning.interrupt) acts as
-        SIGTERM; under DDP the ranks agree on the decision (one boolean all-reduce, on every
-        rank at the same hooks), so every rank stops after the same round."""
-        sigint = interrupt_requested()
-        stop = bool(pending) or self.trainer.received_sigterm or sigint
-        if self.trainer.world_size > 1:
-            stop = self.trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
-            return None
-        return pending or ("SIGINT" if sigint else "SIGTERM")
+    def _stop_signal(
+        self, pending: tuple[str, tuple[int, ...]] | None = None
+    ) -> tuple[str, tuple[int, ...]] | None:
+        """``(signal, ranks)`` when the run was asked to stop (``pending``: a stop already
+        agreed on and taken over), else None. A first Ctrl-C (fl_lightning.interrupt) acts as
+        SIGTERM; under DDP the ranks agree on the decision (one small all-reduce,
+        :func:`fl_lightning.ddpfault.agreed_stop`, on every rank at the same hooks), so every
+        rank stops after the same round, whichever rank received the signal."""
+        sigint = interrupt_requested() or (pending is not None and pending[0] == "SIGINT")
+        sigterm = self.trainer.received_sigterm or (
+            pending is not None and pending[0] == "SIGTERM")
+        stop = agreed_stop(self.trainer, sigterm, sigint)
+        return pending if pending is not None and stop is not None else stop
 
     def _save_preemption_checkpoint(self) -> str:
         trainer = self.trainer

@@ -57,6 +57,7 @@ __all__ = [
 HARMLESS: tuple[str, ...] = (
     "config", "print_config", "ckpt_path", "weights_only", "resume_changes",
     "checkpoint_every_n_rounds", "keep_last_checkpoints", "client_state_ram_mb",
+    "ddp_timeout", "ddp_stop_timeout",
     "trainer.max_steps", "trainer.max_epochs", "trainer.min_steps", "trainer.min_epochs",
     "trainer.max_time", "trainer.logger", "trainer.callbacks", "trainer.enable_progress_bar",
     "trainer.enable_model_summary", "trainer.enable_checkpointing", "trainer.log_every_n_steps",

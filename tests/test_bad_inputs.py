@@ -108,6 +108,8 @@ BAD_INPUTS = [
     (["--checkpoint_every_n_rounds", "0"], "--checkpoint_every_n_rounds"),
     (["--keep_last_checkpoints", "0"], "--keep_last_checkpoints"),
     (["--resume_changes", "maybe"], "--resume_changes"),
+    (["--ddp_timeout", "0"], "--ddp_timeout"),
+    (["--ddp_stop_timeout", "-5"], "--ddp_stop_timeout"),
     (["--ckpt_path", "missing.ckpt"], "--ckpt_path"),
 ]
 

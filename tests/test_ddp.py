@@ -5,15 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ddp_cases
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 
 from fl_lightning.algorithms import FedAvg
 from fl_lightning.algorithms.base import ClientResult
@@ -215,3 +218,232 @@ def test_ddp_accepts_systems_mechanisms_at_setup():
     module.trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False)
     module.setup("fit")
     assert module.round.needs_all_results()
+
+
+# ------------------------------------------------------------------------------ DDP faults
+#: a DDP run on tiny synthetic data that goes on until a fault stops it (each round: 0.1 s)
+FAULT_RUN = [
+    "fit", "--data.dataset", "synthetic", "--data.partition", "natural",
+    "--model.net", "LogisticRegression", "--trainer.max_steps", "2000",
+    "--checkpoint_every_n_rounds", "1", "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false", *ddp_cases.DDP,
+]
+#: case -> extra options; each fault is done once the run has written round=2.ckpt
+FAULTS = {
+    "sigkill_rank1": [],  # rank 1 is SIGKILLed: rank 0 says so in one line
+    "sigterm_rank1": [],  # only rank 1 gets SIGTERM: both stop at the round boundary
+    # rank 1 is stopped (SIGSTOP: rank 0 waits for it in a collective), rank 0 gets SIGTERM
+    "stuck_sigterm_rank0": ["--ddp_stop_timeout", "2"],
+}
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+def _fault(case: str, launcher: subprocess.Popen) -> int:
+    """Do the case's fault; returns rank 1's pid."""
+    (rank1,) = _children(launcher.pid)
+    if case == "sigkill_rank1":
+        os.kill(rank1, signal.SIGKILL)
+    elif case == "sigterm_rank1":
+        os.kill(rank1, signal.SIGTERM)
+    else:
+        os.kill(rank1, signal.SIGSTOP)
+        os.kill(launcher.pid, signal.SIGTERM)
+    return rank1
+
+
+def _round(ckpt: Path) -> int:
+    return int(re.search(r"round=(\d+)", ckpt.name)[1])
+
+
+def _newest(folder: Path) -> Path:
+    return max(folder.glob("*.ckpt"), key=lambda p: (_round(p), p.stat().st_mtime))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_lost_or_signalled_rank_ends_the_ddp_run_with_one_line(tmp_path):
+    """Three 2-process runs at once, each faulted after round 2: a rank SIGKILLed, SIGTERM on
+    rank 1 only (Lightning's handler broadcast from rank 1 alone: both ranks hung), SIGTERM
+    on rank 0 while rank 1 hangs (rank 0 stuck in a collective runs no signal handler). Every
+    run ends, with one line, and leaves no process behind."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for case, extra in FAULTS.items():
+        (tmp_path / case).mkdir()
+        log = open(tmp_path / case / "log.txt", "w")
+        runs[case] = (subprocess.Popen(
+            [sys.executable, "-m", "fl_lightning.cli", *FAULT_RUN, *extra], cwd=tmp_path / case,
+            env=env, stdout=subprocess.DEVNULL, stderr=log,
+        ), log)
+    ckpts = {case: tmp_path / case / "lightning_logs/fl/version_0/checkpoints" for case in runs}
+    rank1: dict[str, int] = {}
+    guard = time.monotonic() + 900  # a hang guard, not a speed limit
+    try:
+        while len(rank1) < len(runs) and time.monotonic() < guard:
+            for case, (proc, _) in runs.items():
+                if case in rank1:
+                    continue
+                assert proc.poll() is None, (tmp_path / case / "log.txt").read_text()[-3000:]
+                if (ckpts[case] / "round=2.ckpt").is_file():
+                    rank1[case] = _fault(case, proc)
+            time.sleep(0.05)
+        for proc, _ in runs.values():
+            proc.wait(timeout=max(guard - time.monotonic(), 1))
+    finally:
+        for proc, log in runs.values():
+            if proc.poll() is None:
+                for pid in _children(proc.pid):
+                    os.kill(pid, signal.SIGKILL)
+                proc.kill()
+            proc.wait()
+            log.close()
+    lines = {}
+    for case, (proc, _) in runs.items():
+        text = (tmp_path / case / "log.txt").read_text()
+        said = [line for line in text.splitlines() if line.startswith("fl-lightning:")]
+        assert len(said) == 1 and "Traceback" not in text, text[-3000:]
+        lines[case] = (proc.returncode, said[0])
+        assert not _alive(rank1[case]), case
+    # SIGKILL: rank 0 names rank 1, its pid and the signal, and the newest checkpoint
+    code, line = lines["sigkill_rank1"]
+    newest = _newest(ckpts["sigkill_rank1"]).resolve()
+    assert code == 1
+    assert re.fullmatch(
+        rf"fl-lightning: error: DDP rank 1 was lost \(pid {rank1['sigkill_rank1']}, killed by "
+        rf"SIGKILL\) after round \d+; the run stopped; newest checkpoint {re.escape(str(newest))}"
+        rf": resume with the same command plus --ckpt_path {re.escape(str(newest))}", line
+    ), line
+    # SIGTERM on rank 1 only: both ranks stop after the same round, with its checkpoint
+    code, line = lines["sigterm_rank1"]
+    match = re.fullmatch(r"fl-lightning: stopped by SIGTERM on rank 1 after round (\d+); "
+                         r"checkpoint (\S+); resume with the same command plus --ckpt_path \S+",
+                         line)
+    assert code == 143 and match, line
+    assert Path(match[2]).name == f"preempted-round={match[1]}.ckpt" and Path(match[2]).is_file()
+    assert _round(_newest(ckpts["sigterm_rank1"])) == int(match[1])  # the round boundary
+    # a rank stuck in a collective: stopped --ddp_stop_timeout after SIGTERM, children too
+    code, line = lines["stuck_sigterm_rank0"]
+    assert code == 143, line
+    assert line.startswith("fl-lightning: error: SIGTERM: the run did not reach a round "
+                           "boundary within --ddp_stop_timeout=2 s"), line
+    assert "newest checkpoint" in line and "--ckpt_path" in line
+    assert not list(ckpts["stuck_sigterm_rank0"].glob("preempted*"))
+
+
+def _trainer(tmp_path, rank=0, world=2, rounds=4, checkpoints=True):
+    from types import SimpleNamespace
+
+    callbacks = [SimpleNamespace(dirpath=str(tmp_path))] if checkpoints else []
+    return SimpleNamespace(global_rank=rank, world_size=world, global_step=rounds,
+                           checkpoint_callbacks=callbacks)
+
+
+def test_the_survivor_line_names_the_lost_rank_and_the_newest_checkpoint(tmp_path, monkeypatch):
+    from fl_lightning import ddpfault
+
+    for name, age in [("round=3.ckpt", 0), ("round=4.ckpt", 50), ("preempted-round=4.ckpt", 40),
+                      ("round=10.ckpt.tmp", 0)]:
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
+    newest = str((tmp_path / "preempted-round=4.ckpt").resolve())  # round 4, the newer file
+    assert ddpfault.newest_checkpoint(_trainer(tmp_path)) == newest
+    hint = f"newest checkpoint {newest}: resume with the same command plus --ckpt_path {newest}"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child.kill()
+    child.wait()
+    watch = ddpfault._Watch(_trainer(tmp_path), 120, 30)
+    watch.procs = [child]
+    assert watch.lost_message("[pair.cc:545] Read error: Connection reset by peer") == (
+        f"DDP rank 1 was lost (pid {child.pid}, killed by SIGKILL) after round 4; the run "
+        f"stopped; {hint}")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    watch.procs = [live]  # hung, not dead: the collective timed out
+    assert watch.lost_message("[unbound_buffer.cc:78] Timed out waiting 30000ms for recv") == (
+        "DDP rank 1 did not answer a collective within --ddp_timeout=30 s (hung or "
+        f"unreachable) after round 4; the run stopped; {hint}")
+    watch.kill_children()
+    assert live.returncode == -signal.SIGKILL
+    # rank 1 of 2, its parent alive: the other rank; no checkpoint folder / no file yet
+    other = ddpfault._Watch(_trainer(tmp_path / "none", rank=1, rounds=0), 120, 30)
+    assert other.lost_message("Connection closed by peer", wait=0) == (
+        "DDP rank 0 was lost after round 0; the run stopped; no checkpoint yet: rerun the same "
+        "command")
+    off = ddpfault._Watch(_trainer(tmp_path, rank=1, world=3, checkpoints=False), 120, 30)
+    assert off.lost_message("Connection closed by peer", wait=0).startswith(
+        "another DDP rank was lost after round 4; the run stopped; checkpointing is off")
+    # rank 0 busy training when its child dies: its observer says it after LOST_GRACE
+    ended = []
+    monkeypatch.setattr(ddpfault, "LOST_GRACE", 0.1)
+    monkeypatch.setattr(watch, "_end", lambda message, status: ended.append((message, status)))
+    watch.observe([child])
+    deadline = time.monotonic() + 60  # a hang guard
+    while not ended and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ended == [(f"DDP rank 1 was lost (pid {child.pid}, killed by SIGKILL) after round "
+                      f"4; the run stopped; {hint}", 1)]
+
+
+def test_ddp_timeout_reaches_the_strategy_and_one_process_stops_as_before():
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from fl_lightning import ddpfault
+
+    ddp = ddpfault.with_timeout("ddp", 7.5)
+    assert isinstance(ddp, DDPStrategy) and ddp._timeout == timedelta(seconds=7.5)
+    assert ddp._start_method == "popen"
+    assert ddpfault.with_timeout("ddp_spawn", 3)._start_method == "spawn"
+    assert ddpfault.with_timeout("auto", 3) == "auto" and ddpfault.with_timeout(ddp, 3) is ddp
+    one = _trainer(Path("."), world=1)
+    assert ddpfault.agreed_stop(one, False, False) is None
+    assert ddpfault.agreed_stop(one, True, False) == ("SIGTERM", ())
+    assert ddpfault.agreed_stop(one, True, True) == ("SIGINT", ())
+
+
+class SigtermDuringValidation(Callback):
+    """Test callback: SIGTERM to its own process while round ``at_round``'s evaluation runs."""
+
+    def __init__(self, at_round: int = 2) -> None:
+        self.at_round = at_round
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == self.at_round and batch_idx == 0 and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_an_evaluation_stops_at_the_next_round_boundary(tmp_path, monkeypatch,
+                                                                       capsys):
+    """One process, SIGTERM while the global model is evaluated after round 2: Lightning's loop
+    ended the run with exit status 0, no checkpoint and no message (a preempted grid job was
+    recorded as rc=0); now the run stops after round 3 with its checkpoint (exit 143)."""
+    from test_reliability import TINY
+
+    from fl_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *TINY, "--trainer.max_steps", "5", "--trainer.val_check_interval", "1",
+              "--trainer.callbacks+=test_ddp.SigtermDuringValidation"])
+    assert stop.value.code == 143
+    assert "stopped by SIGTERM after round 3" in capsys.readouterr().err
+    assert (tmp_path / "lightning_logs/fl/version_0/checkpoints/preempted-round=3.ckpt").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before

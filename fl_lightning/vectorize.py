@@ -1,0 +1,140 @@
+"""``fl-lightning-grid --vectorize``: the cells that differ only in seed (``seeds``) or also
+in a numeric setting (``numeric``) run as replicas of one ``fit`` (``--replicas.*``,
+``docs/sweeps.md``); each cell's folder then gets its replica's metrics and ``result.json``, so
+the tables and figures are read exactly as for cells run one by one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+
+from fl_lightning.cellfiles import _versions
+from fl_lightning.grid import (
+    Cell,
+    Setting,
+    _algorithm_name,
+    cell_command,
+    last_error_line,
+    run_cell,
+)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _numeric_options(setting: Setting) -> dict[str, str]:
+    """The setting's numeric options (``--data.alpha 0.1``, the straggler share), by flag."""
+    opts = setting.options()
+    return {flag: value for flag, value in zip(opts[::2], opts[1::2], strict=True)
+            if flag not in ("--data.dataset", "--data.partition") and _numeric(value)}
+
+
+def vector_groups(cells: Sequence[Cell], mode: str) -> list[list[Cell]]:
+    """The cells that one process trains as replicas: ``seeds``: the cells of one algorithm
+    and setting; ``numeric``: of one algorithm, dataset and partition (their seeds, partition
+    values and straggler shares differ); ``none``: each cell alone. Groups keep the cells'
+    order."""
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        if mode == "none":
+            key: tuple = (cell,)
+        elif mode == "seeds":
+            key = (cell.algorithm, cell.setting)
+        else:
+            s = cell.setting
+            key = (cell.algorithm, s.dataset, s.partition, tuple(_numeric_options(s)))
+        groups.setdefault(key, []).append(cell)
+    return list(groups.values())
+
+
+def group_folder(cells: Sequence[Cell], runs: str) -> str:
+    """Where a vectorized group's process writes (named by its cells, so the same group
+    resumes from its own checkpoints)."""
+    import hashlib
+
+    first = cells[0]
+    names = "\n".join(c.folder(runs) for c in cells)
+    digest = hashlib.sha1(names.encode()).hexdigest()[:10]
+    return os.path.join(runs, "vectorized", f"{_algorithm_name(first.algorithm)}_"
+                        f"{first.setting.dataset}_{len(cells)}cells_{digest}")
+
+
+def group_command(cells: Sequence[Cell], args: argparse.Namespace) -> list[str]:
+    """One ``fl-lightning fit`` for the group: the first cell's command with one
+    ``--replicas.*`` axis per option that differs between the cells (``seed`` for seeds)."""
+    cmd = cell_command(cells[0], args, group_folder(cells, args.runs))
+    axes = {"seed": [str(c.seed) for c in cells]}
+    columns = [_numeric_options(c.setting) for c in cells]
+    for flag in columns[0]:
+        values = [col[flag] for col in columns]
+        if len(set(values)) > 1:
+            axes[flag[2:]] = values
+    for name, values in axes.items():
+        cmd += [f"--replicas.{name}", ",".join(values)]
+    return cmd
+
+
+def run_group(cells: Sequence[Cell], args: argparse.Namespace) -> list[dict]:
+    """Run the group's unfinished cells as replicas of one process (one cell: as itself);
+    each cell then gets its replica's metrics and ``result.json``, as if it had run alone."""
+    done = [os.path.join(c.folder(args.runs), "result.json") for c in cells]
+    pending = [c for c, d in zip(cells, done, strict=True) if not os.path.isfile(d)]
+    if len(pending) < 2 or args.report_only:
+        return [run_cell(c, args) for c in cells]
+    folder = group_folder(pending, args.runs)
+    os.makedirs(folder, exist_ok=True)
+    cmd = group_command(pending, args)
+    start = time.time()
+    with open(os.path.join(folder, "log.txt"), "a") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - start
+    for k, cell in enumerate(pending):
+        _replica_result(cell, k, folder, rc, seconds, cmd, args)
+    # every cell is finished now (its result.json), or said why and is reported as failed
+    return [run_cell(c, args) if os.path.isfile(d) else {"rc": rc or 1}
+            for c, d in zip(cells, done, strict=True)]
+
+
+def _replica_result(cell: Cell, k: int, group: str, rc: int, seconds: float, cmd: list[str],
+                    args: argparse.Namespace) -> None:
+    """Copy replica ``k``'s metrics of every logger version of ``group`` into the cell's
+    folder and write its ``result.json`` when it finished (a diverged replica says why)."""
+    target = cell.folder(args.runs)
+    final = None
+    for version in _versions(group):
+        src = os.path.join(group, "fl", f"version_{version}", f"replica_{k}")
+        if not os.path.isdir(src):
+            continue
+        dst = os.path.join(target, "fl", f"version_{version}")
+        os.makedirs(dst, exist_ok=True)
+        for name in ("metrics.csv", "final_metrics.json", "curves.png"):
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        if os.path.isfile(os.path.join(src, "final_metrics.json")):
+            final = json.load(open(os.path.join(src, "final_metrics.json")))
+    label = f"{cell.setting.slug} {_algorithm_name(cell.algorithm)} seed {cell.seed}"
+    if rc == 0 and final is not None and "stopped" not in final:
+        json.dump({"rc": 0, "seconds": seconds, "cmd": cmd, "replica": k, "final": final},
+                  open(os.path.join(target, "result.json"), "w"), indent=2)
+        print(f"fl-lightning-grid: {label}: rc=0 {seconds:.0f}s (replica {k} of "
+              f"{os.path.basename(group)}) test_acc={final.get('test_acc')}", flush=True)
+        return
+    why = final["stopped"] if final and "stopped" in final else last_error_line(
+        os.path.join(group, "log.txt"))
+    print(f"fl-lightning-grid: {label}: replica {k} of {group} did not finish: {why}",
+          flush=True)
+
+
