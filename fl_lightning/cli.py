@@ -176,17 +176,15 @@ class FederatedCLI(LightningCLI):
         )
         parser.add_argument(
             "--keep_last_checkpoints", type=int, default=3,
-            help="How many of the periodic checkpoints to keep (the newest).",
+            help="Newest periodic checkpoints kept.",
         )
         parser.add_argument(
             "--client_state_ram_mb", type=float, default=DEFAULT_RAM_MB,
-            help="MiB of client state (SCAFFOLD's c_i, ...) per store kept in RAM; the rest: "
-            "on disk.",
+            help="Client state in RAM, MiB per store.",
         )
         parser.add_argument(
             "--resume_changes", type=str, default="error",
-            help="On fit --ckpt_path, settings that differ from the checkpoint's: 'error' stops "
-            "with a message, 'apply' uses the command line's.",
+            help="Resume with other settings: error or apply.",
         )
         ddpfault.add_arguments(parser)
 
