@@ -429,11 +429,12 @@ class SigtermDuringValidation(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_during_an_evaluation_stops_at_the_next_round_boundary(tmp_path, monkeypatch,
-                                                                       capsys):
+def test_sigterm_during_an_evaluation_stops_at_its_end_with_a_checkpoint(tmp_path, monkeypatch,
+                                                                         capsys):
     """One process, SIGTERM while the global model is evaluated after round 2: Lightning's loop
     ended the run with exit status 0, no checkpoint and no message (a preempted grid job was
-    recorded as rc=0); now the run stops after round 3 with its checkpoint (exit 143)."""
+    recorded as rc=0); now the evaluation finishes and the run stops after it with round 2's
+    checkpoint (exit 143)."""
     from test_reliability import TINY
 
     from fl_lightning.cli import main
@@ -444,6 +445,6 @@ def test_sigterm_during_an_evaluation_stops_at_the_next_round_boundary(tmp_path,
         main(["fit", *TINY, "--trainer.max_steps", "5", "--trainer.val_check_interval", "1",
               "--trainer.callbacks+=test_ddp.SigtermDuringValidation"])
     assert stop.value.code == 143
-    assert "stopped by SIGTERM after round 3" in capsys.readouterr().err
-    assert (tmp_path / "lightning_logs/fl/version_0/checkpoints/preempted-round=3.ckpt").is_file()
+    assert "stopped by SIGTERM after round 2" in capsys.readouterr().err
+    assert (tmp_path / "lightning_logs/fl/version_0/checkpoints/preempted-round=2.ckpt").is_file()
     assert signal.getsignal(signal.SIGTERM) is before

@@ -315,7 +315,14 @@ def test_vectorized_seeds_give_the_same_tables_and_curves_as_separate_cells(
 
     from fl_lightning import vectorize
 
-    fake = types.SimpleNamespace(run=in_process, STDOUT=subprocess.STDOUT)
+    class InProcess:  # what run_cell uses: Popen(...).wait()
+        def __init__(self, cmd, stdout=None, stderr=None):
+            self.code = in_process(cmd, stdout).returncode
+
+        def wait(self):
+            return self.code
+
+    fake = types.SimpleNamespace(run=in_process, Popen=InProcess, STDOUT=subprocess.STDOUT)
     monkeypatch.setattr(grid, "subprocess", fake)
     monkeypatch.setattr(vectorize, "subprocess", fake)
     monkeypatch.chdir(REPO)
