@@ -308,15 +308,7 @@ def run_cell(cell: Cell, args: argparse.Namespace,
         return {"rc": None}
     os.makedirs(folder, exist_ok=True)
     cmd = cell_command(cell, args)
-    start = time.time()
-    with open(os.path.join(folder, "log.txt"), "a") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if started is not None:
-            started(proc)
-        rc = proc.wait()
-    seconds = time.time() - start
+    rc, seconds = run_logged(cmd, folder, started)
     final = sorted(glob.glob(os.path.join(folder, "fl", "version_*", "final_metrics.json")))
     result: dict = {"rc": rc, "seconds": seconds, "cmd": cmd}
     if rc == 0 and final:
@@ -330,6 +322,21 @@ def run_cell(cell: Cell, args: argparse.Namespace,
         print(f"fl-lightning-grid: {label}: {last_error_line(os.path.join(folder, 'log.txt'))}",
               flush=True)
     return result
+
+
+def run_logged(cmd: list[str], folder: str,
+               started: Callable[[subprocess.Popen], None] | None = None) -> tuple[int, float]:
+    """Run ``cmd`` with its output appended to ``<folder>/log.txt`` after the command line;
+    its exit status and wall seconds (``started``: as for :func:`run_cell`)."""
+    start = time.time()
+    with open(os.path.join(folder, "log.txt"), "a") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if started is not None:
+            started(proc)
+        rc = proc.wait()
+    return rc, time.time() - start
 
 
 def last_error_line(log_path: str) -> str:

@@ -9,10 +9,7 @@ import argparse
 import json
 import math
 import os
-import shlex
 import shutil
-import subprocess
-import time
 from collections.abc import Sequence
 
 from fl_lightning.cellfiles import _versions
@@ -23,6 +20,7 @@ from fl_lightning.grid import (
     cell_command,
     last_error_line,
     run_cell,
+    run_logged,
 )
 
 
@@ -95,12 +93,7 @@ def run_group(cells: Sequence[Cell], args: argparse.Namespace) -> list[dict]:
     folder = group_folder(pending, args.runs)
     os.makedirs(folder, exist_ok=True)
     cmd = group_command(pending, args)
-    start = time.time()
-    with open(os.path.join(folder, "log.txt"), "a") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    seconds = time.time() - start
+    rc, seconds = run_logged(cmd, folder)
     for k, cell in enumerate(pending):
         _replica_result(cell, k, folder, rc, seconds, cmd, args)
     # every cell is finished now (its result.json), or said why and is reported as failed

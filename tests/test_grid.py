@@ -313,8 +313,6 @@ def test_vectorized_seeds_give_the_same_tables_and_curves_as_separate_cells(
                 code = stop.code or 0
         return types.SimpleNamespace(returncode=code)
 
-    from fl_lightning import vectorize
-
     class InProcess:  # what run_cell uses: Popen(...).wait()
         def __init__(self, cmd, stdout=None, stderr=None):
             self.code = in_process(cmd, stdout).returncode
@@ -324,7 +322,6 @@ def test_vectorized_seeds_give_the_same_tables_and_curves_as_separate_cells(
 
     fake = types.SimpleNamespace(run=in_process, Popen=InProcess, STDOUT=subprocess.STDOUT)
     monkeypatch.setattr(grid, "subprocess", fake)
-    monkeypatch.setattr(vectorize, "subprocess", fake)
     monkeypatch.chdir(REPO)
     tables = {}
     for mode in ("none", "seeds"):
