@@ -91,9 +91,9 @@ class FederatedModule(pl.LightningModule):
         momentum: local SGD momentum.
         weight_decay: local SGD weight decay.
         engine: the client engine.
-        on_nonfinite: what to do when a client's update has NaN/inf: ``raise`` (stop with the
-            client id and round; checkpoints so far are kept) or ``skip_client`` (leave it out
-            of the aggregation; the count is logged as ``skipped_clients``).
+        on_nonfinite: a client update with NaN/inf: stop naming it, or leave it out. ``raise``
+            stops with the client id and round (checkpoints so far are kept); ``skip_client``
+            leaves it out of the aggregation (the count is logged as ``skipped_clients``).
         participation: dropouts and stragglers (:class:`fl_lightning.systems.Participation`).
         attack: malicious clients' attack (e.g. :class:`fl_lightning.systems.SignFlip`).
         compressor: update compression (``StochasticQuantizer``, ``TopK``).

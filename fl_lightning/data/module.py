@@ -75,8 +75,8 @@ class FederatedDataModule(pl.LightningDataModule):
         client_size: samples per client of the ``dirichlet`` partition (default: training
             samples // ``num_clients``); rejected with the other partitions.
         seed: seed of the partition, the client sampling and the local data order.
-        reference_partition: reproduce the official FedSoL code's partition exactly (its
-            procedure and its random number stream, seeded by ``seed``; the paper used 19940817).
+        reference_partition: the official FedSoL code's partition (procedure, random stream).
+            Seeded by ``seed``; the paper used 19940817.
         sampling: ``seeded`` (clients drawn from ``(seed, round)``) or ``official`` (the official
             code's draw, ``numpy.random.seed(round)``, independent of ``seed``).
         eval_batch_size: batch size of the global evaluation; ``None`` (default):
@@ -85,8 +85,8 @@ class FederatedDataModule(pl.LightningDataModule):
             rounding.
         augment: ``paper`` (the official code's training augmentation for the dataset) or
             ``none``.
-        verify_checksums: check the raw files against the MD5 checksums the libraries ship;
-            switch off only for files you produced yourself.
+        verify_checksums: check raw files against the libraries' MD5 checksums. Switch off
+            only for files you produced yourself.
         synthetic_alpha, synthetic_beta: standard deviations of the priors of
             Synthetic(alpha, beta) (``u_k ~ N(0, alpha^2)``, ``B_k ~ N(0, beta^2)``); only
             with ``--data.dataset synthetic``.
