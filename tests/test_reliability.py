@@ -79,16 +79,21 @@ def _evaluations(root: Path) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    """The run of :data:`STOPPED` without interruption (its folder)."""
-    root = tmp_path_factory.mktemp("uninterrupted")
+def _fit_in(root: Path, args: list[str]) -> Path:
+    """``fit`` with ``args`` run from ``root`` (module-scoped fixtures: no monkeypatch.chdir)."""
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        main(["fit", *STOPPED])
+        main(["fit", *args])
     finally:
         os.chdir(cwd)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run of :data:`STOPPED` without interruption (its folder)."""
+    root = _fit_in(tmp_path_factory.mktemp("uninterrupted"), STOPPED)
     assert [r for r, _ in _evaluations(root)] == [2, 4, 6, 8]
     return root
 
@@ -300,13 +305,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def fedsol_ckpt(tmp_path_factory) -> Path:
     """Two rounds of the quick start's FedSoL, written once for the resume tests."""
-    root = tmp_path_factory.mktemp("fedsol_run")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        main(["fit", *TINY, "--trainer.max_steps", "2"])
-    finally:
-        os.chdir(cwd)
+    root = _fit_in(tmp_path_factory.mktemp("fedsol_run"), [*TINY, "--trainer.max_steps", "2"])
     return root / "lightning_logs/fl/version_0/checkpoints/round=2.ckpt"
 
 
