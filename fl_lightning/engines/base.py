@@ -49,7 +49,11 @@ class ClientEngine(Protocol):
     (a no-op here). The project's engines (:class:`~fl_lightning.engines.SequentialEngine`,
     :class:`~fl_lightning.engines.BatchedEngine`) declare it as their base so that
     ``--model.engine`` takes their short names and inherit the no-op ``check``; any class with
-    this ``run_round`` and ``check`` works from Python.
+    this ``run_round`` and ``check`` works from Python. Optional: a ``sink=None`` keyword of
+    ``run_round``; an engine that has it gives each result (or chunk of results) to the sink as
+    it finishes and returns ``[]``, so a streamed round holds O(1) clients
+    (:func:`fl_lightning.stream.accepts_sink`); an engine without it returns its list and the
+    round folds that.
     """
 
     name: str
