@@ -29,7 +29,9 @@ from collections import defaultdict
 
 ALGORITHMS = ("fedavg", "fedprox_mu0", "fedprox_mu1")
 LABELS = {"fedavg": "FedAvg (drops stragglers)", "fedprox_mu0": "FedProx mu=0",
-          "fedprox_mu1": "FedProx mu=1"}
+          "fedprox_mu1": "FedProx mu=1", "scaffold": "SCAFFOLD", "fednova": "FedNova",
+          "fedsam": "FedSAM", "fedsol": "FedSoL", "fedsol_prox_fedprox": "FedSoL + FedProx",
+          "feddyn": "FedDyn (drops stragglers)"}
 DATASETS = ("synthetic_iid_natural", "synthetic_natural_0_0", "synthetic_natural_0.5_0.5",
             "synthetic_natural_1_1", "mnist_powerlaw")
 TITLES = {"synthetic_iid_natural": "Synthetic IID", "synthetic_natural_0_0": "Synthetic(0,0)",
@@ -104,7 +106,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def plot(path: str, out: str) -> None:
+def plot(path: str, out: str, algorithms: tuple[str, ...] = ALGORITHMS) -> None:
     import matplotlib.pyplot as plt
 
     from fl_lightning import plotting  # noqa: F401 - the package's style, Agg backend
@@ -117,14 +119,15 @@ def plot(path: str, out: str) -> None:
         for j, dataset in enumerate(present):
             for i, level in enumerate(LEVELS):
                 ax = axes[i][j]
-                for alg in ALGORITHMS:
+                for alg in algorithms:
                     seeds = data.get((dataset, level, alg))
                     if not seeds:
                         continue
                     rounds = sorted(set.intersection(*(set(s) for s in seeds.values())))
                     stats = [_mean_std([seeds[s][r][index] for s in seeds]) for r in rounds]
                     mean = [m for m, _ in stats]
-                    ax.plot(rounds, mean, label=f"{LABELS[alg]} ({len(seeds)} seeds)", lw=1.2)
+                    label = f"{LABELS.get(alg, alg)} ({len(seeds)} seeds)"
+                    ax.plot(rounds, mean, label=label, lw=1.2)
                     ax.fill_between(rounds, [m - s for m, s in stats],
                                     [m + s for m, s in stats], alpha=0.2)
                 if not ax.lines:
@@ -144,16 +147,16 @@ def plot(path: str, out: str) -> None:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         fig.savefig(f"{out}_{metric}.png", dpi=100)
         plt.close(fig)
-    table(data, out + ".md")
+    table(data, out + ".md", algorithms)
 
 
-def table(data, path: str) -> None:
+def table(data, path: str, algorithms: tuple[str, ...] = ALGORITHMS) -> None:
     lines = ["| setting | stragglers | algorithm | seeds | rounds | final train loss | "
              "final test acc (%) | best test acc (%) | test acc, mean of the last 20 rounds (%) | "
              "largest train loss after round 50 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for dataset in DATASETS:
         for level in LEVELS:
-            for alg in ALGORITHMS:
+            for alg in algorithms:
                 seeds = data.get((dataset, level, alg))
                 if not seeds:
                     continue
@@ -165,7 +168,7 @@ def table(data, path: str) -> None:
                                   for c in seeds.values()])
                 peak = _mean_std([max(c[r][0] for r in c if r > 50) for c in seeds.values()])
                 lines.append(
-                    f"| {TITLES[dataset]} | {100 * float(level):g}% | {LABELS[alg]} | "
+                    f"| {TITLES[dataset]} | {100 * float(level):g}% | {LABELS.get(alg, alg)} | "
                     f"{len(seeds)} | {min(last)} | {loss[0]:.3f} ({loss[1]:.3f}) | "
                     f"{acc[0]:.2f} ({acc[1]:.2f}) | {best[0]:.2f} ({best[1]:.2f}) | "
                     f"{tail[0]:.2f} ({tail[1]:.2f}) | {peak[0]:.2f} ({peak[1]:.2f}) |")
@@ -184,11 +187,13 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("plot")
     d.add_argument("--csv", required=True)
     d.add_argument("--out", required=True)
+    d.add_argument("--algorithms", default=",".join(ALGORITHMS),
+                   help="comma-separated grid algorithm names, in legend order")
     args = p.parse_args(argv)
     if args.cmd == "extract":
         print(f"plot_fedprox: {extract(args.runs, args.csv, args.merge)} rows -> {args.csv}")
     else:
-        plot(args.csv, args.out)
+        plot(args.csv, args.out, tuple(a for a in args.algorithms.split(",") if a))
         print(f"plot_fedprox: wrote {args.out}_loss.png, {args.out}_acc.png, {args.out}.md")
 
 
