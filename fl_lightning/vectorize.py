@@ -10,7 +10,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Callable, Sequence
 
 from fl_lightning.cellfiles import _versions
 from fl_lightning.grid import (
@@ -83,17 +84,30 @@ def group_command(cells: Sequence[Cell], args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def run_group(cells: Sequence[Cell], args: argparse.Namespace) -> list[dict]:
+def pending_cells(cells: Sequence[Cell], args: argparse.Namespace) -> list[Cell]:
+    """The cells of ``cells`` that have not finished (no ``result.json``)."""
+    return [c for c in cells if not os.path.isfile(os.path.join(c.folder(args.runs),
+                                                                "result.json"))]
+
+
+def run_group(cells: Sequence[Cell], args: argparse.Namespace,
+              started: Callable[[subprocess.Popen], None] | None = None) -> list[dict]:
     """Run the group's unfinished cells as replicas of one process (one cell: as itself);
-    each cell then gets its replica's metrics and ``result.json``, as if it had run alone."""
+    each cell then gets its replica's metrics and ``result.json``, as if it had run alone.
+
+    A partly finished group (some cells finished, e.g. a replica that diverged, or seeds
+    added to the grid): the finished cells are kept; the unfinished ones form a group of their
+    own (its own folder, named by its cells: from round 0, since the first group's checkpoints
+    hold other replicas), or run alone if only one is left. ``started``: as for
+    :func:`~fl_lightning.grid.run_cell` (a submitit job stops the process on preemption)."""
     done = [os.path.join(c.folder(args.runs), "result.json") for c in cells]
-    pending = [c for c, d in zip(cells, done, strict=True) if not os.path.isfile(d)]
+    pending = pending_cells(cells, args)
     if len(pending) < 2 or args.report_only:
-        return [run_cell(c, args) for c in cells]
+        return [run_cell(c, args, started) for c in cells]
     folder = group_folder(pending, args.runs)
     os.makedirs(folder, exist_ok=True)
     cmd = group_command(pending, args)
-    rc, seconds = run_logged(cmd, folder)
+    rc, seconds = run_logged(cmd, folder, started)
     for k, cell in enumerate(pending):
         _replica_result(cell, k, folder, rc, seconds, cmd, args)
     # every cell is finished now (its result.json), or said why and is reported as failed

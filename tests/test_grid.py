@@ -362,43 +362,59 @@ class Usr2ToTheJob(Callback):
 def test_submitit_launcher_gives_the_local_table_resumes_preempted_jobs_skips_finished(
     tmp_path, monkeypatch, capsys
 ):
-    """A 2-cell grid (FedAvg, FedProx on synthetic data, logistic regression, 3 rounds) as two
-    jobs of submitit's LocalExecutor gives the table of the same grid run by the local
-    launcher, though the FedAvg job is preempted (USR2) in round 2: it SIGTERMs its run, which
-    stops after round 2 with its checkpoint, and requeues itself; the requeued job resumes from
-    it. A second invocation submits nothing."""
+    """A grid of FedAvg and FedProx x 2 seeds (synthetic data, logistic regression, 3 rounds,
+    ``--vectorize seeds``) as jobs of submitit's LocalExecutor gives the table of the same grid
+    run by the local launcher. FedAvg's group (its 2 seeds as the replicas of one process) is
+    one job, preempted (USR2) in round 2: it SIGTERMs its run, which stops after round 2 with
+    its checkpoint (every replica in it), and requeues itself; the requeued job resumes from
+    it. FedProx's group is partly finished (seed 1's cell copied from the local grid): its
+    seed 0 is submitted alone, as a cell job, and equals replica 0 of the local group (the
+    sequential engine: bit for bit). A second invocation submits nothing."""
+    import shutil
+
     pytest.importorskip("submitit")
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{REPO / 'tests'}")  # for the jobs
     common = ["--base", "fedprox/synthetic.yaml", "--algorithms",
               "fedprox/fedavg.yaml,fedprox/fedprox_mu1.yaml", "--settings", "synthetic:0:0",
-              "--seeds", "0", "--rounds", "3", "--checkpoint-every", "1"]
-    extra = "--model.local_epochs 1 --data.num_clients 10"
+              "--seeds", "0,1", "--rounds", "3", "--checkpoint-every", "1",
+              "--vectorize", "seeds"]
+    extra = "--model.local_epochs 1 --data.num_clients 10 --trainer.callbacks=[]"
     grid_main([*common, "--runs", str(tmp_path / "local"), "--jobs", "2", "--extra", extra])
+    setting = "synthetic_natural_0_0"
+    shutil.copytree(tmp_path / "local" / setting / "fedprox_mu1" / "seed1",
+                    tmp_path / "jobs" / setting / "fedprox_mu1" / "seed1")
     jobs = [*common, "--runs", str(tmp_path / "jobs"), "--launcher", "submitit",
             "--submitit-executor", "local", "--slurm-time", "30", "--extra",
             f"{extra} --trainer.callbacks+=test_grid.Usr2ToTheJob "
-            "--trainer.callbacks.where=/fedavg/"]
+            "--trainer.callbacks.where=/vectorized/fedavg_"]
     grid_main(jobs)
     out = capsys.readouterr().out
-    assert "submitted 2 job(s) through submitit (local)" in out, out
-    assert len([ln for ln in out.splitlines() if ": job " in ln and "rc=0" in ln]) == 2, out
-    fedavg = tmp_path / "jobs" / "synthetic_natural_0_0" / "fedavg" / "seed0"
-    log = (fedavg / "log.txt").read_text()
+    assert "submitted 2 job(s) through submitit (local) for 3 cell(s)" in out, out
+    assert len([ln for ln in out.splitlines() if ": job " in ln and "rc=0" in ln]) == 3, out
+    (group,) = (tmp_path / "jobs" / "vectorized").iterdir()
+    assert group.name.startswith("fedavg_synthetic_2cells_")
+    log = (group / "log.txt").read_text()
     assert "stopped by SIGTERM after round 2" in log, log[-3000:]
     assert log.count("$ ") == 2 and "--ckpt_path" in log.split("$ ")[2]  # the requeued job
-    assert (fedavg / "fl" / "version_0" / "checkpoints" / "preempted-round=2.ckpt").is_file()
-    assert json.loads((fedavg / "result.json").read_text())["final"]["rounds"] == 3
+    assert "--replicas.seed 0,1" in log.split("$ ")[2]
+    assert (group / "fl" / "version_0" / "checkpoints" / "preempted-round=2.ckpt").is_file()
+    for seed in (0, 1):
+        cell = tmp_path / "jobs" / setting / "fedavg" / f"seed{seed}"
+        assert json.loads((cell / "result.json").read_text())["final"]["rounds"] == 3
+    alone = tmp_path / "jobs" / setting / "fedprox_mu1" / "seed0"
+    assert "--replicas" not in (alone / "log.txt").read_text()  # submitted as a cell
     tables = [list(csv.DictReader(open(tmp_path / w / "table.csv"))) for w in ("local", "jobs")]
     assert len(tables[0]) == len(tables[1]) == 2, tables
     assert tables[0][1] == tables[1][1]  # FedProx: the same row
     # FedAvg: the same final accuracy (an exact resume); its round-2 evaluation is the one a
     # preemption skips today (issue #26, "no silent gaps"), so "best" may differ
     assert tables[0][0]["final_mean"] == tables[1][0]["final_mean"], tables
+    assert tables[0][0]["final_std"] == tables[1][0]["final_std"], tables
     assert list((tmp_path / "jobs" / ".submitit").iterdir())  # submitit's logs and pickles
     grid_main(jobs)
-    assert "submitted" not in capsys.readouterr().out  # both cells finished: nothing submitted
+    assert "submitted" not in capsys.readouterr().out  # every cell finished: nothing submitted
 
 
 def test_submitit_launcher_options_are_checked_before_anything_runs(tmp_path, capsys,
