@@ -6,6 +6,7 @@ the tables and figures are read exactly as for cells run one by one."""
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -108,17 +109,19 @@ def run_group(cells: Sequence[Cell], args: argparse.Namespace,
     os.makedirs(folder, exist_ok=True)
     cmd = group_command(pending, args)
     rc, seconds = run_logged(cmd, folder, started)
-    for k, cell in enumerate(pending):
-        _replica_result(cell, k, folder, rc, seconds, cmd, args)
+    unfinished = [cell for k, cell in enumerate(pending)
+                  if not _replica_result(cell, k, folder, rc, seconds, cmd, args)]
+    if unfinished:
+        _say_why(unfinished, pending, folder)
     # every cell is finished now (its result.json), or said why and is reported as failed
     return [run_cell(c, args) if os.path.isfile(d) else {"rc": rc or 1}
             for c, d in zip(cells, done, strict=True)]
 
 
 def _replica_result(cell: Cell, k: int, group: str, rc: int, seconds: float, cmd: list[str],
-                    args: argparse.Namespace) -> None:
+                    args: argparse.Namespace) -> bool:
     """Copy replica ``k``'s metrics of every logger version of ``group`` into the cell's
-    folder and write its ``result.json`` when it finished (a diverged replica says why)."""
+    folder and write its ``result.json`` when it finished; whether it did."""
     target = cell.folder(args.runs)
     final = None
     for version in _versions(group):
@@ -132,16 +135,39 @@ def _replica_result(cell: Cell, k: int, group: str, rc: int, seconds: float, cmd
                 shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
         if os.path.isfile(os.path.join(src, "final_metrics.json")):
             final = json.load(open(os.path.join(src, "final_metrics.json")))
-    label = f"{cell.setting.slug} {_algorithm_name(cell.algorithm)} seed {cell.seed}"
-    if rc == 0 and final is not None and "stopped" not in final:
-        json.dump({"rc": 0, "seconds": seconds, "cmd": cmd, "replica": k, "final": final},
-                  open(os.path.join(target, "result.json"), "w"), indent=2)
-        print(f"fl-lightning-grid: {label}: rc=0 {seconds:.0f}s (replica {k} of "
-              f"{os.path.basename(group)}) test_acc={final.get('test_acc')}", flush=True)
+    if rc != 0 or final is None or "stopped" in final:
+        return False
+    json.dump({"rc": 0, "seconds": seconds, "cmd": cmd, "replica": k, "final": final},
+              open(os.path.join(target, "result.json"), "w"), indent=2)
+    print(f"fl-lightning-grid: {_label(cell)}: rc=0 {seconds:.0f}s (replica {k} of "
+          f"{os.path.basename(group)}) test_acc={final.get('test_acc')}", flush=True)
+    return True
+
+
+def _label(cell: Cell) -> str:
+    return f"{cell.setting.slug} {_algorithm_name(cell.algorithm)} seed {cell.seed}"
+
+
+def _say_why(unfinished: Sequence[Cell], pending: Sequence[Cell], group: str) -> None:
+    """One line per replica that stopped (it diverged: its ``stopped`` line), and one line for
+    the group when its process failed before any replica finished (an error in its options,
+    more replicas than the memory holds, a crash), naming its cells."""
+    stopped = {}
+    for cell in unfinished:
+        k = pending.index(cell)
+        for path in sorted(glob.glob(os.path.join(group, "fl", "version_*", f"replica_{k}",
+                                                  "final_metrics.json"))):
+            stopped[cell] = json.load(open(path)).get("stopped", stopped.get(cell))
+    for cell in unfinished:
+        if stopped.get(cell):
+            print(f"fl-lightning-grid: {_label(cell)}: replica {pending.index(cell)} of "
+                  f"{group} did not finish: {stopped[cell]}", flush=True)
+    rest = [c for c in unfinished if not stopped.get(c)]
+    if not rest:
         return
-    why = final["stopped"] if final and "stopped" in final else last_error_line(
-        os.path.join(group, "log.txt"))
-    print(f"fl-lightning-grid: {label}: replica {k} of {group} did not finish: {why}",
-          flush=True)
-
-
+    why = last_error_line(os.path.join(group, "log.txt"))
+    hint = ("; in fl-lightning-grid: smaller groups (--vectorize seeds instead of numeric, "
+            "fewer --seeds) or one process per cell (--vectorize none)"
+            if "replicas, whose weights need" in why else "")
+    print(f"fl-lightning-grid: {len(rest)} cell(s) ({', '.join(_label(c) for c in rest)}), "
+          f"replicas of {group}, did not finish: {why}{hint}", flush=True)
