@@ -142,4 +142,13 @@ def test_more_replicas_than_memory_allows_get_one_line(tmp_path, capsys, monkeyp
         fit(tmp_path, "--model.engine", "BatchedEngine", "--replicas.seed", "0,1,2")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3 replicas" in err[0] and "MiB free" in err[0], err
+    # an explicit budget of the batched engine bounds the joint replicas x clients call
+    # (not chunked); 3 replicas x 3 clients x ~4 models of 600 float64 weights ~ 0.2 MiB
+    monkeypatch.setattr(replicas_module, "available_memory", lambda device: 2**40)
+    with pytest.raises(SystemExit):
+        fit(tmp_path, "--model.engine", "BatchedEngine", "--model.engine.memory_budget",
+            "100000", "--replicas.seed", "0,1,2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model.engine.memory_budget allows 0 MiB" in err[0], err
+    assert "a larger --model.engine.memory_budget" in err[0], err
 
