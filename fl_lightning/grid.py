@@ -37,8 +37,9 @@ from the round it resumed at, so the table of an interrupted cell is that of an 
 one.
 ``--report-only`` writes the tables from what has finished, running nothing.
 
-On a cluster: ``--launcher submitit`` submits each unfinished cell as a SLURM job through
-submitit and waits for them (``fl_lightning/launchers.py``, ``docs/cluster.md``).
+On a cluster: ``--launcher submitit`` submits each unfinished cell (or vectorized group,
+``--vectorize``) as a SLURM job through submitit and waits for them
+(``fl_lightning/launchers.py``, ``docs/cluster.md``).
 
 Fails early and says why: every setting's dataset and every algorithm config is checked before
 any cell starts; a second grid on the same ``--runs`` folder stops at once (``.grid.lock``,

@@ -2,7 +2,8 @@
 
 - ``--launcher local`` (default): ``--jobs N`` cells at a time, each an ``fl-lightning fit``
   subprocess of the grid (:func:`run_local`).
-- ``--launcher submitit``: every cell that has not finished becomes one job
+- ``--launcher submitit``: every cell that has not finished (with ``--vectorize``: every
+  group of unfinished cells trained as replicas of one process) becomes one job
   (:class:`CellJob`) submitted through `submitit <https://github.com/facebookincubator/submitit>`_
   (``pip install 'fl-lightning[cluster]'``): on SLURM (``--submitit-executor slurm``; ``auto``
   picks SLURM where ``sbatch`` exists, else local processes) or through submitit's
@@ -41,8 +42,8 @@ EXECUTORS = ("local", "slurm", "auto")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The launcher options of ``fl-lightning-grid``."""
     p.add_argument("--launcher", default="local", choices=("local", "submitit"),
-                   help="local: --jobs cells at a time here; submitit: one job per cell "
-                   "(SLURM, or submitit's local executor)")
+                   help="local: --jobs cells at a time here; submitit: one job per cell, or "
+                   "per vectorized group (SLURM, or submitit's local executor)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at the same time (local)")
     p.add_argument("--submitit-executor", default="auto", choices=EXECUTORS,
                    help="submitit: slurm, local (processes here) or auto (slurm if sbatch "
