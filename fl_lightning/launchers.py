@@ -89,7 +89,7 @@ def run_local(cells: Sequence[Any], args: argparse.Namespace) -> list[dict]:
     one per group of cells trained as replicas (``--vectorize``, :mod:`fl_lightning.vectorize`)."""
     from fl_lightning.vectorize import run_group, vector_groups
 
-    groups = vector_groups(cells, getattr(args, "vectorize", "none"))
+    groups = vector_groups(cells, getattr(args, "vectorize", "none"), args.extra)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         got = list(pool.map(lambda g: run_group(g, args), groups))
     by_cell: dict[Any, dict] = {}
@@ -181,7 +181,7 @@ def run_submitit(cells: Sequence[Any], args: argparse.Namespace) -> list[dict]:
 
     by_cell: dict[Any, dict] = {}
     todo = []
-    for group in vector_groups(cells, getattr(args, "vectorize", "none")):
+    for group in vector_groups(cells, getattr(args, "vectorize", "none"), args.extra):
         pending = [] if args.report_only else pending_cells(group, args)
         finished = [c for c in group if c not in pending]
         by_cell.update(zip(finished, run_group(finished, args), strict=True))  # reads only

@@ -1,7 +1,8 @@
 """``fl-lightning-grid --vectorize``: the cells that differ only in seed (``seeds``) or also
-in a numeric setting (``numeric``) run as replicas of one ``fit`` (``--replicas.*``,
-``docs/sweeps.md``); each cell's folder then gets its replica's metrics and ``result.json``, so
-the tables and figures are read exactly as for cells run one by one."""
+in a numeric setting or a number of their algorithm configs (``numeric``: ``fedprox_mu0.yaml``
+and ``fedprox_mu1.yaml``, which differ only in ``mu``) run as replicas of one ``fit``
+(``--replicas.*``, ``docs/sweeps.md``); each cell's folder then gets its replica's metrics and
+``result.json``, so the tables and figures are read exactly as for cells run one by one."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from fl_lightning.cellfiles import _versions
 from fl_lightning.grid import (
     Cell,
     Setting,
+    _algorithm_config,
     _algorithm_name,
     cell_command,
     last_error_line,
@@ -40,11 +42,52 @@ def _numeric_options(setting: Setting) -> dict[str, str]:
             if flag not in ("--data.dataset", "--data.partition") and _numeric(value)}
 
 
-def vector_groups(cells: Sequence[Cell], mode: str) -> list[list[Cell]]:
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    """A config tree as ``{option: value}``, written as on the command line (``init_args``
+    left out: ``model.algorithm.init_args.mu`` is ``model.algorithm.mu``)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix[:-1]: json.dumps(tree, sort_keys=True)} if prefix else {}
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, prefix if key == "init_args" else f"{prefix}{key}."))
+    return out
+
+
+def _given(extra: str) -> set[str]:
+    """The options that ``--extra`` sets (``--model.local_lr 0.1`` -> ``model.local_lr``)."""
+    import shlex
+
+    return {a[2:].split("=")[0] for a in shlex.split(extra) if a.startswith("--")}
+
+
+def _algorithm_numbers(name: str, setting: Setting, extra: str) -> tuple[tuple, dict[str, str]]:
+    """``(shape, numbers)`` of algorithm config ``name``: ``numbers`` are its numeric
+    ``model.*`` options (``--model.algorithm.mu``: ``"1.0"``) that neither ``--extra`` nor the
+    setting sets (those would override a replica axis); ``shape`` is everything else, with the
+    names of the numbers: two configs of one shape differ only in numbers, replica axes."""
+    import yaml
+
+    with open(_algorithm_config(name)) as fh:
+        tree = yaml.safe_load(fh) or {}
+    fixed = _given(extra) | {f[2:] for f in setting.options()[::2]}
+    shape, numbers = [], {}
+    for key, value in sorted(_flat(tree).items()):
+        number = json.loads(value) if isinstance(value, str) else value
+        if (key.startswith("model.") and key not in fixed and isinstance(number, (int, float))
+                and not isinstance(number, bool) and math.isfinite(number)):
+            numbers[f"--{key}"] = str(number)
+            shape.append((key, None))
+        else:
+            shape.append((key, value))
+    return tuple(shape), numbers
+
+
+def vector_groups(cells: Sequence[Cell], mode: str, extra: str = "") -> list[list[Cell]]:
     """The cells that one process trains as replicas: ``seeds``: the cells of one algorithm
-    and setting; ``numeric``: of one algorithm, dataset and partition (their seeds, partition
-    values and straggler shares differ); ``none``: each cell alone. Groups keep the cells'
-    order."""
+    and setting; ``numeric``: of one dataset and partition and one algorithm config up to
+    its numbers (their seeds, partition values, straggler shares and algorithm configs'
+    numbers differ; ``extra``: the grid's ``--extra``, whose options are no axes); ``none``:
+    each cell alone. Groups keep the cells' order."""
     groups: dict[tuple, list[Cell]] = {}
     for cell in cells:
         if mode == "none":
@@ -53,7 +96,8 @@ def vector_groups(cells: Sequence[Cell], mode: str) -> list[list[Cell]]:
             key = (cell.algorithm, cell.setting)
         else:
             s = cell.setting
-            key = (cell.algorithm, s.dataset, s.partition, tuple(_numeric_options(s)))
+            shape = _algorithm_numbers(cell.algorithm, s, extra)[0]
+            key = (shape, s.dataset, s.partition, tuple(_numeric_options(s)))
         groups.setdefault(key, []).append(cell)
     return list(groups.values())
 
@@ -71,11 +115,13 @@ def group_folder(cells: Sequence[Cell], runs: str) -> str:
 
 
 def group_command(cells: Sequence[Cell], args: argparse.Namespace) -> list[str]:
-    """One ``fl-lightning fit`` for the group: the first cell's command with one
-    ``--replicas.*`` axis per option that differs between the cells (``seed`` for seeds)."""
+    """One ``fl-lightning fit`` for the group: the first cell's command (its algorithm config)
+    with one ``--replicas.*`` axis per option that differs between the cells (``seed`` for
+    seeds, a setting's value, a number of the algorithm configs)."""
     cmd = cell_command(cells[0], args, group_folder(cells, args.runs))
     axes = {"seed": [str(c.seed) for c in cells]}
-    columns = [_numeric_options(c.setting) for c in cells]
+    columns = [{**_numeric_options(c.setting),
+                **_algorithm_numbers(c.algorithm, c.setting, args.extra)[1]} for c in cells]
     for flag in columns[0]:
         values = [col[flag] for col in columns]
         if len(set(values)) > 1:

@@ -291,14 +291,16 @@ def test_a_second_grid_on_the_same_folder_is_refused_and_a_stale_lock_taken_over
 
 def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
         tmp_path, monkeypatch, capsys):
-    """``--vectorize numeric``: 2 LDA alphas x 2 seeds, 4 cells, run as the 4 replicas of one
-    ``fit`` (``--replicas.seed 0,0,1,1 --replicas.data.alpha 0.5,2,0.5,2``: each replica its
-    own partition) and each cell's folder gets its replica's metrics; the table, the CSV, the
-    curves and the final accuracies equal those of the same grid run cell by cell. Then a group
-    that does not fit in memory fails with one line that names the grid's fix. The cells'
-    ``fit`` runs in this process (the grid's subprocess call replaced by
-    ``fl_lightning.cli.main`` on the same arguments): a process start costs ~10 s. (Seeds
-    alone: the submitit test below, whose groups are ``--vectorize seeds``.)"""
+    """``--vectorize numeric``: FedProx with mu 0 and with mu 1 (two algorithm configs that
+    differ only there) x 2 LDA alphas x 2 seeds, 8 cells, run as the 8 replicas of one ``fit``
+    (``--replicas.seed 0,0,0,0,1,1,1,1 --replicas.data.alpha 0.5,0.5,2,2,...
+    --replicas.model.algorithm.mu 0.0,1.0,...``: each replica its own partition and proximal
+    strength) and each cell's folder gets its replica's metrics; the table, the CSV, the curves
+    and the final accuracies equal those of the same grid run cell by cell. Then a group that
+    does not fit in memory fails with one line that names the grid's fix. The cells' ``fit``
+    runs in this process (the grid's subprocess call replaced by ``fl_lightning.cli.main`` on
+    the same arguments): a process start costs ~10 s. (Seeds alone: the submitit test below,
+    whose groups are ``--vectorize seeds``.)"""
     import contextlib
     import subprocess
     import types
@@ -326,7 +328,8 @@ def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
     fake = types.SimpleNamespace(run=in_process, Popen=InProcess, STDOUT=subprocess.STDOUT)
     monkeypatch.setattr(grid, "subprocess", fake)
     monkeypatch.chdir(REPO)
-    argv = ["--algorithms", "fedprox", "--settings", "digits:lda:0.5,digits:lda:2",
+    argv = ["--algorithms", "fedprox/fedprox_mu0.yaml,fedprox/fedprox_mu1.yaml",
+            "--settings", "digits:lda:0.5,digits:lda:2",
             "--seeds", "0,1", "--rounds", "2",
             "--extra", "--data.num_clients 4 --model.local_epochs 1 --model.sample_ratio 0.5 "
             "--model.net LogisticRegression --trainer.enable_model_summary false"]
@@ -335,19 +338,21 @@ def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
     for mode in ("none", "numeric"):
         runs = tmp_path / mode
         grid_main([*argv, "--runs", str(runs), "--vectorize", mode])
-        cells = [runs / slug / "fedprox" / f"seed{s}" for slug in slugs for s in (0, 1)]
+        cells = [runs / slug / f"fedprox_mu{mu}" / f"seed{s}" for slug in slugs
+                 for s in (0, 1) for mu in (0, 1)]
         tables[mode] = ((runs / "table.md").read_text(), (runs / "table.csv").read_text(),
                         [read_curve(str(c)) for c in cells],
-                        [json.loads((c / "result.json").read_text())["final"]["test_acc"]
-                         for c in cells])
+                        [(r["final"]["test_acc"], r["final"]["test_loss"]) for r in
+                         (json.loads((c / "result.json").read_text()) for c in cells)])
     out = capsys.readouterr().out
-    assert "replica 3 of" in out
+    assert "replica 7 of" in out
     (group,) = os.listdir(tmp_path / "numeric" / "vectorized")
     log = (tmp_path / "numeric" / "vectorized" / group / "log.txt").read_text()
-    assert "--replicas.seed 0,0,1,1 --replicas.data.alpha 0.5,2,0.5,2" in log
+    assert ("--replicas.seed 0,0,0,0,1,1,1,1 --replicas.data.alpha 0.5,0.5,2,2,0.5,0.5,2,2 "
+            "--replicas.model.algorithm.mu 0.0,1.0,0.0,1.0,0.0,1.0,0.0,1.0") in log
     assert tables["numeric"] == tables["none"]
     assert all(sorted(c) == [1, 2] for c in tables["none"][2])
-    assert len(set(tables["none"][3])) == 4  # four distinct runs
+    assert len({loss for _, loss in tables["none"][3]}) == 8  # eight distinct runs
     # a group whose replicas do not fit in memory: one line, the grid's fix in it
     monkeypatch.setattr(replicas, "available_memory", lambda device: 1000)
     with pytest.raises(SystemExit) as failed:
@@ -356,7 +361,7 @@ def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "did not finish" in ln
              or "failed" in ln]
     assert len(lines) == 1, lines
-    assert "4 replicas" in lines[0] and "--vectorize none" in lines[0], lines
+    assert "8 replicas" in lines[0] and "--vectorize none" in lines[0], lines
 
 
 class Usr2ToTheJob(Callback):
