@@ -389,8 +389,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", default="", help="more fl-lightning options for every cell")
     p.add_argument("--vectorize", default="none", choices=("none", "seeds", "numeric"),
                    help="train the cells that differ only in seed (seeds), or only in seed, "
-                   "partition value and straggler share (numeric), as replicas of one process "
-                   "(--replicas.*; see docs/sweeps.md)")
+                   "partition value, straggler share and numbers of their algorithm configs "
+                   "(numeric), as replicas of one process (--replicas.*; docs/sweeps.md)")
     p.add_argument("--report-only", action="store_true",
                    help="write the tables from the finished cells, run nothing")
     return p
