@@ -152,11 +152,11 @@ def run_group(cells: Sequence[Cell], args: argparse.Namespace,
     if len(pending) < 2 or args.report_only:
         return [run_cell(c, args, started) for c in cells]
     folder = group_folder(pending, args.runs)
-    os.makedirs(folder, exist_ok=True)
+    offsets = _version_offsets(pending, folder, args)
     cmd = group_command(pending, args)
     rc, seconds = run_logged(cmd, folder, started)
     unfinished = [cell for k, cell in enumerate(pending)
-                  if not _replica_result(cell, k, folder, rc, seconds, cmd, args)]
+                  if not _replica_result(cell, k, folder, rc, seconds, cmd, args, offsets[k])]
     if unfinished:
         _say_why(unfinished, pending, folder)
     # every cell is finished now (its result.json), or said why and is reported as failed
@@ -164,17 +164,41 @@ def run_group(cells: Sequence[Cell], args: argparse.Namespace,
             for c, d in zip(cells, done, strict=True)]
 
 
+def _version_offsets(cells: Sequence[Cell], group: str, args: argparse.Namespace) -> list[int]:
+    """For each cell, the logger version of its folder that the group's version 0 becomes:
+    the one after the versions the cell held when the group started (its own interrupted run,
+    another group's replica: a partly finished group), so that nothing there is overwritten and
+    the group's rounds supersede theirs (:func:`~fl_lightning.cellfiles.joined_rows`). Kept in
+    ``<group>/cells.json``; a group folder without it (an older grid's) maps versions 1:1."""
+    path = os.path.join(group, "cells.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            return [int(entry["version_offset"]) for entry in json.load(fh)]
+    if _versions(group):
+        return [0] * len(cells)
+    os.makedirs(group, exist_ok=True)
+    offsets = []
+    for cell in cells:
+        found = _versions(cell.folder(args.runs))
+        offsets.append(found[-1] + 1 if found else 0)
+    with open(path, "w") as fh:
+        json.dump([{"cell": c.folder(args.runs), "version_offset": o}
+                   for c, o in zip(cells, offsets, strict=True)], fh, indent=2)
+    return offsets
+
+
 def _replica_result(cell: Cell, k: int, group: str, rc: int, seconds: float, cmd: list[str],
-                    args: argparse.Namespace) -> bool:
-    """Copy replica ``k``'s metrics of every logger version of ``group`` into the cell's
-    folder and write its ``result.json`` when it finished; whether it did."""
+                    args: argparse.Namespace, offset: int = 0) -> bool:
+    """Copy replica ``k``'s metrics of every logger version ``v`` of ``group`` into the
+    cell's folder (as its version ``offset + v``) and write its ``result.json`` when it
+    finished; whether it did."""
     target = cell.folder(args.runs)
     final = None
     for version in _versions(group):
         src = os.path.join(group, "fl", f"version_{version}", f"replica_{k}")
         if not os.path.isdir(src):
             continue
-        dst = os.path.join(target, "fl", f"version_{version}")
+        dst = os.path.join(target, "fl", f"version_{offset + version}")
         os.makedirs(dst, exist_ok=True)
         for name in ("metrics.csv", "final_metrics.json", "curves.png"):
             if os.path.isfile(os.path.join(src, name)):

@@ -353,6 +353,18 @@ def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
     assert tables["numeric"] == tables["none"]
     assert all(sorted(c) == [1, 2] for c in tables["none"][2])
     assert len({loss for _, loss in tables["none"][3]}) == 8  # eight distinct runs
+    # a partly finished group: two cells unfinished, each holding a stale version (an older
+    # group's replica that stopped in round 2): they run as a new group of 2, whose rounds go
+    # to a version after the stale one and supersede it; the table is the same again
+    for seed in (0, 1):
+        cell = tmp_path / "numeric" / "digits_lda_2" / "fedprox_mu1" / f"seed{seed}"
+        (cell / "result.json").unlink()
+        (cell / "fl" / "version_1").mkdir()
+        (cell / "fl" / "version_1" / "metrics.csv").write_text("step,val_acc\n1,0.99\n")
+    grid_main([*argv, "--runs", str(tmp_path / "numeric"), "--vectorize", "numeric"])
+    assert len(os.listdir(tmp_path / "numeric" / "vectorized")) == 2
+    assert (tmp_path / "numeric" / "table.csv").read_text() == tables["none"][1]
+    assert (cell / "fl" / "version_2" / "metrics.csv").is_file()
     # a group whose replicas do not fit in memory: one line, the grid's fix in it
     monkeypatch.setattr(replicas, "available_memory", lambda device: 1000)
     with pytest.raises(SystemExit) as failed:
