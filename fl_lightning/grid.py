@@ -37,8 +37,9 @@ from the round it resumed at, so the table of an interrupted cell is that of an 
 one.
 ``--report-only`` writes the tables from what has finished, running nothing.
 
-On a cluster: ``--launcher submitit`` submits each unfinished cell as a SLURM job through
-submitit and waits for them (``fl_lightning/launchers.py``, ``docs/cluster.md``).
+On a cluster: ``--launcher submitit`` submits each unfinished cell (or vectorized group,
+``--vectorize``) as a SLURM job through submitit and waits for them
+(``fl_lightning/launchers.py``, ``docs/cluster.md``).
 
 Fails early and says why: every setting's dataset and every algorithm config is checked before
 any cell starts; a second grid on the same ``--runs`` folder stops at once (``.grid.lock``,
@@ -388,8 +389,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", default="", help="more fl-lightning options for every cell")
     p.add_argument("--vectorize", default="none", choices=("none", "seeds", "numeric"),
                    help="train the cells that differ only in seed (seeds), or only in seed, "
-                   "partition value and straggler share (numeric), as replicas of one process "
-                   "(--replicas.*; see docs/sweeps.md)")
+                   "partition value, straggler share and numbers of their algorithm configs "
+                   "(numeric), as replicas of one process (--replicas.*; docs/sweeps.md)")
     p.add_argument("--report-only", action="store_true",
                    help="write the tables from the finished cells, run nothing")
     return p

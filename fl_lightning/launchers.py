@@ -2,7 +2,8 @@
 
 - ``--launcher local`` (default): ``--jobs N`` cells at a time, each an ``fl-lightning fit``
   subprocess of the grid (:func:`run_local`).
-- ``--launcher submitit``: every cell that has not finished becomes one job
+- ``--launcher submitit``: every cell that has not finished (with ``--vectorize``: every
+  group of unfinished cells trained as replicas of one process) becomes one job
   (:class:`CellJob`) submitted through `submitit <https://github.com/facebookincubator/submitit>`_
   (``pip install 'fl-lightning[cluster]'``): on SLURM (``--submitit-executor slurm``; ``auto``
   picks SLURM where ``sbatch`` exists, else local processes) or through submitit's
@@ -41,8 +42,8 @@ EXECUTORS = ("local", "slurm", "auto")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The launcher options of ``fl-lightning-grid``."""
     p.add_argument("--launcher", default="local", choices=("local", "submitit"),
-                   help="local: --jobs cells at a time here; submitit: one job per cell "
-                   "(SLURM, or submitit's local executor)")
+                   help="local: --jobs cells at a time here; submitit: one job per cell, or "
+                   "per vectorized group (SLURM, or submitit's local executor)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at the same time (local)")
     p.add_argument("--submitit-executor", default="auto", choices=EXECUTORS,
                    help="submitit: slurm, local (processes here) or auto (slurm if sbatch "
@@ -65,10 +66,6 @@ def check_arguments(args: argparse.Namespace) -> str | None:
                       ("slurm_cpus_per_job", 1)):
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: use >= {low}"
-    if args.launcher == "submitit" and getattr(args, "vectorize", "none") != "none":
-        return (f"--vectorize {args.vectorize} with --launcher submitit is not supported yet: "
-                "submit the cells one job each (--vectorize none) or vectorize with the local "
-                "launcher")
     if args.launcher == "submitit" and not submitit_installed():
         return ("--launcher submitit needs submitit, which is not installed: pip install "
                 "'fl-lightning[cluster]' (or pip install submitit)")
@@ -92,7 +89,7 @@ def run_local(cells: Sequence[Any], args: argparse.Namespace) -> list[dict]:
     one per group of cells trained as replicas (``--vectorize``, :mod:`fl_lightning.vectorize`)."""
     from fl_lightning.vectorize import run_group, vector_groups
 
-    groups = vector_groups(cells, getattr(args, "vectorize", "none"))
+    groups = vector_groups(cells, getattr(args, "vectorize", "none"), args.extra)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         got = list(pool.map(lambda g: run_group(g, args), groups))
     by_cell: dict[Any, dict] = {}
@@ -102,21 +99,23 @@ def run_local(cells: Sequence[Any], args: argparse.Namespace) -> list[dict]:
 
 
 class CellJob:
-    """One grid cell as a submitit job: ``job()`` runs it (:func:`fl_lightning.grid.run_cell`)
-    and returns its result; on preemption or timeout submitit calls :meth:`checkpoint`."""
+    """One submitit job: a grid cell, or a vectorized group of cells trained as the replicas
+    of one process (``--vectorize``). ``job()`` runs them
+    (:func:`fl_lightning.vectorize.run_group`) and returns their results, in order; on
+    preemption or timeout submitit calls :meth:`checkpoint`."""
 
-    def __init__(self, cell: Any, args: argparse.Namespace) -> None:
-        self.cell = cell
+    def __init__(self, cells: Any, args: argparse.Namespace) -> None:
+        self.cells = list(cells) if isinstance(cells, (list, tuple)) else [cells]
         self.args = args
         self._proc: subprocess.Popen | None = None
 
-    def __call__(self) -> dict:
-        from fl_lightning.grid import run_cell
+    def __call__(self) -> list[dict]:
+        from fl_lightning.vectorize import run_group
 
-        result: dict = {}
+        result: list[dict] = []
 
         def run() -> None:
-            result.update(run_cell(self.cell, self.args, started=self._started))
+            result.extend(run_group(self.cells, self.args, started=self._started))
 
         # the run waits in a thread: the main thread stays free for submitit's signal handler
         worker = threading.Thread(target=run, daemon=True)
@@ -129,18 +128,30 @@ class CellJob:
         self._proc = proc
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Stop the run at its round boundary (SIGTERM: ``preempted-round=<r>.ckpt``), then
-        requeue the cell; the requeued job resumes from the newest checkpoint."""
+        """Stop the run at its round boundary (SIGTERM: ``preempted-round=<r>.ckpt``, every
+        replica of a group in it), then requeue the job; the requeued job resumes from the
+        newest checkpoint (of the cell, or of the group's folder)."""
         from submitit.helpers import DelayedSubmission
 
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait()
-        return DelayedSubmission(CellJob(self.cell, self.args))
+        return DelayedSubmission(CellJob(self.cells, self.args))
 
     def __getstate__(self) -> dict:
-        return {"cell": self.cell, "args": self.args, "_proc": None}
+        return {"cells": self.cells, "args": self.args, "_proc": None}
+
+
+def job_name(cells: Sequence[Any], runs: str) -> str:
+    """The job's name in ``squeue``: ``fl-<setting>-<algorithm>-seed-<s>`` for a cell,
+    ``fl-<group folder>`` for a vectorized group."""
+    from fl_lightning.grid import cell_label
+    from fl_lightning.vectorize import group_folder
+
+    if len(cells) == 1:
+        return f"fl-{cell_label(cells[0]).replace(' ', '-')}"
+    return f"fl-{os.path.basename(group_folder(cells, runs))}"
 
 
 def _executor(args: argparse.Namespace) -> Any:
@@ -162,36 +173,41 @@ def _executor(args: argparse.Namespace) -> Any:
 
 
 def run_submitit(cells: Sequence[Any], args: argparse.Namespace) -> list[dict]:
-    """One submitit job per unfinished cell; waits for all of them."""
-    from fl_lightning.grid import cell_label, run_cell
+    """One submitit job per unfinished cell, or per vectorized group of unfinished cells
+    (``--vectorize``: :func:`fl_lightning.vectorize.vector_groups`; a partly finished group
+    submits its unfinished cells only); waits for all of them."""
+    from fl_lightning.grid import cell_label
+    from fl_lightning.vectorize import pending_cells, run_group, vector_groups
 
-    results: list[dict | None] = [None] * len(cells)
+    by_cell: dict[Any, dict] = {}
     todo = []
-    for i, cell in enumerate(cells):
-        if args.report_only or os.path.isfile(os.path.join(cell.folder(args.runs),
-                                                           "result.json")):
-            results[i] = run_cell(cell, args)  # reads result.json, runs nothing
-        else:
-            todo.append(i)
+    for group in vector_groups(cells, getattr(args, "vectorize", "none"), args.extra):
+        pending = [] if args.report_only else pending_cells(group, args)
+        finished = [c for c in group if c not in pending]
+        by_cell.update(zip(finished, run_group(finished, args), strict=True))  # reads only
+        if pending:
+            todo.append(pending)
     if todo:
         executor = _executor(args)
-        jobs = {}
-        for i in todo:
-            executor.update_parameters(name=f"fl-{cell_label(cells[i]).replace(' ', '-')}")
-            jobs[i] = executor.submit(CellJob(cells[i], args))
+        jobs = []
+        for group in todo:
+            executor.update_parameters(name=job_name(group, args.runs))
+            jobs.append((group, executor.submit(CellJob(group, args))))
         print(f"fl-lightning-grid: submitted {len(jobs)} job(s) through submitit "
-              f"({executor.cluster}); logs in {executor.folder}", flush=True)
-        for i, job in jobs.items():
+              f"({executor.cluster}) for {sum(len(g) for g in todo)} cell(s); logs in "
+              f"{executor.folder}", flush=True)
+        for group, job in jobs:
             try:
-                results[i] = job.result()
+                got = job.result()
             except Exception as err:  # noqa: BLE001 - a failed job is reported, not raised
                 line = " ".join(str(err).split())[-300:]
-                print(f"fl-lightning-grid: {cell_label(cells[i])}: job {job.job_id} failed: "
-                      f"{line}", flush=True)
-                results[i] = {"rc": 1, "job": job.job_id}
+                print(f"fl-lightning-grid: {', '.join(cell_label(c) for c in group)}: job "
+                      f"{job.job_id} failed: {line}", flush=True)
+                got = [{"rc": 1, "job": job.job_id} for _ in group]
             else:
-                rc = results[i].get("rc")
-                acc = results[i].get("final", {}).get("test_acc")
-                print(f"fl-lightning-grid: {cell_label(cells[i])}: job {job.job_id} rc={rc} "
-                      f"test_acc={acc}", flush=True)
-    return [r if r is not None else {"rc": None} for r in results]
+                for cell, result in zip(group, got, strict=True):
+                    acc = result.get("final", {}).get("test_acc")
+                    print(f"fl-lightning-grid: {cell_label(cell)}: job {job.job_id} "
+                          f"rc={result.get('rc')} test_acc={acc}", flush=True)
+            by_cell.update(zip(group, got, strict=True))
+    return [by_cell.get(c, {"rc": None}) for c in cells]

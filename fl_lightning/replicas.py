@@ -472,13 +472,19 @@ def build_replicas(cli: Any, axes: ReplicaAxes) -> ReplicaSet:
     need = memory_estimate(model.net, len(axes), model.clients_per_round(dm.num_clients), batched)
     device = trainer.strategy.root_device
     free = available_memory(device)
-    if free is not None and need > free:
+    # the joint replicas x clients call is not chunked: an explicit budget bounds it whole
+    budget = model.engine.memory_budget if batched else None
+    limit = budget if budget is not None else free
+    if limit is not None and need > limit:
+        has = (f"--model.engine.memory_budget allows {budget / 2**20:.0f} MiB"
+               if budget is not None else f"{device} has {free / 2**20:.0f} MiB free")
         raise ConfigError(
             f"{PREFIX}* asks for {len(axes)} replicas, whose weights need about "
             f"{need / 2**20:.0f} MiB ({len(axes)} replicas x "
             f"{'clients per round x ' if batched else ''}{type(model.net).__name__}) but "
-            f"{device} has {free / 2**20:.0f} MiB free: use fewer replicas"
+            f"{has}: use fewer replicas"
             + (" or --model.engine SequentialEngine" if batched else "")
+            + (" or a larger --model.engine.memory_budget" if budget is not None else "")
         )
     saved = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
     base = cli.config[sub]

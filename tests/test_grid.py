@@ -289,18 +289,23 @@ def test_a_second_grid_on_the_same_folder_is_refused_and_a_stale_lock_taken_over
         assert open(os.path.join(runs, ".grid.lock")).read() == str(os.getpid())
 
 
-def test_vectorized_seeds_give_the_same_tables_and_curves_as_separate_cells(
+def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
         tmp_path, monkeypatch, capsys):
-    """``--vectorize seeds``: the two seeds of a cell run as replicas of one ``fit`` and each
-    cell's folder gets its replica's metrics; the table, the CSV and the curves equal those of
-    the same grid run cell by cell. The cells' ``fit`` runs in this process (the grid's
-    subprocess call replaced by ``fl_lightning.cli.main`` on the same arguments): a process
-    start costs ~10 s."""
+    """``--vectorize numeric``: FedProx with mu 0 and with mu 1 (two algorithm configs that
+    differ only there) x 2 LDA alphas x 2 seeds, 8 cells, run as the 8 replicas of one ``fit``
+    (``--replicas.seed 0,0,0,0,1,1,1,1 --replicas.data.alpha 0.5,0.5,2,2,...
+    --replicas.model.algorithm.mu 0.0,1.0,...``: each replica its own partition and proximal
+    strength) and each cell's folder gets its replica's metrics; the table, the CSV, the curves
+    and the final accuracies equal those of the same grid run cell by cell. Then a group that
+    does not fit in memory fails with one line that names the grid's fix. The cells' ``fit``
+    runs in this process (the grid's subprocess call replaced by ``fl_lightning.cli.main`` on
+    the same arguments): a process start costs ~10 s. (Seeds alone: the submitit test below,
+    whose groups are ``--vectorize seeds``.)"""
     import contextlib
     import subprocess
     import types
 
-    from fl_lightning import grid
+    from fl_lightning import grid, replicas
     from fl_lightning.cli import main as cli_main
 
     def in_process(cmd, stdout=None, stderr=None):
@@ -323,24 +328,52 @@ def test_vectorized_seeds_give_the_same_tables_and_curves_as_separate_cells(
     fake = types.SimpleNamespace(run=in_process, Popen=InProcess, STDOUT=subprocess.STDOUT)
     monkeypatch.setattr(grid, "subprocess", fake)
     monkeypatch.chdir(REPO)
+    argv = ["--algorithms", "fedprox/fedprox_mu0.yaml,fedprox/fedprox_mu1.yaml",
+            "--settings", "digits:lda:0.5,digits:lda:2",
+            "--seeds", "0,1", "--rounds", "2",
+            "--extra", "--data.num_clients 4 --model.local_epochs 1 --model.sample_ratio 0.5 "
+            "--model.net LogisticRegression --trainer.enable_model_summary false"]
+    slugs = ("digits_lda_0.5", "digits_lda_2")
     tables = {}
-    for mode in ("none", "seeds"):
+    for mode in ("none", "numeric"):
         runs = tmp_path / mode
-        grid_main(["--algorithms", "fedprox", "--settings", "digits:iid", "--seeds", "0,1",
-                   "--rounds", "2", "--runs", str(runs), "--vectorize", mode,
-                   "--extra", "--data.num_clients 4 --model.local_epochs 1 "
-                   "--model.sample_ratio 0.5 --model.net LogisticRegression "
-                   "--trainer.enable_model_summary false"])
-        cells = [runs / "digits_iid" / "fedprox" / f"seed{s}" for s in (0, 1)]
+        grid_main([*argv, "--runs", str(runs), "--vectorize", mode])
+        cells = [runs / slug / f"fedprox_mu{mu}" / f"seed{s}" for slug in slugs
+                 for s in (0, 1) for mu in (0, 1)]
         tables[mode] = ((runs / "table.md").read_text(), (runs / "table.csv").read_text(),
                         [read_curve(str(c)) for c in cells],
-                        [json.loads((c / "result.json").read_text())["final"]["test_acc"]
-                         for c in cells])
+                        [(r["final"]["test_acc"], r["final"]["test_loss"]) for r in
+                         (json.loads((c / "result.json").read_text()) for c in cells)])
     out = capsys.readouterr().out
-    assert "replica 1 of" in out
-    assert len(os.listdir(tmp_path / "seeds" / "vectorized")) == 1
-    assert tables["seeds"] == tables["none"]
+    assert "replica 7 of" in out
+    (group,) = os.listdir(tmp_path / "numeric" / "vectorized")
+    log = (tmp_path / "numeric" / "vectorized" / group / "log.txt").read_text()
+    assert ("--replicas.seed 0,0,0,0,1,1,1,1 --replicas.data.alpha 0.5,0.5,2,2,0.5,0.5,2,2 "
+            "--replicas.model.algorithm.mu 0.0,1.0,0.0,1.0,0.0,1.0,0.0,1.0") in log
+    assert tables["numeric"] == tables["none"]
     assert all(sorted(c) == [1, 2] for c in tables["none"][2])
+    assert len({loss for _, loss in tables["none"][3]}) == 8  # eight distinct runs
+    # a partly finished group: two cells unfinished, each holding a stale version (an older
+    # group's replica that stopped in round 2): they run as a new group of 2, whose rounds go
+    # to a version after the stale one and supersede it; the table is the same again
+    for seed in (0, 1):
+        cell = tmp_path / "numeric" / "digits_lda_2" / "fedprox_mu1" / f"seed{seed}"
+        (cell / "result.json").unlink()
+        (cell / "fl" / "version_1").mkdir()
+        (cell / "fl" / "version_1" / "metrics.csv").write_text("step,val_acc\n1,0.99\n")
+    grid_main([*argv, "--runs", str(tmp_path / "numeric"), "--vectorize", "numeric"])
+    assert len(os.listdir(tmp_path / "numeric" / "vectorized")) == 2
+    assert (tmp_path / "numeric" / "table.csv").read_text() == tables["none"][1]
+    assert (cell / "fl" / "version_2" / "metrics.csv").is_file()
+    # a group whose replicas do not fit in memory: one line, the grid's fix in it
+    monkeypatch.setattr(replicas, "available_memory", lambda device: 1000)
+    with pytest.raises(SystemExit) as failed:
+        grid_main([*argv, "--runs", str(tmp_path / "small"), "--vectorize", "numeric"])
+    assert failed.value.code == 1
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "did not finish" in ln
+             or "failed" in ln]
+    assert len(lines) == 1, lines
+    assert "8 replicas" in lines[0] and "--vectorize none" in lines[0], lines
 
 
 class Usr2ToTheJob(Callback):
@@ -362,43 +395,59 @@ class Usr2ToTheJob(Callback):
 def test_submitit_launcher_gives_the_local_table_resumes_preempted_jobs_skips_finished(
     tmp_path, monkeypatch, capsys
 ):
-    """A 2-cell grid (FedAvg, FedProx on synthetic data, logistic regression, 3 rounds) as two
-    jobs of submitit's LocalExecutor gives the table of the same grid run by the local
-    launcher, though the FedAvg job is preempted (USR2) in round 2: it SIGTERMs its run, which
-    stops after round 2 with its checkpoint, and requeues itself; the requeued job resumes from
-    it. A second invocation submits nothing."""
+    """A grid of FedAvg and FedProx x 2 seeds (synthetic data, logistic regression, 3 rounds,
+    ``--vectorize seeds``) as jobs of submitit's LocalExecutor gives the table of the same grid
+    run by the local launcher. FedAvg's group (its 2 seeds as the replicas of one process) is
+    one job, preempted (USR2) in round 2: it SIGTERMs its run, which stops after round 2 with
+    its checkpoint (every replica in it), and requeues itself; the requeued job resumes from
+    it. FedProx's group is partly finished (seed 1's cell copied from the local grid): its
+    seed 0 is submitted alone, as a cell job, and equals replica 0 of the local group (the
+    sequential engine: bit for bit). A second invocation submits nothing."""
+    import shutil
+
     pytest.importorskip("submitit")
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{REPO / 'tests'}")  # for the jobs
     common = ["--base", "fedprox/synthetic.yaml", "--algorithms",
               "fedprox/fedavg.yaml,fedprox/fedprox_mu1.yaml", "--settings", "synthetic:0:0",
-              "--seeds", "0", "--rounds", "3", "--checkpoint-every", "1"]
-    extra = "--model.local_epochs 1 --data.num_clients 10"
+              "--seeds", "0,1", "--rounds", "3", "--checkpoint-every", "1",
+              "--vectorize", "seeds"]
+    extra = "--model.local_epochs 1 --data.num_clients 10 --trainer.callbacks=[]"
     grid_main([*common, "--runs", str(tmp_path / "local"), "--jobs", "2", "--extra", extra])
+    setting = "synthetic_natural_0_0"
+    shutil.copytree(tmp_path / "local" / setting / "fedprox_mu1" / "seed1",
+                    tmp_path / "jobs" / setting / "fedprox_mu1" / "seed1")
     jobs = [*common, "--runs", str(tmp_path / "jobs"), "--launcher", "submitit",
             "--submitit-executor", "local", "--slurm-time", "30", "--extra",
             f"{extra} --trainer.callbacks+=test_grid.Usr2ToTheJob "
-            "--trainer.callbacks.where=/fedavg/"]
+            "--trainer.callbacks.where=/vectorized/fedavg_"]
     grid_main(jobs)
     out = capsys.readouterr().out
-    assert "submitted 2 job(s) through submitit (local)" in out, out
-    assert len([ln for ln in out.splitlines() if ": job " in ln and "rc=0" in ln]) == 2, out
-    fedavg = tmp_path / "jobs" / "synthetic_natural_0_0" / "fedavg" / "seed0"
-    log = (fedavg / "log.txt").read_text()
+    assert "submitted 2 job(s) through submitit (local) for 3 cell(s)" in out, out
+    assert len([ln for ln in out.splitlines() if ": job " in ln and "rc=0" in ln]) == 3, out
+    (group,) = (tmp_path / "jobs" / "vectorized").iterdir()
+    assert group.name.startswith("fedavg_synthetic_2cells_")
+    log = (group / "log.txt").read_text()
     assert "stopped by SIGTERM after round 2" in log, log[-3000:]
     assert log.count("$ ") == 2 and "--ckpt_path" in log.split("$ ")[2]  # the requeued job
-    assert (fedavg / "fl" / "version_0" / "checkpoints" / "preempted-round=2.ckpt").is_file()
-    assert json.loads((fedavg / "result.json").read_text())["final"]["rounds"] == 3
+    assert "--replicas.seed 0,1" in log.split("$ ")[2]
+    assert (group / "fl" / "version_0" / "checkpoints" / "preempted-round=2.ckpt").is_file()
+    for seed in (0, 1):
+        cell = tmp_path / "jobs" / setting / "fedavg" / f"seed{seed}"
+        assert json.loads((cell / "result.json").read_text())["final"]["rounds"] == 3
+    alone = tmp_path / "jobs" / setting / "fedprox_mu1" / "seed0"
+    assert "--replicas" not in (alone / "log.txt").read_text()  # submitted as a cell
     tables = [list(csv.DictReader(open(tmp_path / w / "table.csv"))) for w in ("local", "jobs")]
     assert len(tables[0]) == len(tables[1]) == 2, tables
     assert tables[0][1] == tables[1][1]  # FedProx: the same row
     # FedAvg: the same final accuracy (an exact resume); its round-2 evaluation is the one a
     # preemption skips today (issue #26, "no silent gaps"), so "best" may differ
     assert tables[0][0]["final_mean"] == tables[1][0]["final_mean"], tables
+    assert tables[0][0]["final_std"] == tables[1][0]["final_std"], tables
     assert list((tmp_path / "jobs" / ".submitit").iterdir())  # submitit's logs and pickles
     grid_main(jobs)
-    assert "submitted" not in capsys.readouterr().out  # both cells finished: nothing submitted
+    assert "submitted" not in capsys.readouterr().out  # every cell finished: nothing submitted
 
 
 def test_submitit_launcher_options_are_checked_before_anything_runs(tmp_path, capsys,

@@ -78,17 +78,30 @@ def test_seed_axis_sequential_a_replica_is_its_run_alone_and_one_diverges_alone(
 
 
 def test_batched_replicas_x_clients_in_one_vmap_equal_the_runs_alone(tmp_path):
-    # 4 replicas: two mu values x two seeds; each mu's two seeds share one vmapped step
-    engine = ["--model.engine", "BatchedEngine"]
+    # 4 replicas: two FedDyn alphas x two seeds; each alpha's two seeds share one vmapped step,
+    # in which each row reads its replica's global weights (the dynamic regularizer's anchor)
+    # and its replica's clients' h_i, and each replica's server h feeds back from round 2 on
+    engine = ["--model.engine", "BatchedEngine", "--model.algorithm", "FedDyn"]
     run = fit(tmp_path / "rep", *engine, "--replicas.product", "true",
-              "--replicas.seed", "1,2", "--replicas.model.algorithm.mu", "0.5,2")
+              "--replicas.seed", "1,2", "--replicas.model.algorithm.alpha", "0.05,0.2")
     values = json.load(open(os.path.join(run, "replicas.json")))
     assert [v["values"] for v in values] == [
-        {"seed": 1, "model.algorithm.mu": 0.5}, {"seed": 1, "model.algorithm.mu": 2.0},
-        {"seed": 2, "model.algorithm.mu": 0.5}, {"seed": 2, "model.algorithm.mu": 2.0}]
+        {"seed": 1, "model.algorithm.alpha": 0.05}, {"seed": 1, "model.algorithm.alpha": 0.2},
+        {"seed": 2, "model.algorithm.alpha": 0.05}, {"seed": 2, "model.algorithm.alpha": 0.2}]
     alone = fit(tmp_path / "alone", *engine, "--seed_everything", "2", "--data.seed", "2",
-                "--model.algorithm.mu", "2")
+                "--model.algorithm.alpha", "0.2")
     assert_close(weights(run, 3), weights(alone), exact=False)
+
+
+def test_scaffold_replicas_in_the_joint_vmap_equal_their_runs_alone(tmp_path):
+    """SCAFFOLD (server ``c``, clients' ``c_i``): two seeds as replicas x clients in one
+    vmapped call each round; replica 1 (not the trainer's own run: the call runs replica 0's
+    algorithm object) equals its run alone, its server and client control variates feeding
+    back from round 2 on (float64, 1e-12; fails when replica 1's rows see replica 0's state)."""
+    engine = ["--model.engine", "BatchedEngine", "--model.algorithm", "SCAFFOLD"]
+    run = fit(tmp_path / "rep", *engine, "--replicas.seed", "3,4")
+    alone = fit(tmp_path / "alone", *engine, "--seed_everything", "4", "--data.seed", "4")
+    assert_close(weights(run, 1), weights(alone), exact=False)
 
 
 def test_replicas_resume_from_a_mid_run_checkpoint_exactly(tmp_path):
@@ -129,3 +142,13 @@ def test_more_replicas_than_memory_allows_get_one_line(tmp_path, capsys, monkeyp
         fit(tmp_path, "--model.engine", "BatchedEngine", "--replicas.seed", "0,1,2")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3 replicas" in err[0] and "MiB free" in err[0], err
+    # an explicit budget of the batched engine bounds the joint replicas x clients call
+    # (not chunked); 3 replicas x 3 clients x ~4 models of 600 float64 weights ~ 0.2 MiB
+    monkeypatch.setattr(replicas_module, "available_memory", lambda device: 2**40)
+    with pytest.raises(SystemExit):
+        fit(tmp_path, "--model.engine", "BatchedEngine", "--model.engine.memory_budget",
+            "100000", "--replicas.seed", "0,1,2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model.engine.memory_budget allows 0 MiB" in err[0], err
+    assert "a larger --model.engine.memory_budget" in err[0], err
+
