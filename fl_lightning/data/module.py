@@ -203,13 +203,7 @@ class FederatedDataModule(pl.LightningDataModule):
                 reference=self.reference_partition,
                 client_size=self.client_size,
             )
-            self.client_indices = [torch.as_tensor(p, dtype=torch.long) for p in parts]
-            empty = [k for k, p in enumerate(self.client_indices) if len(p) == 0]
-            if empty:
-                raise ConfigError(
-                    f"--data.num_clients={self.num_clients} leaves client {empty[0]} without "
-                    f"data under --data.partition={self.partition}: use fewer clients"
-                )
+            self._set_client_indices(parts, "client", "data")
 
     def _setup_devices(self) -> None:
         """Natural and power-law data: every device's train and test samples at once (LEAF
@@ -219,24 +213,27 @@ class FederatedDataModule(pl.LightningDataModule):
         if self.partition == "natural":
             data = synthetic(self.synthetic_alpha, self.synthetic_beta,
                              self.dataset == "synthetic_iid", self.num_clients, self.seed)
-            x_tr, x_te = data.train_x, data.test_x
         else:
             x_all, y_all = _pooled_mnist(self.data_dir, self.download, self.verify_checksums)
             parts = powerlaw_devices(y_all, self.num_clients, seed=self.seed)
             data = split_devices([x_all[p] for p in parts], [y_all[p] for p in parts], self.seed)
-            x_tr, x_te = data.train_x, data.test_x
         shape = (-1, *self.input_shape)
-        self.train_x = torch.as_tensor(x_tr, dtype=torch.float32).reshape(shape)
+        self.train_x = torch.as_tensor(data.train_x, dtype=torch.float32).reshape(shape)
         self.train_y = torch.as_tensor(data.train_y, dtype=torch.long)
-        self.test_x = torch.as_tensor(x_te, dtype=torch.float32).reshape(shape)
+        self.test_x = torch.as_tensor(data.test_x, dtype=torch.float32).reshape(shape)
         self.test_y = torch.as_tensor(data.test_y, dtype=torch.long)
-        self.client_indices = [torch.as_tensor(p, dtype=torch.long) for p in data.train_parts]
         self.test_parts = [torch.as_tensor(p, dtype=torch.long) for p in data.test_parts]
+        self._set_client_indices(data.train_parts, "device", "training data")
+
+    def _set_client_indices(self, parts: list, unit: str, what: str) -> None:
+        """``client_indices`` from the partition's ``parts``; a ``unit`` (client or device)
+        left without ``what`` stops the run with one line."""
+        self.client_indices = [torch.as_tensor(p, dtype=torch.long) for p in parts]
         empty = [k for k, p in enumerate(self.client_indices) if len(p) == 0]
         if empty:
             raise ConfigError(
-                f"--data.num_clients={self.num_clients} leaves device {empty[0]} without "
-                f"training data under --data.partition={self.partition}: use fewer devices"
+                f"--data.num_clients={self.num_clients} leaves {unit} {empty[0]} without "
+                f"{what} under --data.partition={self.partition}: use fewer {unit}s"
             )
 
     def train_dataloader(self) -> RoundTicker:
