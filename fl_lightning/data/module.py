@@ -93,9 +93,10 @@ class FederatedDataModule(pl.LightningDataModule):
             ``none``.
         verify_checksums: check raw files against the libraries' MD5 checksums. Switch off
             only for files you produced yourself.
-        synthetic_alpha, synthetic_beta: standard deviations of the priors of
-            Synthetic(alpha, beta) (``u_k ~ N(0, alpha^2)``, ``B_k ~ N(0, beta^2)``); only
-            with ``--data.dataset synthetic``.
+        synthetic_alpha: alpha of Synthetic(alpha, beta), the std of ``u_k ~ N(0, alpha^2)``.
+            Only with ``--data.dataset synthetic``.
+        synthetic_beta: beta of Synthetic(alpha, beta), the std of ``B_k ~ N(0, beta^2)``.
+            Only with ``--data.dataset synthetic``.
 
     Raises:
         ConfigError: for an unknown dataset or partition, or out-of-range numbers.
