@@ -8,41 +8,31 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from importlib import metadata
-from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-import yaml
 from jsonargparse import Namespace, class_from_function
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
 
 from fl_lightning import ddpfault, registry
 from fl_lightning.cli_help import CompactHelpFormatter
+from fl_lightning.cli_resume import (
+    CheckpointCheck,
+    check_ckpt_path,
+    check_fits,
+    prepare_resume,
+    resolved_config,
+)
 from fl_lightning.data.module import FederatedDataModule
 from fl_lightning.errors import ConfigError
 from fl_lightning.interrupt import interrupt_at_round_boundary
 from fl_lightning.module import FederatedModule, Preempted
 from fl_lightning.quiet import quiet_expected_messages
 from fl_lightning.replicas import ReplicaAxes, build_replicas, extract_axes
-from fl_lightning.resume import (
-    AdaptingCheckpointIO,
-    Resume,
-    RunRecord,
-    check_resume,
-    flatten,
-    shape_mismatch,
-    stored_config,
-)
+from fl_lightning.resume import RunRecord
 from fl_lightning.round import DivergenceError
 from fl_lightning.rundir import check_run_dir
-from fl_lightning.statefiles import (
-    DEFAULT_RAM_MB,
-    ClientStateFiles,
-    StateFileError,
-    check_state_files,
-)
+from fl_lightning.statefiles import DEFAULT_RAM_MB, ClientStateFiles
 from fl_lightning.trainer_options import check_trainer_options
 from fl_lightning.validate import (
     check_config_files,
@@ -305,90 +295,16 @@ class FederatedCLI(LightningCLI):
         """Resume with the command line's settings; never restore stored ones silently.
 
         Replaces LightningCLI's version, which re-applies the hyper-parameters stored in the
-        checkpoint over the command line. See :mod:`fl_lightning.resume`.
+        checkpoint over the command line. See :mod:`fl_lightning.cli_resume`.
         """
-        self._resume: Resume | None = None
-        self._weight_shapes: dict[str, tuple[int, ...]] | None = None
-        self._stored_config: dict[str, Any] = {}
-        self._run_config = ""
-        if not self.config.get("subcommand"):
-            return
-        sub = self.config.subcommand
-        config = self.config[sub]
-        given = self._resolved_config(sub)
-        self._run_config = yaml.safe_dump(given, sort_keys=False)
-        ckpt_path = config.get("ckpt_path")
-        if not ckpt_path:
-            return
-        if config.get("resume_changes") not in ("error", "apply"):
-            return  # refused with one line in before_instantiate_classes
-        if not Path(ckpt_path).is_file():
-            raise ConfigError(
-                f"--ckpt_path={ckpt_path} does not exist: pass the path of a .ckpt file, e.g. "
-                "lightning_logs/fl/version_0/checkpoints/round=10.ckpt"
-            )
-        try:
-            # mmap: only the pages of what the check reads (the config, the weights' shapes)
-            # are read here; Lightning's own load then reads the file once
-            ckpt = _load_for_check(ckpt_path)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
-            raise ConfigError(
-                f"--ckpt_path={ckpt_path} is not a readable checkpoint ({type(err).__name__}): "
-                "pass a .ckpt written by fl-lightning"
-            ) from None
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-            raise ConfigError(
-                f"--ckpt_path={ckpt_path} holds no model weights: pass a .ckpt written by "
-                "fl-lightning"
-            )
-        self._weight_shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
-        self._stored_config = stored_config(ckpt)[0]
-        resume = check_resume(
-            ckpt, given, path=ckpt_path, apply=config.get("resume_changes") == "apply",
-            full=sub == "fit",
-        )
-        try:  # the client-state files the load will read (not those of replaced components)
-            check_state_files(ckpt, ckpt_path, skip=resume.replaced)
-        except StateFileError as err:
-            raise ConfigError(f"--ckpt_path={ckpt_path}: {err}") from None
-        self._resume = resume
-        if sub == "fit" and not resume.complete and rank_zero_only.rank == 0:
-            print(
-                f"fl-lightning: note: --ckpt_path={ckpt_path} was written before fl-lightning "
-                "stored its whole config; only its model and data settings were compared",
-                file=sys.stderr,
-            )
-
-    def _resolved_config(self, sub: str) -> dict[str, Any]:
-        """The subcommand's resolved config as plain data (what ``config.yaml`` holds)."""
-        version = tuple(int(v) for v in metadata.version("jsonargparse").split(".")[:2])
-        keep_none = (  # jsonargparse 4.49 renamed skip_none to skip_unset
-            {"skip_unset": False} if version >= (4, 49) else {"skip_none": False}
-        )
-        dumped = self.parser.dump(self.config, skip_link_targets=False, format="yaml", **keep_none)
-        return yaml.safe_load(dumped)[sub]
+        self._ckpt = CheckpointCheck()
+        sub = self.config.get("subcommand")
+        if sub:
+            given = resolved_config(self.parser, self.config, sub)
+            self._ckpt = check_ckpt_path(self.config[sub], sub, given)
 
     def _check_checkpoint_fits(self) -> None:
-        """Refuse a checkpoint whose weights do not fit the model, before loading any."""
-        if self._weight_shapes is None:
-            return
-        current = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        problem = shape_mismatch(self._weight_shapes, current)
-        if problem is None:
-            return
-        config = self._sub()
-        stored = flatten(self._stored_config)
-        now = flatten(yaml.safe_load(self._run_config) or {})
-        parts = []
-        for key in ("model.net", "data.dataset"):
-            if key in stored and key in now and stored[key] != now[key]:
-                parts.append(f"--{key}={now[key]} (checkpoint: {stored[key]})")
-        why = f" because {' and '.join(parts)}" if parts else ""
-        raise ConfigError(
-            f"--ckpt_path={config.get('ckpt_path')} does not fit this model{why}: {problem}; "
-            "a checkpoint fits only the same network on data of the same input shape and "
-            "number of classes"
-        )
+        check_fits(self._ckpt, self.model, self._sub().get("ckpt_path"))
 
     def instantiate_classes(self) -> None:
         """Lightning's, then the replicas 1.. of ``--replicas.*`` (each from its own config,
@@ -399,8 +315,9 @@ class FederatedCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         if self.subcommand == "fit":
-            history = self._resume.history if self._resume is not None else []
-            callbacks = [*callbacks, RunRecord(self._run_config, history)]
+            resume = self._ckpt.resume
+            history = resume.history if resume is not None else []
+            callbacks = [*callbacks, RunRecord(self._ckpt.run_config, history)]
         ram = self._sub().get("client_state_ram_mb", DEFAULT_RAM_MB)
         callbacks = [*callbacks, ClientStateFiles(ram)]
         config["strategy"] = ddpfault.with_timeout(config.get("strategy"), self._sub().ddp_timeout)
@@ -412,41 +329,16 @@ class FederatedCLI(LightningCLI):
         with ddpfault.watch_ranks(self.trainer, config.ddp_stop_timeout, config.ddp_timeout):
             super()._run_subcommand(subcommand)
 
-    def _prepare_resume(self) -> None:
-        self._check_checkpoint_fits()
-        resume = self._resume
-        if resume is not None and resume.changes and rank_zero_only.rank == 0:
-            lines = [c.line() for c in resume.changes] + resume.notes()
-            print(
-                f"fl-lightning: resuming from round {resume.from_round} of {resume.path} with "
-                f"{len(resume.changes)} changed setting(s) (--resume_changes apply; recorded in "
-                "the run's settings_changed.json, final_metrics.json and checkpoints):\n"
-                + "\n".join(f"  {line}" for line in lines)
-            )
-        if resume is not None and (resume.replaced or resume.optimizer_changed):
-            strategy = self.trainer.strategy
-            strategy.checkpoint_io = AdaptingCheckpointIO(
-                strategy.checkpoint_io, self.model, resume.replaced, resume.optimizer_changed
-            )
-
     def before_fit(self) -> None:
         check_run_dir(self.trainer)
-        self._prepare_resume()
+        self._check_checkpoint_fits()
+        prepare_resume(self._ckpt.resume, self.trainer, self.model)
 
     def before_validate(self) -> None:
         self._check_checkpoint_fits()
 
     def before_test(self) -> None:
         self._check_checkpoint_fits()
-
-
-def _load_for_check(path: str) -> Any:
-    """The checkpoint, memory-mapped (only what the check reads is read); a file torch cannot
-    map (the legacy, non-zip format) is read whole."""
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-    except RuntimeError:
-        return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _require(module: str, what: str) -> None:

@@ -4,7 +4,10 @@
 docstring per option and lists every known subclass by full class path (for ``--model.net``,
 every ``torch.nn`` module). This formatter keeps what a user scans for: the option, its first
 sentence, its type and default, and the project's choices by their short names (each of which
-the command line accepts, e.g. ``--model.engine BatchedEngine``).
+the command line accepts, e.g. ``--model.engine BatchedEngine``). Lightning's own options get
+one short line in a federated run's terms instead (:data:`SHORT_HELP`: ``--trainer.max_steps``
+is the number of rounds; the options the rounds refuse say what to use instead), so each fits
+one line at 80 columns; Lightning's Trainer documentation has the rest.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from argparse import SUPPRESS, Action, _SubParsersAction
 from jsonargparse import DefaultHelpFormatter
 from jsonargparse._typehints import ActionTypeHint, get_all_subclass_paths
 
-__all__ = ["CompactHelpFormatter", "first_sentence"]
+__all__ = ["SHORT_HELP", "CompactHelpFormatter", "first_sentence"]
 
 _MAX_HELP = 110  # characters of an option's own description
 #: base classes that are listed as a choice only when they are the only one
@@ -24,6 +27,56 @@ _BASES = ("Algorithm", "Attack", "Compressor", "RobustAggregator", "FederatedNet
           "ClientEngine", "RoundCallback")
 #: options left out of --help (still accepted): there is no predict subcommand
 _HIDDEN = ("trainer.limit_predict_batches",)
+#: one short line instead of the first sentence of Lightning's or jsonargparse's own help, in a
+#: federated run's terms (a training step is a round; one epoch is the whole run); the Trainer
+#: options the rounds refuse (:mod:`fl_lightning.trainer_options`) say what to use instead
+SHORT_HELP = {
+    "config": "A YAML or JSON config file.",
+    "print_config": "Print the resolved config and exit.",
+    "seed_everything": "Seed (true: random).",
+    "ckpt_path": "Checkpoint to load.",
+    "weights_only": "Load with weights_only.",
+    "trainer.accelerator": "cpu, gpu, mps or auto.",
+    "trainer.strategy": "auto, ddp or a Strategy.",
+    "trainer.devices": "Devices: n, list, auto.",
+    "trainer.num_nodes": "Machines (DDP nodes).",
+    "trainer.precision": "32-true, 64-true or bf16-mixed.",
+    "trainer.logger": "Logger(s).",
+    "trainer.callbacks": "Callback(s).",
+    "trainer.fast_dev_run": "Smoke test: n rounds.",
+    "trainer.max_epochs": "One epoch is the run.",
+    "trainer.min_epochs": "One epoch is the run.",
+    "trainer.max_steps": "Communication rounds.",
+    "trainer.min_steps": "Train at least n rounds.",
+    "trainer.max_time": "Stop after DD:HH:MM:SS.",
+    "trainer.limit_train_batches": "Refused: use max_steps.",
+    "trainer.limit_val_batches": "Eval batches (0: none).",
+    "trainer.limit_test_batches": "Test batches (0: none).",
+    "trainer.overfit_batches": "Refused: use max_steps.",
+    "trainer.val_check_interval": "Evaluate every n rounds.",
+    "trainer.check_val_every_n_epoch": "Refused: use val_check_interval.",
+    "trainer.num_sanity_val_steps": "Sanity eval batches.",
+    "trainer.log_every_n_steps": "Log every n rounds.",
+    "trainer.enable_checkpointing": "Write checkpoints.",
+    "trainer.enable_progress_bar": "Show the progress bar.",
+    "trainer.enable_model_summary": "Print the model summary.",
+    "trainer.accumulate_grad_batches": "Refused: use local_epochs.",
+    "trainer.gradient_clip_val": "Refused: cannot clip.",
+    "trainer.gradient_clip_algorithm": "Refused: cannot clip.",
+    "trainer.deterministic": "Deterministic torch ops.",
+    "trainer.benchmark": "cudnn.benchmark.",
+    "trainer.inference_mode": "Eval in inference_mode.",
+    "trainer.use_distributed_sampler": "Wrap samplers for DDP.",
+    "trainer.profiler": "Profiler, e.g. simple.",
+    "trainer.detect_anomaly": "Autograd anomaly check.",
+    "trainer.barebones": "No costly features.",
+    "trainer.plugins": "Lightning plugins.",
+    "trainer.sync_batchnorm": "DDP-synced BatchNorm.",
+    "trainer.reload_dataloaders_every_n_epochs": "Reload data every n epochs.",
+    "trainer.default_root_dir": "Folder of the outputs.",
+    "trainer.enable_autolog_hparams": "Log the hyperparameters.",
+    "trainer.model_registry": "Name on Model hub.",
+}
 
 
 def _default(value: object) -> str:
@@ -80,12 +133,11 @@ class CompactHelpFormatter(DefaultHelpFormatter):
     def _get_help_string(self, action: Action) -> str:
         if getattr(action, "_jsonargparse_preexpanded_help", False) or action.help == SUPPRESS:
             return action.help or ""
+        own = first_sentence(SHORT_HELP.get(action.dest, action.help) or "")
         if not isinstance(action, ActionTypeHint):
             if action.default in (None, SUPPRESS) or not action.option_strings:
-                return first_sentence(action.help or "").replace("%", "%%")
-            return (first_sentence(action.help or "") + f" (default: {_default(action.default)})"
-                    ).replace("%", "%%")
-        own = first_sentence(action.help or "")
+                return own.replace("%", "%%")
+            return (own + f" (default: {_default(action.default)})").replace("%", "%%")
         parts = []
         if action.required:
             parts.append("required")

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from fl_lightning.data.leaf import LEAF, TOKENS, load_leaf
-from fl_lightning.data.plans import epoch_keys, sample_clients
+from fl_lightning.data.plans import client_plans, epoch_keys, epoch_segments, sample_clients
 from fl_lightning.errors import ConfigError
-from fl_lightning.protocol import ClientPlan, RoundPlan
+from fl_lightning.protocol import RoundPlan
 
 __all__ = ["ClientwiseRounds", "RoundIndices", "as_input", "no_whole_set", "setup_lazy"]
 
@@ -93,10 +93,7 @@ class ClientwiseRounds:
         sizes = self.sizes[ids] if ids else np.zeros(0, np.int64)
         epochs = max(int(local_epochs), 1)
         first = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        seg_len = np.repeat(sizes, epochs)
-        seg = np.repeat(np.arange(len(seg_len)), seg_len)
-        starts = np.concatenate([[0], np.cumsum(seg_len)[:-1]]).astype(np.int64)
-        pos = np.arange(len(seg), dtype=np.int64) - starts[seg]
+        seg, pos = epoch_segments(sizes, epochs)
         who = seg // epochs
         id_arr = np.asarray(ids, dtype=np.int64)
         base = 0 if self.key_base is None else self.key_base[id_arr][who]
@@ -104,12 +101,7 @@ class ClientwiseRounds:
         flat = torch.from_numpy((first[who] + pos)[np.lexsort((keys, seg))])
         if device is not None and torch.device(device) != flat.device:
             flat = flat.to(device)
-        clients, start = [], 0
-        for c, n in zip(ids, sizes.tolist(), strict=True):
-            batches = [b for e in range(int(local_epochs))
-                       for b in flat[start + e * n:start + (e + 1) * n].split(batch_size)]
-            clients.append(ClientPlan(client_id=c, num_samples=n, batches=batches))
-            start += n * int(local_epochs)
+        clients, _ = client_plans(flat, ids, sizes.tolist(), int(local_epochs), batch_size)
         return RoundPlan(round=round_idx, clients=clients, num_clients=self.num_clients,
                          total_samples=self.total_samples)
 

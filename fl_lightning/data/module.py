@@ -22,10 +22,16 @@ from fl_lightning.data.options import (  # noqa: F401 - PARTITIONS, AUGMENTATION
     check_priors,
 )
 from fl_lightning.data.partition import partition_indices
-from fl_lightning.data.plans import augment_batch, augment_draws, epoch_keys, sample_clients
+from fl_lightning.data.plans import (  # noqa: F401 - RoundAugmentation: its old home
+    RoundAugmentation,
+    augment_batch,
+    client_plans,
+    round_arrays,
+    sample_clients,
+)
 from fl_lightning.data.ticker import RoundTicker
 from fl_lightning.errors import ConfigError
-from fl_lightning.protocol import ClientPlan, RoundPlan
+from fl_lightning.protocol import RoundPlan
 
 __all__ = ["FederatedDataModule", "RoundAugmentation"]
 
@@ -87,9 +93,10 @@ class FederatedDataModule(pl.LightningDataModule):
             ``none``.
         verify_checksums: check raw files against the libraries' MD5 checksums. Switch off
             only for files you produced yourself.
-        synthetic_alpha, synthetic_beta: standard deviations of the priors of
-            Synthetic(alpha, beta) (``u_k ~ N(0, alpha^2)``, ``B_k ~ N(0, beta^2)``); only
-            with ``--data.dataset synthetic``.
+        synthetic_alpha: alpha of Synthetic(alpha, beta), the std of ``u_k ~ N(0, alpha^2)``.
+            Only with ``--data.dataset synthetic``.
+        synthetic_beta: beta of Synthetic(alpha, beta), the std of ``B_k ~ N(0, beta^2)``.
+            Only with ``--data.dataset synthetic``.
 
     Raises:
         ConfigError: for an unknown dataset or partition, or out-of-range numbers.
@@ -197,13 +204,7 @@ class FederatedDataModule(pl.LightningDataModule):
                 reference=self.reference_partition,
                 client_size=self.client_size,
             )
-            self.client_indices = [torch.as_tensor(p, dtype=torch.long) for p in parts]
-            empty = [k for k, p in enumerate(self.client_indices) if len(p) == 0]
-            if empty:
-                raise ConfigError(
-                    f"--data.num_clients={self.num_clients} leaves client {empty[0]} without "
-                    f"data under --data.partition={self.partition}: use fewer clients"
-                )
+            self._set_client_indices(parts, "client", "data")
 
     def _setup_devices(self) -> None:
         """Natural and power-law data: every device's train and test samples at once (LEAF
@@ -213,24 +214,27 @@ class FederatedDataModule(pl.LightningDataModule):
         if self.partition == "natural":
             data = synthetic(self.synthetic_alpha, self.synthetic_beta,
                              self.dataset == "synthetic_iid", self.num_clients, self.seed)
-            x_tr, x_te = data.train_x, data.test_x
         else:
             x_all, y_all = _pooled_mnist(self.data_dir, self.download, self.verify_checksums)
             parts = powerlaw_devices(y_all, self.num_clients, seed=self.seed)
             data = split_devices([x_all[p] for p in parts], [y_all[p] for p in parts], self.seed)
-            x_tr, x_te = data.train_x, data.test_x
         shape = (-1, *self.input_shape)
-        self.train_x = torch.as_tensor(x_tr, dtype=torch.float32).reshape(shape)
+        self.train_x = torch.as_tensor(data.train_x, dtype=torch.float32).reshape(shape)
         self.train_y = torch.as_tensor(data.train_y, dtype=torch.long)
-        self.test_x = torch.as_tensor(x_te, dtype=torch.float32).reshape(shape)
+        self.test_x = torch.as_tensor(data.test_x, dtype=torch.float32).reshape(shape)
         self.test_y = torch.as_tensor(data.test_y, dtype=torch.long)
-        self.client_indices = [torch.as_tensor(p, dtype=torch.long) for p in data.train_parts]
         self.test_parts = [torch.as_tensor(p, dtype=torch.long) for p in data.test_parts]
+        self._set_client_indices(data.train_parts, "device", "training data")
+
+    def _set_client_indices(self, parts: list, unit: str, what: str) -> None:
+        """``client_indices`` from the partition's ``parts``; a ``unit`` (client or device)
+        left without ``what`` stops the run with one line."""
+        self.client_indices = [torch.as_tensor(p, dtype=torch.long) for p in parts]
         empty = [k for k, p in enumerate(self.client_indices) if len(p) == 0]
         if empty:
             raise ConfigError(
-                f"--data.num_clients={self.num_clients} leaves device {empty[0]} without "
-                f"training data under --data.partition={self.partition}: use fewer devices"
+                f"--data.num_clients={self.num_clients} leaves {unit} {empty[0]} without "
+                f"{what} under --data.partition={self.partition}: use fewer {unit}s"
             )
 
     def train_dataloader(self) -> RoundTicker:
@@ -334,35 +338,10 @@ class FederatedDataModule(pl.LightningDataModule):
     def _round_arrays(
         self, round_idx: int, clients: list[int], local_epochs: int, batch_size: int
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The round's index plan (every client's epochs, in step order) and, with
-        augmentation, its per-sample draws ``(T, 5)``, as host arrays (see :meth:`round_plan`)."""
-        own = self._host_indices()
-        idx = np.concatenate([own[c] for c in clients for _ in range(local_epochs)]) if clients \
-            else np.zeros(0, np.int64)
-        sizes = np.array([len(own[c]) for c in clients], dtype=np.int64)
-        seg_len = np.repeat(sizes, local_epochs)
-        seg = np.repeat(np.arange(len(seg_len)), seg_len)
-        client_t = np.asarray(clients, dtype=np.int64)[seg // max(local_epochs, 1)]
-        epoch_t = seg % max(local_epochs, 1)
-        keys = epoch_keys(self.seed, round_idx, client_t, epoch_t, idx)
-        order = np.lexsort((keys, seg))  # stable: per segment, by key
-        idx = idx[order]
-        if self.augmentation is None:
-            return idx, None
-        starts = np.concatenate([[0], np.cumsum(seg_len)[:-1]]).astype(np.int64)
-        pos = np.arange(len(idx)) - starts[seg]
-        per_epoch = -(-sizes // batch_size)
-        step_t = epoch_t * np.repeat(per_epoch, local_epochs)[seg] + pos // batch_size
-        draws = self._draws(round_idx, client_t, step_t, pos % batch_size)
-        return idx, draws
-
-    def _draws(self, round_idx: int, client, step, sample) -> np.ndarray:
-        """Augmentation draws ``(..., 5)`` of the samples keyed ``(seed, round, client, step,
-        sample)`` (``sample``: position in the batch)."""
-        _, height, width = self.input_shape
-        return augment_draws(
-            self.augmentation, self.seed, round_idx, client, step, sample, height, width
-        )
+        """The round's index plan and augmentation draws as host arrays
+        (:func:`~fl_lightning.data.plans.round_arrays`; see :meth:`round_plan`)."""
+        return round_arrays(self._host_indices(), clients, self.seed, round_idx, local_epochs,
+                            batch_size, self.augmentation, self.input_shape[1:])
 
     def client_batches(
         self, round_idx: int, client_id: int, local_epochs: int, batch_size: int
@@ -414,17 +393,8 @@ class FederatedDataModule(pl.LightningDataModule):
         buf = torch.from_numpy(host)
         if device is not None and torch.device(device) != buf.device:
             buf = buf.to(device)
-        flat = buf[:total]
-        clients, layout, start = [], {}, 0
-        for c in ids:
-            n = len(self.client_indices[c])
-            batches = [
-                b for e in range(local_epochs)
-                for b in flat[start + e * n:start + (e + 1) * n].split(batch_size)
-            ]
-            clients.append(ClientPlan(client_id=c, num_samples=n, batches=batches))
-            layout[c] = (start, n, -(-n // batch_size))
-            start += n * local_epochs
+        sizes = [len(self.client_indices[c]) for c in ids]
+        clients, layout = client_plans(buf[:total], ids, sizes, local_epochs, batch_size)
         transform = None
         if draws is not None:
             transform = RoundAugmentation(
@@ -467,56 +437,3 @@ class _Slices(Dataset):
             raise IndexError(i)
         part = slice(i * self.batch_size, (i + 1) * self.batch_size)
         return self.x[part], self.y[part]
-
-
-class RoundAugmentation:
-    """The training augmentation of one round, with its draws already on the device.
-
-    ``transform(x, round, client_id, step)`` augments one client's batch at one local step
-    (the :data:`~fl_lightning.engine.BatchTransform` protocol); :meth:`many` augments the
-    stacked batches ``(K, B, C, H, W)`` of several clients at the same step in one call (the
-    batched engine uses it). The draws of the plan's ``(client, step)`` are slices of the
-    round's device tensor; any other ``(round, client, step)`` falls back to
-    :meth:`FederatedDataModule.augment_batch`, which gives the same values.
-
-    Attributes:
-        round: the round the draws were made for.
-        draws: ``(T, 5)`` integer draws, row ``t`` for entry ``t`` of the round's index plan.
-        layout: ``client_id -> (start, num_samples, steps_per_epoch)`` in the index plan.
-    """
-
-    def __init__(self, datamodule: FederatedDataModule, round_idx: int, draws: Tensor,
-                 layout: dict[int, tuple[int, int, int]], batch_size: int) -> None:
-        self.datamodule = datamodule
-        self.augmentation = datamodule.augmentation
-        self.round = round_idx
-        self.draws = draws
-        self.layout = layout
-        self.batch_size = batch_size
-
-    def step_draws(self, client_id: int, step: int, size: int) -> Tensor | None:
-        """The ``(size, 5)`` draws of the client's batch at ``step`` (``None`` if not planned)."""
-        where = self.layout.get(client_id)
-        if where is None:
-            return None
-        start, n, per_epoch = where
-        epoch, chunk = divmod(step, per_epoch)
-        begin = start + epoch * n + chunk * self.batch_size
-        if size != min(self.batch_size, n - chunk * self.batch_size):
-            return None
-        return self.draws[begin:begin + size]
-
-    def __call__(self, x: Tensor, round_idx: int, client_id: int, step: int) -> Tensor:
-        draws = self.step_draws(client_id, step, len(x)) if round_idx == self.round else None
-        if draws is None or draws.device != x.device:
-            return self.datamodule.augment_batch(x, round_idx, client_id, step)
-        return self.augmentation(x, draws)
-
-    def many(self, x: Tensor, round_idx: int, client_ids: list[int], step: int) -> Tensor:
-        """Augment ``x`` ``(K, B, C, H, W)``, row ``k`` being client ``client_ids[k]``'s batch."""
-        parts = [self.step_draws(c, step, x.shape[1]) if round_idx == self.round else None
-                 for c in client_ids]
-        if any(p is None or p.device != x.device for p in parts):
-            return torch.stack([self(x[k], round_idx, c, step) for k, c in enumerate(client_ids)])
-        draws = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return self.augmentation(x.flatten(0, 1), draws).view(x.shape)
