@@ -21,9 +21,13 @@ from lightning.pytorch import Callback, seed_everything
 from fl_lightning.algorithms import FedAvg
 from fl_lightning.algorithms.base import ClientResult
 from fl_lightning.distributed import (
-    allreduce_average,
+    allreduce_sums,
     local_plan,
     lpt_partition,
+    merge_skeletons,
+    owner_shares,
+    pack_sums,
+    unpack_sums,
 )
 from fl_lightning.engine import ClientPlan, RoundPlan
 from fl_lightning.models.cnn import FedAvgCNN
@@ -63,11 +67,26 @@ def _flat(value, path: str = "") -> dict:
     return {path: value}
 
 
+def _resolved(value):
+    """``value`` with every client-state reference to files (``{"store": ...}``) read into
+    ``{"clients": {id: state}}``, the layout of a store in RAM."""
+    from fl_lightning.algorithms.state import ClientStateStore
+
+    if isinstance(value, dict) and isinstance(value.get("store"), dict):
+        store = ClientStateStore()
+        store.load_state_dict(value)
+        return store.state_dict()
+    if isinstance(value, dict):
+        return {k: _resolved(v) for k, v in value.items()}
+    return value
+
+
 def _content(ckpt: Path) -> dict:
-    """Weights, algorithm state (every client's store) and systems state of a checkpoint."""
+    """Weights, algorithm state (every client's store, read from its files) and systems state
+    of a checkpoint."""
     state = torch.load(ckpt, weights_only=True)
     keys = ("state_dict", "fl_algorithm_state", "fl_systems_state", "optimizer_states")
-    return _flat({k: state[k] for k in keys if k in state})
+    return _flat(_resolved({k: state[k] for k in keys if k in state}))
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -154,6 +173,7 @@ def test_two_gloo_processes_give_the_results_of_one(tmp_path, monkeypatch):
             for key in a:
                 if key != "seconds":
                     assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (name, key)
+    _check_shards(tmp_path, out)
     gathered = [json.loads((out / f"gather_rank{r}.json").read_text()) for r in (0, 1)]
     # rank 0 sends 30 float32 values (2 x (10 weights + 1 loss + 4 extras)) and 12 float64
     # (2 x 6 state), rank 1 half of that; each all-gather pads to the longest rank
@@ -161,6 +181,38 @@ def test_two_gloo_processes_give_the_results_of_one(tmp_path, monkeypatch):
         "tensor_bytes": 2 * (30 * 4 + 12 * 8), "payload_bytes": 45 * 4 + 18 * 8,
         "idle_tensor_bytes": 2 * (30 * 4 + 12 * 8),
     }
+
+
+def _check_shards(tmp_path: Path, out: Path) -> None:
+    """SCAFFOLD and FedDyn under DDP: reduced (nothing gathered, the expected all-reduce
+    bytes), each rank's store holds only its own clients (``client_id % 2``), the checkpoint
+    all of them (compared above) and, on disk, refers to both ranks' files; a DDP checkpoint
+    resumes in one process."""
+    seed_everything(0)
+    numel = sum(p.numel() for p in FedAvgCNN(10, (1, 8, 8)).parameters())
+    # float32: the weighted sum and one more sum (delta_c, move) of the model, then kept
+    # clients, samples, loss, clients, diverged and the two sums' counts
+    reduce_bytes = (2 * numel + 7) * 4
+    for case in ("scaffold", "feddyn", ddp_cases.RESUME[0]):
+        one = json.loads((tmp_path / "one" / "scaffold" / "shards_rank0.json").read_text())
+        ranks = [json.loads((out / case / f"shards_rank{r}.json").read_text()) for r in (0, 1)]
+        for rank, got in enumerate(ranks):
+            assert got["world"] == 2 and got["costs"], case
+            assert all(cost == [0, reduce_bytes] for cost in got["costs"]), (case, got["costs"])
+            assert got["clients"] and all(c % 2 == rank for c in got["clients"]), (case, got)
+        if case == "scaffold":  # together: the clients one process holds
+            assert sorted(ranks[0]["clients"] + ranks[1]["clients"]) == one["clients"]
+            assert one["costs"] == [[]] * 3
+    ref = torch.load(ddp_cases.checkpoint(out / "scaffold", 3), weights_only=True)
+    files = ref["fl_algorithm_state"]["clients"]["store"]["files"]
+    assert sorted(Path(f).name for f in files) == ["algorithm.clients.bin",
+                                                  "algorithm.clients.rank1.bin"]
+    # the DDP round-2 checkpoint resumed in one process: round 3 of one process
+    args = ddp_cases.resume_args(out)
+    ddp_cases.fit(args, tmp_path / "one_from_ddp")
+    resumed = _content(ddp_cases.checkpoint(tmp_path / "one_from_ddp", 3))
+    assert _max_diff(resumed, _content(ddp_cases.checkpoint(tmp_path / "one" / "scaffold",
+                                                            3))) < 1e-6
 
 
 @pytest.fixture
@@ -172,22 +224,75 @@ def gloo_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_flat_allreduce_average_matches_the_server_rule(gloo_group):
+def _results(gp, sizes, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        ClientResult(c, n, {k: (v + torch.randn(v.shape, generator=gen)).to(dtype)
+                            for k, v in gp.items()}, 4, torch.tensor(float(c)))
+        for c, n in sizes
+    ]
+
+
+def test_allreduce_sums_matches_the_server_rule(gloo_group):
+    """The reduced round's one collective (one process: the all-reduce is the identity)."""
     gen = torch.Generator().manual_seed(0)
     gp = {"a": torch.randn(3, 4, generator=gen), "b": torch.randn(5, generator=gen)}
-    results = [
-        ClientResult(c, n, {k: v + torch.randn(v.shape, generator=gen) for k, v in gp.items()},
-                     4, torch.tensor(float(c)))
-        for c, n in [(0, 10), (1, 30), (2, 7)]
-    ]
-    aggregate, loss, diverged, clients = allreduce_average(gp, results, num_diverged=2)
-    expected = FedAvg().aggregate(gp, results)
+    results = _results(gp, [(0, 10), (1, 30), (2, 7)])
+    algo = FedAvg()
+    sums = algo.begin_sums(gp)
+    for r in results:
+        algo.fold(sums, r)
+    total, loss, diverged, clients, nbytes = allreduce_sums(sums, 3, 3.0, 2,
+                                                            torch.device("cpu"))
+    aggregate, expected = algo.finish(total, gp), FedAvg().aggregate(gp, results)
     for k in gp:
-        torch.testing.assert_close(aggregate[k], expected[k], rtol=0, atol=1e-6)
-        assert aggregate[k].shape == gp[k].shape
-    assert float(loss) == pytest.approx(1.0) and (diverged, clients) == (2, 5)
-    none, _, diverged, clients = allreduce_average(gp, [], num_diverged=3)
-    assert none is None and (diverged, clients) == (3, 3)
+        assert torch.equal(aggregate[k], expected[k]) and aggregate[k].shape == gp[k].shape
+    # 17 float32 sums + kept, samples, loss, clients, diverged, the "mean" count
+    assert float(loss) == pytest.approx(1.0) and (diverged, clients, nbytes) == (2, 5, 23 * 4)
+    empty, _, diverged, clients, _ = allreduce_sums(algo.begin_sums(gp), 0, 0.0, 3,
+                                                    torch.device("cpu"))
+    assert (empty.kept, diverged, clients) == (0, 3, 3)
+
+
+@pytest.mark.parametrize("name", ["SCAFFOLD", "FedDyn", "FedNova"])
+def test_reduced_sums_of_two_ranks_equal_one_process_in_float64(name):
+    """Each "rank" folds its owned clients, the flat buffers are added (what the sum
+    all-reduce does) and unpacked: the server rule's result equals one process's within
+    1e-12 in float64 (the summation order differs), the server state too."""
+    import fl_lightning.algorithms as algorithms
+
+    gen = torch.Generator().manual_seed(1)
+    gp = {"a": torch.randn(3, 4, generator=gen, dtype=torch.float64),
+          "b": torch.randn(5, generator=gen, dtype=torch.float64)}
+    results = _results(gp, [(3, 10), (8, 31), (4, 7), (5, 12), (6, 2)], torch.float64)
+    for r in results:
+        r.extras.update({"delta_c": {k: v * 0.1 for k, v in r.params.items()},
+                         "move": {k: r.params[k] - gp[k] for k in gp}, "a": 2.5 + r.client_id})
+
+    def run(parts):
+        algo = getattr(algorithms, name)()
+        local = []
+        for part in parts:
+            sums = algo.begin_sums(gp, num_clients=20, total_samples=400)
+            for r in part:
+                algo.fold(sums, r)
+            local.append(sums)
+        from fl_lightning.distributed import _skeleton  # noqa: PLC0415
+
+        skeleton = merge_skeletons([_skeleton(s) for s in local])
+        flats = [pack_sums(s, skeleton, {}, torch.device("cpu")) for s in local]
+        summed = {dt: sum(f[dt] for f in flats) for dt in flats[0]}
+        total, _ = unpack_sums(summed, skeleton, local[0])
+        return algo.finish(total, gp), algo.state_dict()["server"]
+
+    plan = RoundPlan(0, [ClientPlan(r.client_id, r.num_samples, []) for r in results])
+    shares = owner_shares(plan, 2)
+    assert shares == [[1, 2, 4], [0, 3]]  # clients 8, 4, 6 on rank 0; 3, 5 on rank 1
+    one, one_server = run([results])
+    two, two_server = run([[results[i] for i in s] for s in shares])
+    assert max(float((one[k] - two[k]).abs().max()) for k in gp) < 1e-12
+    assert _max_diff(_flat(one_server), _flat(two_server)) < 1e-12
+    assert max(float((one[k] - gp[k]).abs().max()) for k in gp) > 0.1  # it moved
 
 
 def test_every_rank_takes_the_same_divergence_decision():
