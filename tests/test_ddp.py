@@ -553,3 +553,39 @@ def test_sigterm_during_an_evaluation_stops_at_its_end_with_a_checkpoint(tmp_pat
     assert "stopped by SIGTERM after round 2" in capsys.readouterr().err
     assert (tmp_path / "lightning_logs/fl/version_0/checkpoints/preempted-round=2.ckpt").is_file()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sharded_stores_merge_and_redistribute_to_another_world_size(tmp_path):
+    """Two ranks' stores (rank 0 on disk, rank 1 in RAM) merged as a checkpoint holds them;
+    loaded by 3 ranks (each on disk), each keeps exactly the clients ``c % 3`` gives it, with
+    the values the 2 ranks had; loaded in one process, all of them."""
+    from fl_lightning.algorithms.state import ClientStateStore
+    from fl_lightning.sharding import merge_store_states
+
+    def state(c):
+        return {"c_i": {"w": torch.full((2, 3), float(c)), "b": torch.arange(4.0) + c}}
+
+    ranks = [ClientStateStore(), ClientStateStore()]
+    ranks[0].spill_to(str(tmp_path / "a.bin"), 0)  # on disk from the first client
+    for c in range(10):
+        ranks[c % 2].put(c, state(c))
+    parts = [s.state_dict() for s in ranks]
+    assert "store" in parts[0] and "clients" in parts[1]
+    merged = merge_store_states(parts)
+    assert sorted(merged["clients"]) == [1, 3, 5, 7, 9] and len(merged["store"]["clients"]) == 5
+    for world in (3, 1):
+        for rank in range(world):
+            store = ClientStateStore()
+            store.spill_to(str(tmp_path / f"w{world}r{rank}.bin"), 0)
+            store.load_state_dict(merged)
+            store.shard(rank, world)
+            assert store.client_ids() == [c for c in range(10) if c % world == rank]
+            for c in store.client_ids():
+                got = store.get(c, dict)
+                assert all(torch.equal(got["c_i"][k], v) for k, v in state(c)["c_i"].items())
+    # a RAM store (library use) drops the clients it does not own too
+    ram = ClientStateStore()
+    ram.load_state_dict(merged)
+    ram.shard(1, 2)
+    assert ram.client_ids() == [1, 3, 5, 7, 9] and torch.equal(ram.get(7, dict)["c_i"]["b"],
+                                                               torch.arange(4.0) + 7)
