@@ -148,11 +148,11 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _counter_dtype(skeleton: Mapping[str, Any]) -> torch.dtype:
-    """The dtype that carries the counters: the widest floating dtype of the sums (float64 if
-    there is none), so that every value travels in one all-reduce when the sums have one dtype."""
-    floats = {_dtype(d) for acc in skeleton["values"].values() for _, d in acc.values()}
-    floats = {d for d in floats if d.is_floating_point}
-    return max(floats, key=lambda d: torch.finfo(d).bits) if floats else torch.float64
+    """The dtype that carries the counters: float64 if a sum has it, else float32 (the dtype of
+    a float32 model's sums, so that everything travels in one all-reduce; counts are exact up to
+    2^24; a half-precision model's sums get a float32 buffer of their own)."""
+    dtypes = {_dtype(d) for acc in skeleton["values"].values() for _, d in acc.values()}
+    return torch.float64 if torch.float64 in dtypes or not dtypes else torch.float32
 
 
 def pack_sums(sums: RoundSums, skeleton: Mapping[str, Any], counters: Mapping[str, float],

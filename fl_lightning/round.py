@@ -276,11 +276,10 @@ class FederatedRound:
 
     def __init__(self, context: RoundContext) -> None:
         self.context = context
-        #: under DDP each client's state is held (and trained) by one rank only
-        #: (:func:`~fl_lightning.distributed.owner`): a reduced round with client state
+        #: DDP, reduced, with client state: each client's is held (and trained) by one rank
         self.owns_state = (context.world_size > 1 and bool(context.algorithm.client_state)
                            and not self.needs_all_results())
-        if self.owns_state:  # each rank keeps (and checkpoints) only its clients' state
+        if self.owns_state:  # its owner (distributed.owner); checkpoints merge every rank's
             shard_stores(context.algorithm, context.rank, context.world_size)
 
     def needs_all_results(self) -> bool:
