@@ -40,6 +40,7 @@ __all__ = [
     "allreduce_sums",
     "local_plan",
     "lpt_partition",
+    "merge_skeletons",
     "owner",
     "owner_shares",
     "pack_sums",

@@ -108,8 +108,9 @@ DDP_CASES = list(ddp_cases.CASES)
 def test_two_gloo_processes_give_the_results_of_one(tmp_path, monkeypatch):
     """Every case of tests/ddp_cases.py, fitted in the same 2 gloo processes, against one
     process: weights, server state, every client's state and the systems state (e.g. top-k
-    residuals) of the checkpoints written under DDP, after every round; and an exact resume
-    under DDP from a checkpoint written under DDP."""
+    residuals) of the checkpoints written under DDP, after every round; an exact resume under
+    DDP from a checkpoint written under DDP on the sharded store, and that checkpoint resumed
+    in one process (:func:`_check_shards`)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
            "OMP_NUM_THREADS": "1"}
