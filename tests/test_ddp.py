@@ -590,3 +590,39 @@ def test_sharded_stores_merge_and_redistribute_to_another_world_size(tmp_path):
     ram.shard(1, 2)
     assert ram.client_ids() == [1, 3, 5, 7, 9] and torch.equal(ram.get(7, dict)["c_i"]["b"],
                                                                torch.arange(4.0) + 7)
+
+
+def test_a_rank_that_writes_no_checkpoint_keeps_the_records_its_checkpoints_refer_to(tmp_path):
+    """On a DDP rank > 0 the strategy's save/remove (which run on every rank; the checkpoint
+    IO only on rank 0) pin and unpin the store's snapshot, even where the checkpoint file is
+    not visible on this rank (another node): a record a kept checkpoint refers to is never
+    overwritten, and is reused once that checkpoint is removed."""
+    from types import SimpleNamespace
+
+    from fl_lightning.algorithms.state import ClientStateStore
+    from fl_lightning.statefiles import _pin_on_this_rank
+
+    calls = []
+    strategy = SimpleNamespace(
+        save_checkpoint=lambda checkpoint, filepath, storage_options=None: calls.append(filepath),
+        remove_checkpoint=lambda filepath: calls.append(("rm", filepath)))
+    store = ClientStateStore()
+    store.spill_to(str(tmp_path / "algorithm.clients.rank1.bin"), 0)
+    _pin_on_this_rank(strategy, [store])
+
+    def put(value):
+        store.put(1, {"c_i": {"w": torch.full((3,), value)}})
+
+    put(1.0)
+    first = store.state_dict()
+    strategy.save_checkpoint(first, str(tmp_path / "elsewhere" / "round=1.ckpt"))
+    for value in (2.0, 3.0):
+        put(value)
+        strategy.save_checkpoint(store.state_dict(), str(tmp_path / f"round={value}.ckpt"))
+    reader = ClientStateStore()
+    reader.load_state_dict(first)
+    assert reader.get(1, dict)["c_i"]["w"].tolist() == [1.0] * 3  # round 1's record intact
+    assert store._file.where[1][1] == 2  # records 0, 1 pinned: the newest went to a third
+    strategy.remove_checkpoint(str(tmp_path / "elsewhere" / "round=1.ckpt"))
+    put(4.0)
+    assert store._file.where[1][1] == 0 and len(calls) == 4  # record 0 freed, then reused
