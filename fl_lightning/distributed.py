@@ -1,13 +1,21 @@
 """Multi-process rounds (Lightning's DDP strategy): clients split across ranks.
 
 Under ``--trainer.strategy ddp`` every rank holds the same global model and computes the same
-round plan (a pure function of the seed and the round). Each rank trains a share of the
-sampled clients chosen by longest-processing-time-first balancing (:func:`lpt_partition`).
-Then either a single all-reduce of one flat buffer of the data-size weighted weights gives
-every rank the same mean (:func:`allreduce_average`; stateless algorithms with the weighted
-mean as server rule, no systems mechanism), or every rank receives every client's full result
-(:func:`allgather_results`) and finishes the round exactly as one process would (client state,
-custom server rules, systems mechanisms; ``docs/scale.md``). Client training uses
+round plan (a pure function of the seed and the round). Then either:
+
+- **reduce** (a server rule written as sums, :attr:`Algorithm.streamed`, no systems mechanism,
+  no callback with ``needs_client_results``): each rank trains its share, commits its clients'
+  state and folds their results into the round's sums as the streamed round of one process does;
+  one all-reduce of the flattened sums (:func:`allreduce_sums`) gives every rank the totals and
+  every rank runs ``finish``. With client state, each client is trained by the rank that holds
+  its state (:func:`owner`, :func:`owner_shares`): every client's state lives on one rank only
+  (:mod:`fl_lightning.sharding`); without, shares are balanced by longest processing time
+  first (:func:`lpt_partition`);
+- **gather** (robust aggregators, secure aggregation, DP, compression, attacks, participation,
+  ``needs_client_results``, a list-only server rule): every rank receives every client's full
+  result (:func:`allgather_results`) and finishes the round exactly as one process would.
+
+Client training uses
 ``torch.func`` on the bare network, never the DDP wrapper's forward/backward, so no DDP
 gradient hook fires (and manual optimization keeps Lightning from syncing anything).
 """
@@ -22,16 +30,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fl_lightning.protocol import ClientResult, GatherCost, Params, RoundPlan
+from fl_lightning.algorithms.sums import RoundSums
+from fl_lightning.protocol import ClientResult, GatherCost, RoundPlan
 from fl_lightning.tensors import flatten
 
 __all__ = [
     "GatherCost",
     "allgather_results",
-    "allreduce_average",
+    "allreduce_sums",
     "local_plan",
     "lpt_partition",
+    "merge_skeletons",
+    "owner",
+    "owner_shares",
+    "pack_sums",
     "rank_shares",
+    "reduce_round",
+    "unpack_sums",
 ]
 
 
@@ -62,54 +77,193 @@ def rank_shares(plan: RoundPlan, world_size: int) -> list[list[int]]:
     return lpt_partition([len(c.batches) for c in plan.clients], world_size)
 
 
-def local_plan(plan: RoundPlan, rank: int, world_size: int) -> RoundPlan:
-    """The part of ``plan`` that rank ``rank`` trains (its share in :func:`rank_shares`)."""
+def local_plan(plan: RoundPlan, rank: int, world_size: int,
+               shares: Sequence[Sequence[int]] | None = None) -> RoundPlan:
+    """The part of ``plan`` that rank ``rank`` trains (its share in ``shares``, by default
+    :func:`rank_shares`)."""
     if world_size == 1:
         return plan
-    share = rank_shares(plan, world_size)[rank]
+    share = (rank_shares(plan, world_size) if shares is None else shares)[rank]
     return RoundPlan(
         round=plan.round, clients=[plan.clients[i] for i in share], transform=plan.transform,
         num_clients=plan.num_clients, total_samples=plan.total_samples,
     )
 
 
-def allreduce_average(
-    global_params: Params, results: Sequence[ClientResult], num_diverged: int = 0
-) -> tuple[Params | None, Tensor, int, int]:
-    """The weighted average ``sum_k n_k w_k / sum_k n_k`` over every rank's clients, from one
-    all-reduce of one flat buffer; also the mean of their training losses, and the number of
-    diverged clients and of all clients over every rank (so that all ranks apply the same
-    ``on_nonfinite`` decision).
+def owner(client_id: int, world_size: int) -> int:
+    """The rank that holds client ``client_id``'s state and trains it: ``client_id % world_size``
+    (a pure function of the id: every rank computes it from the plan alone, a resume with the
+    same world size finds every client where it was, and a resume with another one
+    redistributes by the same rule; ``docs/scale.md`` says why not a balanced sticky owner)."""
+    return int(client_id) % int(world_size)
 
-    The buffer is ``[sum_k n_k w_k (all tensors, flattened), sum_k n_k, sum_k loss_k,
-    clients, diverged]`` over this rank's finite ``results`` (``num_diverged`` more were left
-    out); after the sum-all-reduce every rank holds the same totals. The average is ``None``
-    when no rank has a finite client.
+
+def owner_shares(plan: RoundPlan, world_size: int) -> list[list[int]]:
+    """Positions in ``plan.clients`` that each rank trains when each client is trained by the
+    rank that holds its state (:func:`owner`), in plan order."""
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for i, c in enumerate(plan.clients):
+        shares[owner(c.client_id, world_size)].append(i)
+    return shares
+
+
+# ---------------------------------------------------------------------- all-reduce of sums
+#: the counters every rank adds to the all-reduce beside the sums' own
+_COUNTERS = ("kept", "kept_samples", "loss", "finite", "diverged")
+
+
+def _skeleton(sums: RoundSums) -> dict[str, Any]:
+    """What a rank's sums hold: the accumulators' names, shapes and dtypes, the counts and the
+    plain-number scalars (a number is summed, a bool or-ed, anything else must be the same on
+    every rank, like FedNova's global weights, and is not sent)."""
+    return {
+        "values": {key: {k: (tuple(v.shape), str(v.dtype)) for k, v in acc.items()}
+                   for key, acc in sums.values.items()},
+        "counts": sorted(sums.counts),
+        "scalars": {k: type(v).__name__ for k, v in sums.scalars.items()
+                    if isinstance(v, (bool, int, float))},
+    }
+
+
+def merge_skeletons(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The union of every rank's :func:`_skeleton` (a rank without clients has none of them),
+    in one order that every rank computes alike."""
+    values: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    scalars: dict[str, str] = {}
+    counts: set[str] = set()
+    for part in parts:
+        for key, acc in part["values"].items():
+            values.setdefault(key, {}).update(acc)
+        counts.update(part["counts"])
+        for name, kind in part["scalars"].items():
+            scalars[name] = "float" if scalars.get(name, kind) != kind else kind
+    return {
+        "values": {key: dict(sorted(values[key].items())) for key in sorted(values)},
+        "counts": sorted(counts),
+        "scalars": dict(sorted(scalars.items())),
+    }
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def _counter_dtype(skeleton: Mapping[str, Any]) -> torch.dtype:
+    """The dtype that carries the counters: float64 if a sum has it, else float32 (the dtype of
+    a float32 model's sums, so that everything travels in one all-reduce; counts are exact up to
+    2^24; a half-precision model's sums get a float32 buffer of their own)."""
+    dtypes = {_dtype(d) for acc in skeleton["values"].values() for _, d in acc.values()}
+    return torch.float64 if torch.float64 in dtypes or not dtypes else torch.float32
+
+
+def pack_sums(sums: RoundSums, skeleton: Mapping[str, Any], counters: Mapping[str, float],
+              device: torch.device) -> dict[torch.dtype, Tensor]:
+    """This rank's sums as one flat buffer per dtype, in the ``skeleton``'s order (zeros for
+    what this rank has none of), then the sums' client and sample counts, ``counters``
+    (``loss``, ``finite``, ``diverged``), the per-key counts and the scalars at the end of the
+    counter dtype's."""
+    parts: dict[torch.dtype, list[Tensor]] = {}
+    for key, acc in skeleton["values"].items():
+        mine = sums.values.get(key, {})
+        for k, (shape, dt) in acc.items():
+            t = mine.get(k)
+            dtype = _dtype(dt)
+            parts.setdefault(dtype, []).append(
+                t.detach().reshape(-1).to(device) if t is not None
+                else torch.zeros(int(torch.Size(shape).numel()), dtype=dtype, device=device)
+            )
+    tail = [float(sums.kept), float(sums.kept_samples)]
+    tail += [float(counters.get(c, 0)) for c in _COUNTERS[2:]]
+    tail += [float(sums.counts.get(key, 0)) for key in skeleton["counts"]]
+    tail += [float(sums.scalars.get(name, 0)) for name in skeleton["scalars"]]
+    cdt = _counter_dtype(skeleton)
+    parts.setdefault(cdt, []).append(torch.tensor(tail, dtype=cdt, device=device))
+    return {dt: torch.cat(ts) for dt, ts in parts.items()}
+
+
+def unpack_sums(flats: Mapping[torch.dtype, Tensor], skeleton: Mapping[str, Any],
+                like: RoundSums) -> tuple[RoundSums, dict[str, float]]:
+    """The round's sums from the reduced buffers (names, population and the scalars that are not
+    numbers from ``like``, this rank's own sums), and the reduced counters."""
+    offsets = dict.fromkeys(flats, 0)
+    out = RoundSums(list(like.names), num_clients=like.num_clients,
+                    total_samples=like.total_samples)
+    for key, acc in skeleton["values"].items():
+        out.values[key] = {}
+        for k, (shape, dt) in acc.items():
+            dtype, n = _dtype(dt), int(torch.Size(shape).numel())
+            out.values[key][k] = flats[dtype][offsets[dtype]:offsets[dtype] + n].view(shape)
+            offsets[dtype] += n
+    cdt = _counter_dtype(skeleton)
+    tail = flats[cdt][offsets[cdt]:].tolist()
+    counters = dict(zip(_COUNTERS, tail[:len(_COUNTERS)], strict=True))
+    tail = tail[len(_COUNTERS):]
+    out.kept, out.kept_samples = int(counters["kept"]), int(counters["kept_samples"])
+    for key in skeleton["counts"]:
+        out.counts[key] = int(tail.pop(0))
+    out.scalars = {k: v for k, v in like.scalars.items() if not isinstance(v, (bool, int, float))}
+    for name, kind in skeleton["scalars"].items():
+        value = tail.pop(0)
+        out.scalars[name] = value > 0 if kind == "bool" else int(value) if kind == "int" else value
+    return out, counters
+
+
+def allreduce_sums(
+    sums: RoundSums, kept: int, loss: float, num_diverged: int, device: torch.device,
+) -> tuple[RoundSums, Tensor, int, int, int]:
+    """Every rank's round sums added together: each rank folded its own kept clients into
+    ``sums`` (:meth:`~fl_lightning.algorithms.base.Algorithm.fold`, as the streamed round of one
+    process does); one small ``all_gather_object`` of what the sums hold (names, shapes, a few
+    hundred bytes: a rank without clients holds nothing) and one sum all-reduce per dtype of
+    the flat buffer ``[sums..., kept, kept samples, loss sum, clients, diverged, counts,
+    scalars]`` (one all-reduce: every built-in rule keeps its sums in the model's dtype) give
+    every rank the same totals; ``finish`` then runs on every rank.
+
+    Args:
+        sums: this rank's sums (of its kept clients, in plan order).
+        kept: this rank's kept (finite) clients.
+        loss: the sum of the training losses of this rank's kept clients.
+        num_diverged: this rank's non-finite clients (left out of ``sums``).
+        device: where the buffers live (the model's device: NCCL reduces GPU tensors).
+
+    Returns:
+        ``(sums over every rank, mean loss of every kept client, diverged clients, all
+        clients, bytes this rank contributed to the all-reduce)``.
     """
-    names = list(global_params)
-    ref = global_params[names[0]]
-    numel = sum(global_params[k].numel() for k in names)
-    flat = torch.zeros(numel + 4, dtype=ref.dtype, device=ref.device)
-    for r in results:
-        flat[:numel].add_(flatten(r.params[k] for k in names),
-                          alpha=float(r.num_samples))
-        flat[numel] += float(r.num_samples)
-        flat[numel + 1] += r.loss.to(flat.dtype)
-    flat[numel + 2] = float(len(results))
-    flat[numel + 3] = float(num_diverged)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    total, finite = float(flat[numel]), int(flat[numel + 2])
-    diverged = int(flat[numel + 3])
-    loss = flat[numel + 1] / max(finite, 1)
-    if finite == 0 or total <= 0.0:
-        return None, loss, diverged, finite + diverged
-    out: Params = {}
-    offset = 0
-    for k in names:
-        n = global_params[k].numel()
-        out[k] = (flat[offset:offset + n] / total).view_as(global_params[k])
-        offset += n
-    return out, loss, diverged, finite + diverged
+    world = dist.get_world_size()
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, _skeleton(sums))
+    skeleton = merge_skeletons(everyone)
+    counters = {"loss": loss, "finite": kept, "diverged": num_diverged}
+    flats = pack_sums(sums, skeleton, counters, device)
+    for dt in sorted(flats, key=str):
+        dist.all_reduce(flats[dt], op=dist.ReduceOp.SUM)
+    total, counters = unpack_sums(flats, skeleton, sums)
+    nbytes = sum(f.numel() * f.element_size() for f in flats.values())
+    finite, diverged = int(counters["finite"]), int(counters["diverged"])
+    mean_loss = torch.tensor(counters["loss"] / max(finite, 1))
+    return total, mean_loss, diverged, finite + diverged, nbytes
+
+
+def reduce_round(algorithm: Any, sink: Any, global_params: Mapping[str, Tensor],
+                 device: torch.device, screen: Any) -> tuple[Any, Tensor, GatherCost]:
+    """A reduced DDP round's combine: :func:`allreduce_sums` of this rank's
+    :class:`~fl_lightning.stream.ResultSink`, the ``on_nonfinite`` policy on every rank's
+    counts (``screen``: :func:`fl_lightning.round.screen_nonfinite` with the round's policy; it
+    raises to stop every rank alike), then the server rule's ``finish`` on every rank.
+
+    Returns:
+        ``(aggregate or None when no rank kept a client, mean training loss, cost)``.
+    """
+    sums, loss, num_bad, num_all, nbytes = allreduce_sums(
+        sink.sums, len(sink.kept), sum(float(r.loss) for r in sink.kept), len(sink.skipped),
+        device,
+    )
+    if num_bad:  # this rank's first non-finite client, if it had one, names the failure
+        bad = [sink.first_bad] if sink.first_bad is not None else []
+        screen(bad, finite=[False] * len(bad), num_bad=num_bad, num_all=num_all)
+    aggregate = algorithm.finish(sums, global_params) if num_all > num_bad else None
+    return aggregate, loss, GatherCost(reduce_bytes=nbytes)
 
 
 # ---------------------------------------------------------------------- all-gather of results

@@ -335,8 +335,9 @@ class FederatedModule(pl.LightningModule):
         for name, value in result.systems.items():
             self.log(name, value, on_step=True, batch_size=1)
         cost = result.gather_cost
-        if cost is not None:  # DDP: bytes each rank received in the all-gather of results
+        if cost is not None:  # DDP: bytes each rank received (all-gather) or sent (all-reduce)
             self.log("ddp_gather_bytes", float(cost.tensor_bytes), on_step=True, batch_size=1)
+            self.log("ddp_reduce_bytes", float(cost.reduce_bytes), on_step=True, batch_size=1)
         self.curves["train_loss"].append((result.round + 1, float(result.train_loss)))
         self._log_clients(result)
 

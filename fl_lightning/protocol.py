@@ -245,16 +245,20 @@ class RoundSystems:
 
 @dataclass
 class GatherCost:
-    """What one :func:`fl_lightning.distributed.allgather_results` call moved.
+    """What a DDP round moved between ranks: the all-gather of client results
+    (:func:`fl_lightning.distributed.allgather_results`) or the all-reduce of the round's sums
+    (:func:`fl_lightning.distributed.allreduce_sums`); the other one is 0.
 
     Attributes:
         tensor_bytes: bytes each rank received through the tensor all-gathers
             (``world_size * max_r(payload_r)`` per dtype, own share and padding included).
         payload_bytes: bytes of tensors the clients of all ranks actually produced.
+        reduce_bytes: bytes each rank contributed to the all-reduce of the sums.
     """
 
     tensor_bytes: int = 0
     payload_bytes: int = 0
+    reduce_bytes: int = 0
 
 
 @dataclass
@@ -282,8 +286,8 @@ class RoundResult:
         stragglers: ids of sampled clients that ran only part of their local steps.
         dropped: ids of sampled clients that dropped out before training (participation
             dropouts, and clients the engine got no result from, e.g. a lost Flower node).
-        gather_cost: under DDP, what the all-gather of client results moved (``None``: no
-            all-gather in this round).
+        gather_cost: under DDP, what the all-gather of client results or the all-reduce of the
+            round's sums moved (``None``: one process).
     """
 
     round: int

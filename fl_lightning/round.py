@@ -12,7 +12,7 @@ A round has five named phases, each a method that reads and writes one :class:`R
 3. :meth:`FederatedRound.screen`: clients whose weights or loss are not finite are handled by
    the ``on_nonfinite`` policy (:func:`screen_nonfinite`);
 4. :meth:`FederatedRound.combine`: the one entry point that turns the kept results into the
-   aggregate: DDP's single all-reduce of the weighted mean, the systems pipeline, or the
+   aggregate: DDP's one all-reduce of every rank's sums, the systems pipeline, or the
    algorithm's own server rule (after committing each kept client's new state);
 5. :meth:`FederatedRound.publish`: the server update on ``w_global - aggregate``, the BatchNorm
    statistics, the :class:`~fl_lightning.protocol.RoundResult` and the ``on_round_end`` hooks.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, Protocol
 
 import torch
@@ -35,9 +36,10 @@ from torch import Tensor, nn
 from fl_lightning.algorithms.base import Algorithm, finish_round
 from fl_lightning.distributed import (
     allgather_results,
-    allreduce_average,
     local_plan,
+    owner_shares,
     rank_shares,
+    reduce_round,
 )
 from fl_lightning.engine import ClientEngine, average_buffers, stack_losses
 from fl_lightning.protocol import (
@@ -49,6 +51,7 @@ from fl_lightning.protocol import (
     RoundResult,
     RoundSystems,
 )
+from fl_lightning.sharding import shard_stores
 from fl_lightning.stream import ResultSink, accepts_sink
 from fl_lightning.systems import Systems
 
@@ -159,7 +162,7 @@ class RoundState:
         sampled: ``(client_id, num_samples)`` of every sampled client, before dropouts.
         systems: the systems record of the round (``None`` without systems mechanisms).
         shares: under DDP, the plan positions each rank trains (``None``: one process).
-        reduce: the round combines by one DDP all-reduce of the weighted mean.
+        reduce: the round combines by one DDP all-reduce of every rank's sums.
         global_before: the global weights sent to the clients.
         buffers: the global model's buffers.
         results: the clients' results (after screen: the kept ones).
@@ -168,7 +171,7 @@ class RoundState:
         skipped: ids of clients left out by the ``on_nonfinite`` policy.
         aggregate: the combined weights (``None``: no client reported, no server step).
         train_loss: mean training loss of the kept clients (``None``: not known yet).
-        gather_cost: what the DDP all-gather moved (``None``: none this round).
+        gather_cost: what DDP moved (all-gather or all-reduce; ``None``: one process).
         stream: the results are folded as they finish (:meth:`FederatedRound.streams`).
         sink: the streamed round's :class:`~fl_lightning.stream.ResultSink` (``None``: the
             round holds every result).
@@ -273,30 +276,31 @@ class FederatedRound:
 
     def __init__(self, context: RoundContext) -> None:
         self.context = context
+        #: DDP, reduced, with client state: each client's is held (and trained) by one rank
+        self.owns_state = (context.world_size > 1 and bool(context.algorithm.client_state)
+                           and not self.needs_all_results())
+        if self.owns_state:  # its owner (distributed.owner); checkpoints merge every rank's
+            shard_stores(context.algorithm, context.rank, context.world_size)
 
     def needs_all_results(self) -> bool:
-        """Whether, under DDP, every rank needs every client's result (not just the weighted
-        mean of the weights): the algorithm keeps client state (every rank then commits every
-        kept client's state, so each rank's store is the full one and any rank can train any
-        client) or has its own server rule, or a systems mechanism acts on each update, or a
-        callback reads every client's result (``needs_client_results``: its measurement on
-        one rank's clients alone would be wrong)."""
+        """Whether, under DDP, every rank needs every client's result (all-gather; every rank
+        commits every client's state): a systems mechanism, a callback with
+        ``needs_client_results``, or a server rule not written as sums. Otherwise each rank
+        folds its clients and one all-reduce adds the sums (``docs/scale.md``)."""
         ctx = self.context
-        return (
-            ctx.systems.active or bool(ctx.algorithm.client_state)
-            or ctx.algorithm.server_rule != "mean" or ctx.needs_client_results
-        )
+        return (ctx.systems.active or ctx.needs_client_results
+                or not getattr(ctx.algorithm, "streamed", False))
 
     def streams(self) -> bool:
         """Whether the round folds each client's result as it finishes (``O(model)`` memory,
-        :mod:`fl_lightning.stream`) instead of holding all of them: one process, an algorithm
-        whose server rule is written as sums (:attr:`Algorithm.streamed`), no systems
-        mechanism that acts on each update (participation alone streams), no callback with
+        :mod:`fl_lightning.stream`): a server rule written as sums, no systems mechanism that
+        acts on each update (participation alone streams; under DDP none), no callback with
         ``needs_client_results``."""
         ctx = self.context
+        if ctx.world_size > 1:  # DDP: this rank's clients stream into the sums it reduces
+            return not self.needs_all_results()
         return (
-            ctx.world_size == 1 and not ctx.needs_client_results
-            and getattr(ctx.algorithm, "streamed", False)
+            not ctx.needs_client_results and getattr(ctx.algorithm, "streamed", False)
             and not ctx.systems.needs_all_updates
         )
 
@@ -325,14 +329,15 @@ class FederatedRound:
         if ctx.systems.active:
             plan, info = ctx.systems.begin_round(plan, ctx.source.seed, ctx.clients_per_round)
             plan = _mark_stragglers(plan, info, ctx.systems)
-        shares = rank_shares(plan, ctx.world_size) if ctx.world_size > 1 else None
-        if shares is not None:  # DDP: this rank trains its balanced share of the clients
-            plan = local_plan(plan, ctx.rank, ctx.world_size)
+        split = owner_shares if self.owns_state else rank_shares  # held state, or balanced
+        shares = split(plan, ctx.world_size) if ctx.world_size > 1 else None
+        if shares is not None:  # DDP: this rank trains its share of the clients
+            plan = local_plan(plan, ctx.rank, ctx.world_size, shares)
         return RoundState(
             round=round_idx, optim=ctx.local_optim(round_idx), plan=plan, sampled=sampled,
             systems=info, shares=shares,
             reduce=shares is not None and not self.needs_all_results(),
-            stream=shares is None and self.streams(),
+            stream=self.streams(),
             global_before={k: p.detach().clone() for k, p in ctx.net.named_parameters()},
             buffers={k: b.detach() for k, b in ctx.net.named_buffers()},
         )
@@ -355,9 +360,7 @@ class FederatedRound:
             data = ctx.source.train_tensors(ctx.device, ctx.dtype)
             indices = getattr(ctx.source, "client_indices", ())
         if data is not None and state.systems is not None:
-            data = ctx.systems.training_data(
-                data, indices, ctx.source.seed, ctx.num_classes
-            )
+            data = ctx.systems.training_data(data, indices, ctx.source.seed, ctx.num_classes)
         opt = state.optim
         args = (ctx.algorithm, ctx.net, state.global_before, state.buffers, state.plan, data,
                 opt.lr, opt.momentum, opt.weight_decay)
@@ -370,20 +373,18 @@ class FederatedRound:
         if state.stream and state.sink is None:  # an engine that returns a list: fold it now
             state.sink = self._sink(state)
             state.sink(results)
-        if state.sink is not None:
-            self._lost(state, state.sink.seen)
-            state.results = state.sink.kept
-            return
-        self._lost(state, [r.client_id for r in results])
+        self._lost(state, state.sink.seen if state.sink is not None
+                   else [r.client_id for r in results])
         if state.lost and state.shares is not None:
             raise RuntimeError(
                 f"the engine returned no result for clients {state.lost} under DDP: every rank "
                 "must report every client of its share"
             )
-        if state.shares is not None and not state.reduce:
-            # every rank gets every client's result, in plan order: the rest of the round is
-            # then exactly the one-process round, computed identically on every rank (each
-            # commits every kept client's state, so every rank holds the full state store)
+        if state.sink is not None:
+            state.results = state.sink.kept
+            return
+        if state.shares is not None:  # every rank gets every result, in plan order: the rest
+            # is the one-process round on every rank (each then holds the full state store)
             results, state.gather_cost = allgather_results(results, state.shares, ctx.device)
         state.results = results
 
@@ -397,6 +398,8 @@ class FederatedRound:
         if state.sink is not None:  # non-finite clients were left out as they came
             sink = state.sink
             state.finite, state.results, state.skipped = sink.finite, sink.kept, sink.skipped
+            if state.reduce:  # the policy needs every rank's counts: taken in combine
+                return
             skip = self.context.on_nonfinite == "skip_client"
             if sink.first_bad is not None and not (skip and sink.kept):
                 # raise: the first non-finite client; skip_client: every one diverged
@@ -404,26 +407,24 @@ class FederatedRound:
                                    len(sink.finite) if skip else None)
             return
         state.finite = finite_flags(state.results)
-        if not state.reduce:
-            state.results, state.skipped = self._screen(state)
+        state.results, state.skipped = self._screen(state)
 
     def combine(self, state: RoundState) -> None:
         """The one entry point from the kept results to the aggregate.
 
-        DDP all-reduce: one flat all-reduce gives every rank the same weighted mean, loss
-        and counts (then the screen's decision). Systems mechanisms: the kept clients' state
-        is committed and the pipeline combines their (attacked, compressed, clipped, masked)
-        updates. Otherwise the algorithm commits the kept clients' state and applies its server
-        rule. Reads ``results``, ``systems``, ``plan``; writes ``aggregate`` (``None`` when no
-        client reported) and, under DDP, ``train_loss``.
+        DDP reduce: one all-reduce gives every rank the same sums, loss and counts (then the
+        screen's decision and ``finish``). Systems mechanisms: the kept clients' state is
+        committed and the pipeline combines their (attacked, compressed, clipped, masked)
+        updates. Otherwise the algorithm's server rule (streamed: ``finish``). Reads
+        ``results``, ``systems``, ``plan``; writes ``aggregate`` (``None`` when no client
+        reported) and, under DDP, ``train_loss``.
         """
         ctx = self.context
-        if state.reduce:
-            kept = [r for r, ok in zip(state.results, state.finite, strict=True) if ok]
-            state.aggregate, state.train_loss, num_bad, num_all = allreduce_average(
-                state.global_before, kept, len(state.results) - len(kept)
-            )
-            state.results, state.skipped = self._screen(state, num_bad, num_all)
+        if state.reduce:  # every rank's sums and counts, the same policy decision, finish
+            state.aggregate, state.train_loss, state.gather_cost = reduce_round(
+                ctx.algorithm, state.sink, state.global_before, ctx.device, partial(
+                    screen_nonfinite, round_idx=state.round, on_nonfinite=ctx.on_nonfinite,
+                    local_lr=ctx.local_optim(0).lr))
             return
         if not state.results:  # every planned client was lost: no server step this round
             return

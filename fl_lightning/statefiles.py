@@ -88,8 +88,9 @@ class ClientStateFiles(Callback):
     """Keep each client store in RAM up to ``ram_mb`` MiB, then in ``<log_dir>/client_state/``.
 
     Under DDP every rank keeps its own file (``<name>.rank<r>.bin`` beside rank 0's
-    ``<name>.bin``); checkpoints (written by rank 0) refer to rank 0's. Without a local log
-    folder the stores stay in RAM.
+    ``<name>.bin``); checkpoints (written by rank 0) refer to rank 0's, and to every rank's
+    when the store is sharded (:mod:`fl_lightning.sharding`). Without a local log folder the
+    stores stay in RAM.
 
     Args:
         ram_mb: RAM budget per store, in MiB (0: on disk from the first client).
@@ -113,6 +114,32 @@ class ClientStateFiles(Callback):
         io = trainer.strategy.checkpoint_io
         if not isinstance(io, PinningCheckpointIO):
             trainer.strategy.checkpoint_io = PinningCheckpointIO(io, stores.values())
+        if rank > 0:  # the checkpoint IO runs on rank 0 only; a sharded store's records here
+            _pin_on_this_rank(trainer.strategy, list(stores.values()))  # are referenced too
+
+
+def _pin_on_this_rank(strategy: Any, stores: list[ClientStateStore]) -> None:
+    """On a DDP rank > 0 (which writes no file), pin the stores' last snapshot when the
+    strategy saves a checkpoint (its ``save_checkpoint`` / ``remove_checkpoint`` run on every
+    rank, the IO on rank 0 only): a checkpoint that refers to this rank's file keeps its
+    records while the checkpoint exists."""
+    if getattr(strategy, "_fl_pins", None) is not None:
+        strategy._fl_pins[:] = stores
+        return
+    strategy._fl_pins = stores
+    save, remove = strategy.save_checkpoint, strategy.remove_checkpoint
+
+    def save_checkpoint(checkpoint, filepath, storage_options=None):
+        for store in strategy._fl_pins:
+            store.pin(str(filepath), collect=False)
+        save(checkpoint, filepath, storage_options=storage_options)
+
+    def remove_checkpoint(filepath):
+        remove(filepath)
+        for store in strategy._fl_pins:
+            store.unpin(str(filepath))
+
+    strategy.save_checkpoint, strategy.remove_checkpoint = save_checkpoint, remove_checkpoint
 
 
 def _references(value: Any) -> Iterable[Mapping[str, Any]]:

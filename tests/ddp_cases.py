@@ -59,8 +59,11 @@ ANALYSIS_FILES = ("hessian.json", "hessian.png", "landscape_round1.pt", "landsca
 CASES: dict[str, list[str]] = {
     # the stateless weighted mean: one all-reduce; a comm hook counts DDP's gradient buckets
     "fedsol": ["--trainer.callbacks+=ddp_cases.CommHookCounter"],
-    "scaffold": ["--config", str(ALGO / "scaffold.yaml"), "--trainer.max_steps", "3"],
-    "feddyn": ["--config", str(ALGO / "feddyn.yaml")],
+    # reduced sums, each client's state held by its owner rank: on disk (SCAFFOLD, resumed
+    # below) and in RAM (FedDyn)
+    "scaffold": ["--config", str(ALGO / "scaffold.yaml"), "--trainer.max_steps", "3",
+                 "--client_state_ram_mb", "0", f"{_CB}+=ddp_cases.ShardRecorder"],
+    "feddyn": ["--config", str(ALGO / "feddyn.yaml"), f"{_CB}+=ddp_cases.ShardRecorder"],
     "fednova_ccvr": ["--config", str(ALGO / "fednova.yaml"),
                      "--model.algorithm.ccvr_server_update", "true"],
     "moon": ["--config", str(ALGO / "moon.yaml")],
@@ -127,6 +130,24 @@ class CommHookCounter(Callback):
         Path(f"comm_calls_rank{trainer.global_rank}.json").write_text(
             json.dumps({"calls": self.calls, "world": trainer.world_size})
         )
+
+
+class ShardRecorder(Callback):
+    """Writes ``shards_rank<r>.json``: the clients this rank's store holds at the end and what
+    each round moved between ranks (``ddp_gather_bytes``, ``ddp_reduce_bytes``)."""
+
+    def __init__(self) -> None:
+        self.costs: list[list[int]] = []
+
+    def on_round_end(self, trainer, pl_module, result) -> None:
+        cost = result.gather_cost
+        self.costs.append([cost.tensor_bytes, cost.reduce_bytes] if cost is not None else [])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(f"shards_rank{trainer.global_rank}.json").write_text(json.dumps({
+            "world": trainer.world_size, "costs": self.costs,
+            "clients": pl_module.algorithm.clients.client_ids(),
+        }))
 
 
 def crafted_results(rank: int):

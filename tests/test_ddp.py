@@ -21,9 +21,13 @@ from lightning.pytorch import Callback, seed_everything
 from fl_lightning.algorithms import FedAvg
 from fl_lightning.algorithms.base import ClientResult
 from fl_lightning.distributed import (
-    allreduce_average,
+    allreduce_sums,
     local_plan,
     lpt_partition,
+    merge_skeletons,
+    owner_shares,
+    pack_sums,
+    unpack_sums,
 )
 from fl_lightning.engine import ClientPlan, RoundPlan
 from fl_lightning.models.cnn import FedAvgCNN
@@ -63,11 +67,26 @@ def _flat(value, path: str = "") -> dict:
     return {path: value}
 
 
+def _resolved(value):
+    """``value`` with every client-state reference to files (``{"store": ...}``) read into
+    ``{"clients": {id: state}}``, the layout of a store in RAM."""
+    from fl_lightning.algorithms.state import ClientStateStore
+
+    if isinstance(value, dict) and isinstance(value.get("store"), dict):
+        store = ClientStateStore()
+        store.load_state_dict(value)
+        return store.state_dict()
+    if isinstance(value, dict):
+        return {k: _resolved(v) for k, v in value.items()}
+    return value
+
+
 def _content(ckpt: Path) -> dict:
-    """Weights, algorithm state (every client's store) and systems state of a checkpoint."""
+    """Weights, algorithm state (every client's store, read from its files) and systems state
+    of a checkpoint."""
     state = torch.load(ckpt, weights_only=True)
     keys = ("state_dict", "fl_algorithm_state", "fl_systems_state", "optimizer_states")
-    return _flat({k: state[k] for k in keys if k in state})
+    return _flat(_resolved({k: state[k] for k in keys if k in state}))
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -89,8 +108,9 @@ DDP_CASES = list(ddp_cases.CASES)
 def test_two_gloo_processes_give_the_results_of_one(tmp_path, monkeypatch):
     """Every case of tests/ddp_cases.py, fitted in the same 2 gloo processes, against one
     process: weights, server state, every client's state and the systems state (e.g. top-k
-    residuals) of the checkpoints written under DDP, after every round; and an exact resume
-    under DDP from a checkpoint written under DDP."""
+    residuals) of the checkpoints written under DDP, after every round; an exact resume under
+    DDP from a checkpoint written under DDP on the sharded store, and that checkpoint resumed
+    in one process (:func:`_check_shards`)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
            "OMP_NUM_THREADS": "1"}
@@ -154,6 +174,7 @@ def test_two_gloo_processes_give_the_results_of_one(tmp_path, monkeypatch):
             for key in a:
                 if key != "seconds":
                     assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (name, key)
+    _check_shards(tmp_path, out)
     gathered = [json.loads((out / f"gather_rank{r}.json").read_text()) for r in (0, 1)]
     # rank 0 sends 30 float32 values (2 x (10 weights + 1 loss + 4 extras)) and 12 float64
     # (2 x 6 state), rank 1 half of that; each all-gather pads to the longest rank
@@ -161,6 +182,38 @@ def test_two_gloo_processes_give_the_results_of_one(tmp_path, monkeypatch):
         "tensor_bytes": 2 * (30 * 4 + 12 * 8), "payload_bytes": 45 * 4 + 18 * 8,
         "idle_tensor_bytes": 2 * (30 * 4 + 12 * 8),
     }
+
+
+def _check_shards(tmp_path: Path, out: Path) -> None:
+    """SCAFFOLD and FedDyn under DDP: reduced (nothing gathered, the expected all-reduce
+    bytes), each rank's store holds only its own clients (``client_id % 2``), the checkpoint
+    all of them (compared above) and, on disk, refers to both ranks' files; a DDP checkpoint
+    resumes in one process."""
+    seed_everything(0)
+    numel = sum(p.numel() for p in FedAvgCNN(10, (1, 8, 8)).parameters())
+    # float32: the weighted sum and one more sum (delta_c, move) of the model, then kept
+    # clients, samples, loss, clients, diverged and the two sums' counts
+    reduce_bytes = (2 * numel + 7) * 4
+    for case in ("scaffold", "feddyn", ddp_cases.RESUME[0]):
+        one = json.loads((tmp_path / "one" / "scaffold" / "shards_rank0.json").read_text())
+        ranks = [json.loads((out / case / f"shards_rank{r}.json").read_text()) for r in (0, 1)]
+        for rank, got in enumerate(ranks):
+            assert got["world"] == 2 and got["costs"], case
+            assert all(cost == [0, reduce_bytes] for cost in got["costs"]), (case, got["costs"])
+            assert got["clients"] and all(c % 2 == rank for c in got["clients"]), (case, got)
+        if case == "scaffold":  # together: the clients one process holds
+            assert sorted(ranks[0]["clients"] + ranks[1]["clients"]) == one["clients"]
+            assert one["costs"] == [[]] * 3
+    ref = torch.load(ddp_cases.checkpoint(out / "scaffold", 3), weights_only=True)
+    files = ref["fl_algorithm_state"]["clients"]["store"]["files"]
+    assert sorted(Path(f).name for f in files) == ["algorithm.clients.bin",
+                                                  "algorithm.clients.rank1.bin"]
+    # the DDP round-2 checkpoint resumed in one process: round 3 of one process
+    args = ddp_cases.resume_args(out)
+    ddp_cases.fit(args, tmp_path / "one_from_ddp")
+    resumed = _content(ddp_cases.checkpoint(tmp_path / "one_from_ddp", 3))
+    assert _max_diff(resumed, _content(ddp_cases.checkpoint(tmp_path / "one" / "scaffold",
+                                                            3))) < 1e-6
 
 
 @pytest.fixture
@@ -172,22 +225,75 @@ def gloo_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_flat_allreduce_average_matches_the_server_rule(gloo_group):
+def _results(gp, sizes, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        ClientResult(c, n, {k: (v + torch.randn(v.shape, generator=gen)).to(dtype)
+                            for k, v in gp.items()}, 4, torch.tensor(float(c)))
+        for c, n in sizes
+    ]
+
+
+def test_allreduce_sums_matches_the_server_rule(gloo_group):
+    """The reduced round's one collective (one process: the all-reduce is the identity)."""
     gen = torch.Generator().manual_seed(0)
     gp = {"a": torch.randn(3, 4, generator=gen), "b": torch.randn(5, generator=gen)}
-    results = [
-        ClientResult(c, n, {k: v + torch.randn(v.shape, generator=gen) for k, v in gp.items()},
-                     4, torch.tensor(float(c)))
-        for c, n in [(0, 10), (1, 30), (2, 7)]
-    ]
-    aggregate, loss, diverged, clients = allreduce_average(gp, results, num_diverged=2)
-    expected = FedAvg().aggregate(gp, results)
+    results = _results(gp, [(0, 10), (1, 30), (2, 7)])
+    algo = FedAvg()
+    sums = algo.begin_sums(gp)
+    for r in results:
+        algo.fold(sums, r)
+    total, loss, diverged, clients, nbytes = allreduce_sums(sums, 3, 3.0, 2,
+                                                            torch.device("cpu"))
+    aggregate, expected = algo.finish(total, gp), FedAvg().aggregate(gp, results)
     for k in gp:
-        torch.testing.assert_close(aggregate[k], expected[k], rtol=0, atol=1e-6)
-        assert aggregate[k].shape == gp[k].shape
-    assert float(loss) == pytest.approx(1.0) and (diverged, clients) == (2, 5)
-    none, _, diverged, clients = allreduce_average(gp, [], num_diverged=3)
-    assert none is None and (diverged, clients) == (3, 3)
+        assert torch.equal(aggregate[k], expected[k]) and aggregate[k].shape == gp[k].shape
+    # 17 float32 sums + kept, samples, loss, clients, diverged, the "mean" count
+    assert float(loss) == pytest.approx(1.0) and (diverged, clients, nbytes) == (2, 5, 23 * 4)
+    empty, _, diverged, clients, _ = allreduce_sums(algo.begin_sums(gp), 0, 0.0, 3,
+                                                    torch.device("cpu"))
+    assert (empty.kept, diverged, clients) == (0, 3, 3)
+
+
+@pytest.mark.parametrize("name", ["SCAFFOLD", "FedDyn", "FedNova"])
+def test_reduced_sums_of_two_ranks_equal_one_process_in_float64(name):
+    """Each "rank" folds its owned clients, the flat buffers are added (what the sum
+    all-reduce does) and unpacked: the server rule's result equals one process's within
+    1e-12 in float64 (the summation order differs), the server state too."""
+    import fl_lightning.algorithms as algorithms
+
+    gen = torch.Generator().manual_seed(1)
+    gp = {"a": torch.randn(3, 4, generator=gen, dtype=torch.float64),
+          "b": torch.randn(5, generator=gen, dtype=torch.float64)}
+    results = _results(gp, [(3, 10), (8, 31), (4, 7), (5, 12), (6, 2)], torch.float64)
+    for r in results:
+        r.extras.update({"delta_c": {k: v * 0.1 for k, v in r.params.items()},
+                         "move": {k: r.params[k] - gp[k] for k in gp}, "a": 2.5 + r.client_id})
+
+    def run(parts):
+        algo = getattr(algorithms, name)()
+        local = []
+        for part in parts:
+            sums = algo.begin_sums(gp, num_clients=20, total_samples=400)
+            for r in part:
+                algo.fold(sums, r)
+            local.append(sums)
+        from fl_lightning.distributed import _skeleton  # noqa: PLC0415
+
+        skeleton = merge_skeletons([_skeleton(s) for s in local])
+        flats = [pack_sums(s, skeleton, {}, torch.device("cpu")) for s in local]
+        summed = {dt: sum(f[dt] for f in flats) for dt in flats[0]}
+        total, _ = unpack_sums(summed, skeleton, local[0])
+        return algo.finish(total, gp), algo.state_dict()["server"]
+
+    plan = RoundPlan(0, [ClientPlan(r.client_id, r.num_samples, []) for r in results])
+    shares = owner_shares(plan, 2)
+    assert shares == [[1, 2, 4], [0, 3]]  # clients 8, 4, 6 on rank 0; 3, 5 on rank 1
+    one, one_server = run([results])
+    two, two_server = run([[results[i] for i in s] for s in shares])
+    assert max(float((one[k] - two[k]).abs().max()) for k in gp) < 1e-12
+    assert _max_diff(_flat(one_server), _flat(two_server)) < 1e-12
+    assert max(float((one[k] - gp[k]).abs().max()) for k in gp) > 0.1  # it moved
 
 
 def test_every_rank_takes_the_same_divergence_decision():
@@ -448,3 +554,75 @@ def test_sigterm_during_an_evaluation_stops_at_its_end_with_a_checkpoint(tmp_pat
     assert "stopped by SIGTERM after round 2" in capsys.readouterr().err
     assert (tmp_path / "lightning_logs/fl/version_0/checkpoints/preempted-round=2.ckpt").is_file()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sharded_stores_merge_and_redistribute_to_another_world_size(tmp_path):
+    """Two ranks' stores (rank 0 on disk, rank 1 in RAM) merged as a checkpoint holds them;
+    loaded by 3 ranks (each on disk), each keeps exactly the clients ``c % 3`` gives it, with
+    the values the 2 ranks had; loaded in one process, all of them."""
+    from fl_lightning.algorithms.state import ClientStateStore
+    from fl_lightning.sharding import merge_store_states
+
+    def state(c):
+        return {"c_i": {"w": torch.full((2, 3), float(c)), "b": torch.arange(4.0) + c}}
+
+    ranks = [ClientStateStore(), ClientStateStore()]
+    ranks[0].spill_to(str(tmp_path / "a.bin"), 0)  # on disk from the first client
+    for c in range(10):
+        ranks[c % 2].put(c, state(c))
+    parts = [s.state_dict() for s in ranks]
+    assert "store" in parts[0] and "clients" in parts[1]
+    merged = merge_store_states(parts)
+    assert sorted(merged["clients"]) == [1, 3, 5, 7, 9] and len(merged["store"]["clients"]) == 5
+    for world in (3, 1):
+        for rank in range(world):
+            store = ClientStateStore()
+            store.spill_to(str(tmp_path / f"w{world}r{rank}.bin"), 0)
+            store.load_state_dict(merged)
+            store.shard(rank, world)
+            assert store.client_ids() == [c for c in range(10) if c % world == rank]
+            for c in store.client_ids():
+                got = store.get(c, dict)
+                assert all(torch.equal(got["c_i"][k], v) for k, v in state(c)["c_i"].items())
+    # a RAM store (library use) drops the clients it does not own too
+    ram = ClientStateStore()
+    ram.load_state_dict(merged)
+    ram.shard(1, 2)
+    assert ram.client_ids() == [1, 3, 5, 7, 9] and torch.equal(ram.get(7, dict)["c_i"]["b"],
+                                                               torch.arange(4.0) + 7)
+
+
+def test_a_rank_that_writes_no_checkpoint_keeps_the_records_its_checkpoints_refer_to(tmp_path):
+    """On a DDP rank > 0 the strategy's save/remove (which run on every rank; the checkpoint
+    IO only on rank 0) pin and unpin the store's snapshot, even where the checkpoint file is
+    not visible on this rank (another node): a record a kept checkpoint refers to is never
+    overwritten, and is reused once that checkpoint is removed."""
+    from types import SimpleNamespace
+
+    from fl_lightning.algorithms.state import ClientStateStore
+    from fl_lightning.statefiles import _pin_on_this_rank
+
+    calls = []
+    strategy = SimpleNamespace(
+        save_checkpoint=lambda checkpoint, filepath, storage_options=None: calls.append(filepath),
+        remove_checkpoint=lambda filepath: calls.append(("rm", filepath)))
+    store = ClientStateStore()
+    store.spill_to(str(tmp_path / "algorithm.clients.rank1.bin"), 0)
+    _pin_on_this_rank(strategy, [store])
+
+    def put(value):
+        store.put(1, {"c_i": {"w": torch.full((3,), value)}})
+
+    put(1.0)
+    first = store.state_dict()
+    strategy.save_checkpoint(first, str(tmp_path / "elsewhere" / "round=1.ckpt"))
+    for value in (2.0, 3.0):
+        put(value)
+        strategy.save_checkpoint(store.state_dict(), str(tmp_path / f"round={value}.ckpt"))
+    reader = ClientStateStore()
+    reader.load_state_dict(first)
+    assert reader.get(1, dict)["c_i"]["w"].tolist() == [1.0] * 3  # round 1's record intact
+    assert store._file.where[1][1] == 2  # records 0, 1 pinned: the newest went to a third
+    strategy.remove_checkpoint(str(tmp_path / "elsewhere" / "round=1.ckpt"))
+    put(4.0)
+    assert store._file.where[1][1] == 0 and len(calls) == 4  # record 0 freed, then reused

@@ -344,7 +344,10 @@ class Algorithm(abc.ABC):
     def fold(self, sums: RoundSums, result: ClientResult) -> None:
         """Add one kept client's result to the round's sums (called as each client finishes,
         after :meth:`commit_client`; the result is dropped afterwards, so keep only sums).
-        Default: ``sum_k n_k w_k``. Never change the server state here."""
+        Default: ``sum_k n_k w_k``. Never change the server state here. Under DDP each rank
+        folds its own clients and the ranks' :class:`RoundSums` are added (tensors, counts,
+        number scalars; bools or-ed): every accumulator must start at zero and add a term per
+        client (``check_algorithm(..., ddp=True)`` checks it)."""
         sums.count(result.num_samples)
         sums.add("mean", result.params, float(result.num_samples))
 

@@ -93,31 +93,20 @@ class FedDyn(StatefulAlgorithm):
         result.extras["move"] = move
 
     def fold(self, sums: RoundSums, result: ClientResult) -> None:
-        """The weighted sum of the weights, and ``h`` moved by this client:
-        ``h <- h - (alpha / N) (w_i - w_g)``, client after client (on a copy: the server's
-        ``h`` changes in :meth:`finish`). Without a population size ``N`` (``num_clients``
-        unknown, the number of kept clients is used), ``sum_i (w_i - w_g)`` is kept instead."""
+        """The weighted sum of the weights and ``sum_i (w_i - w_g)`` (plain sums: under DDP
+        one all-reduce adds every rank's)."""
         super().fold(sums, result)
-        move = result.extras["move"]
-        if not sums.num_clients:
-            sums.add("move", move)
-            return
-        h = sums.values.get("h")
-        if h is None:
-            server_h = self.server("h", move)
-            h = sums.values["h"] = {k: server_h[k].to(move[k].device) for k in sums.names}
-        scale = self.alpha / float(sums.num_clients)
-        for k in sums.names:
-            h[k] = h[k] - scale * move[k]
+        sums.add("move", result.extras["move"])
 
     def finish(self, sums: RoundSums, global_params: Params) -> Params:
-        """``w_g <- sum_i p_i w_i - h / alpha`` with the round's new ``h``."""
+        """``h <- h - (alpha / N) sum_i (w_i - w_g)`` (``N``: the population; the number of kept
+        clients when it is unknown), then ``w_g <- sum_i p_i w_i - h / alpha``. (Before DDP
+        reduced the sums, ``h`` moved client after client: float32 results differ in the last
+        bits.)"""
         avg = super().finish(sums, global_params)
         server_h = self.server("h", global_params)
         if "move" in sums.values:
-            n, total = float(sums.kept), sums.values["move"]
+            n, total = float(sums.num_clients or sums.kept), sums.values["move"]
             for k in server_h:
                 server_h[k] = server_h[k].to(global_params[k].device) - (self.alpha / n) * total[k]
-        elif "h" in sums.values:
-            server_h.update(sums.values["h"])
         return {k: avg[k] - server_h[k] / self.alpha for k in avg}

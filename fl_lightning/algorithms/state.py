@@ -84,6 +84,33 @@ class ClientStateStore:
         self._file: FileRows | None = None
         self._spill: tuple[str, int] | None = None
         self._home: torch.device | None = None  # where the first stored state was computed
+        self._shard: tuple[int, int] | None = None  # (rank, world size) under DDP ownership
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Under DDP, hold only the clients rank ``rank`` owns
+        (:func:`fl_lightning.distributed.owner`): the others are dropped now (a loaded
+        checkpoint holds every client), and :meth:`state_dict` becomes a collective that
+        merges every rank's part (:mod:`fl_lightning.sharding`)."""
+        from fl_lightning.distributed import owner  # noqa: PLC0415 - distributed imports us
+
+        self._shard = (int(rank), int(world_size)) if world_size > 1 else None
+        if self._shard is None:
+            return
+        keep = [c for c in self.client_ids() if owner(c, world_size) == rank]
+        if len(keep) == len(self):
+            return
+        if self._file is not None:
+            self._file.where = {c: self._file.where[c] for c in keep}
+            self._file._collect()
+            return
+        rows = self.gather(keep) if keep else {}
+        self._rows, self._data = {}, {}
+        if keep:
+            self.scatter(keep, rows)
+
+    def client_ids(self) -> list[int]:
+        """The ids of the clients with stored state (here), sorted."""
+        return sorted(self._file.where if self._file is not None else self._rows)
 
     def spill_to(self, path: str, ram_bytes: int) -> None:
         """Keep at most ``ram_bytes`` of rows in RAM; beyond, keep every client's state in
@@ -263,7 +290,16 @@ class ClientStateStore:
 
     def state_dict(self) -> dict[str, Any]:
         """``{"clients": {id: state}}`` in RAM; on disk, ``{"store": reference}`` (see
-        :meth:`~fl_lightning.algorithms.state_file.FileRows.snapshot`)."""
+        :meth:`~fl_lightning.algorithms.state_file.FileRows.snapshot`). Sharded under DDP
+        (:meth:`shard`): a collective, every rank's clients merged
+        (:func:`fl_lightning.sharding.gather_store_state`; both keys if ranks differ)."""
+        if self._shard is not None:
+            from fl_lightning.sharding import gather_store_state  # noqa: PLC0415
+
+            return gather_store_state(self._local_state_dict())
+        return self._local_state_dict()
+
+    def _local_state_dict(self) -> dict[str, Any]:
         if self._file is not None:
             return self._file.snapshot()
         return {
@@ -277,6 +313,10 @@ class ClientStateStore:
         ref = state.get("store")
         if ref is not None:
             self._load_reference(ref)
+            for k, v in dict(state.get("clients", {})).items():  # a merged DDP state: the
+                self.put(int(k), v)                              # ranks that kept RAM rows
+            if self._shard is not None:
+                self.shard(*self._shard)
             return
         self._rows, self._data = {}, {}
         if self._file is not None:
@@ -285,6 +325,8 @@ class ClientStateStore:
             self._file._collect()
         for k, v in dict(state.get("clients", {})).items():
             self.put(int(k), v)
+        if self._shard is not None:
+            self.shard(*self._shard)
 
     def _load_reference(self, ref: Mapping[str, Any]) -> None:
         layout = Layout.from_plain(ref["layout"])
@@ -305,12 +347,14 @@ class ClientStateStore:
                                for e, t in reader.gather(ids).items()})
         reader.close()
 
-    def pin(self, path: str) -> None:
+    def pin(self, path: str, collect: bool = True) -> None:
         """The checkpoint file ``path`` is being written with the last :meth:`state_dict`:
-        what it refers to is kept while the file exists (a no-op in RAM)."""
+        what it refers to is kept while the file exists (a no-op in RAM). ``collect``: also
+        release the checkpoints whose file is gone (``False`` on a DDP rank that does not
+        write the files: it learns of removals from :meth:`unpin` only)."""
         if self._file is not None:
             self._file.sync()
-            self._file.pin(path)
+            self._file.pin(path, collect)
 
     def unpin(self, path: str) -> None:
         """The checkpoint file ``path`` was removed."""

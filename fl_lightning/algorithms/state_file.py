@@ -290,9 +290,12 @@ class FileRows:
         self.pins["<loaded>"] = frozenset(s for f, s, _ in self.where.values() if f == 0)
         self._collect()
 
-    def pin(self, path: str) -> None:
-        """The last snapshot is being saved as ``path``: keep its records while it exists."""
-        self.pins = {p: s for p, s in self.pins.items() if p == "<loaded>" or os.path.exists(p)}
+    def pin(self, path: str, collect: bool = True) -> None:
+        """The last snapshot is being saved as ``path``: keep its records while it exists
+        (``collect``: forget the pins of checkpoint files that no longer exist)."""
+        if collect:
+            self.pins = {p: s for p, s in self.pins.items()
+                         if p == "<loaded>" or os.path.exists(p)}
         self.pins[os.path.abspath(path)] = self.pending
         self.pending = frozenset()
         self._collect()
