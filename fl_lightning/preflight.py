@@ -95,12 +95,16 @@ def estimate(fl_round, rounds: int | None) -> Estimate:
         store_device = getattr(store, "device", None)
         at = "cuda" if (store_device or ctx.device).type == "cuda" else "cpu"
         visited = expected_visited(ctx.source.num_clients, ctx.clients_per_round, rounds)
+        sharded = getattr(fl_round, "owns_state", False)  # DDP: this rank's clients only
+        if sharded:
+            visited /= ctx.world_size
         nbytes = int(model * entries * visited)
         spill = getattr(store, "_spill", None)  # a store that keeps its rows in a file past
         if spill is not None:                   # a RAM budget holds at most that in RAM
             nbytes = min(nbytes, int(spill[1]))
         out.parts.append((at, f"client state ({entries} x {format_bytes(model)} x "
-                              f"{visited:,.0f} expected visited clients)", nbytes,
+                              f"{visited:,.0f} expected visited clients"
+                              f"{' on this rank' if sharded else ''})", nbytes,
                           "lower --trainer.max_steps or --model.sample_ratio, or set "
                           "--model.algorithm.state_device cpu"))
     out.held_by = _held_by(fl_round)

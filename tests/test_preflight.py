@@ -3,6 +3,8 @@ run will not fit; one error line when a round that holds every result cannot fit
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -37,6 +39,12 @@ def test_the_state_estimate_counts_expected_visited_clients():
     visited = 40 * (1 - 0.75 ** 3)  # 10 of 40 per round, 3 rounds
     assert est.total("cpu") == int(model * visited)
     assert expected_visited(40, 10, None) == 40.0
+    # under DDP with reduced sums each rank holds its own clients' state (round.owns_state)
+    fl_round.context = dataclasses.replace(fl_round.context, world_size=2)
+    fl_round.owns_state = True
+    sharded = estimate(fl_round, rounds=3)
+    assert sharded.total("cpu") == int(model * visited / 2)
+    assert "visited clients on this rank" in sharded.parts[0][1]
     fl_round.context.algorithm.clients.spill_to("unused.bin", 1000)  # past 1000 B: a file
     assert estimate(fl_round, rounds=3).total("cpu") == 1000
 
