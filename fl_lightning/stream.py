@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from fl_lightning.algorithms.base import Algorithm
 from fl_lightning.algorithms.sums import RoundSums, accumulate
+from fl_lightning.nonfinite import finite_flags
 from fl_lightning.protocol import ClientResult, Params
 
 __all__ = ["Released", "ResultSink", "accepts_sink", "light"]
@@ -104,8 +105,6 @@ class ResultSink:
 
     def __call__(self, results: Sequence[ClientResult]) -> None:
         """Take the next results (one client, or a chunk), in plan order."""
-        from fl_lightning.round import finite_flags  # noqa: PLC0415 - round imports this
-
         flags = finite_flags(results)
         self.finite.extend(flags)
         self.seen.extend(r.client_id for r in results)
