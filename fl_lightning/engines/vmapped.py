@@ -26,6 +26,7 @@ from fl_lightning.engines.stacked import (
     stack_batches,
     to_channels_last,
 )
+from fl_lightning.engines.tails import finish_tails, tail_start
 
 if TYPE_CHECKING:  # the plan types import the engines
     from fl_lightning.engine import RoundPlan
@@ -161,7 +162,11 @@ def padded_round(
     lr_eager = None if compiled else lr  # a Python float would specialize a compiled step
     sums = None
     values = [stacked[k] for k in names]
-    for s in range(padded.steps):
+    # the lock-step stops where at most engine.tail_rows clients are left (eager only: a
+    # compiled step is cheap per call); they finish as plain steps (engines/tails.py)
+    rows = engine.tail_rows_on(next(iter(stacked.values())).device, len(plan.clients))
+    stop = padded.steps if compiled else min(padded.steps, tail_start(plan, rows))
+    for s in range(stop):
         ctx.step = s
         masked = compiled or not padded.everyone[s]
         if generic is not None:  # gathered and augmented per client, outside the step
@@ -175,6 +180,9 @@ def padded_round(
         )
         stacked.update(zip(names, values, strict=True))
         sums = loss if sums is None else sums + loss
+    if stop < padded.steps:
+        sums = finish_tails(algorithm, ctx, state, stacked, bufs, names, plan, data, stop, lr,
+                            momentum, weight_decay, sums)
     return sums
 
 
