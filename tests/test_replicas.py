@@ -77,9 +77,28 @@ def test_seed_axis_sequential_a_replica_is_its_run_alone_and_one_diverges_alone(
     assert [r["round"] for r in got] == ["1", "2", "3"] and all(r["val_acc"] for r in got)
 
 
+def objective(path: str) -> list[tuple[int, float, float]]:
+    """``(round, objective/loss, objective/gap)`` of every measured row of a metrics.csv."""
+    with open(path) as fh:
+        lines = [ln.rstrip("\n").split(",") for ln in fh]
+    head = lines[0]
+    step = head.index("round") if "round" in head else head.index("step")
+    out = []
+    for ln in lines[1:]:
+        row = dict(zip(head, ln, strict=True))
+        if row.get("objective/loss"):
+            out.append((int(float(ln[step])), float(row["objective/loss"]),
+                        float(row["objective/gap"])))
+    return out
+
+
 def test_batched_replicas_x_clients_in_one_vmap_equal_the_runs_alone(tmp_path):
-    # 4 replicas: two mu values x two seeds; each mu's two seeds share one vmapped step
-    engine = ["--model.engine", "BatchedEngine"]
+    # 4 replicas: two mu values x two seeds; each mu's two seeds share one vmapped step (the
+    # lock-step stops at 1 live row and the rest are plain steps: --model.engine.tail_rows 1);
+    # GlobalObjective (with its exact optimum F*) measures every replica as its run alone
+    engine = ["--model.engine", "BatchedEngine", "--model.engine.tail_rows", "1",
+              "--trainer.callbacks+=GlobalObjective",
+              "--trainer.callbacks.init_args.optimum", "true"]
     run = fit(tmp_path / "rep", *engine, "--replicas.product", "true",
               "--replicas.seed", "1,2", "--replicas.model.algorithm.mu", "0.5,2")
     values = json.load(open(os.path.join(run, "replicas.json")))
@@ -89,6 +108,17 @@ def test_batched_replicas_x_clients_in_one_vmap_equal_the_runs_alone(tmp_path):
     alone = fit(tmp_path / "alone", *engine, "--seed_everything", "2", "--data.seed", "2",
                 "--model.algorithm.mu", "2")
     assert_close(weights(run, 3), weights(alone), exact=False)
+    mine = objective(os.path.join(run, "replica_3", "metrics.csv"))
+    theirs = objective(os.path.join(alone, "metrics.csv"))
+    assert [r for r, _, _ in mine] == [1, 2, 3] == [r for r, _, _ in theirs]
+    for (_, loss, gap), (_, loss_alone, gap_alone) in zip(mine, theirs, strict=True):
+        assert abs(loss - loss_alone) <= 1e-12 and abs(gap - gap_alone) <= 1e-12
+    # replica 0's numbers are the Trainer's callback's; each replica has its analysis file
+    assert objective(os.path.join(run, "replica_0", "metrics.csv")) == objective(
+        os.path.join(run, "metrics.csv"))
+    history = json.load(open(os.path.join(run, "replica_3", "analysis", "objective.json")))
+    assert [h["loss"] for h in history["history"]] == [loss for _, loss, _ in mine]
+    assert history["optimum"]["converged"] == 1.0
 
 
 def test_replicas_resume_from_a_mid_run_checkpoint_exactly(tmp_path):
