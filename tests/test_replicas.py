@@ -144,6 +144,8 @@ def test_replicas_resume_from_a_mid_run_checkpoint_exactly(tmp_path):
      "--replicas.seed has 3, --replicas.model.local_lr has 2 values"),
     (["--replicas.seed", "0.5"], "comma-separated integers"),
     (["--replicas.model.nope", "1,2"], "no such option"),
+    (["--replicas.seed", "0,1", "--trainer.callbacks+=WeightDivergence"],
+     "cannot be combined with the callback WeightDivergence"),
 ])
 def test_bad_axes_get_one_line(tmp_path, capsys, args, expected):
     with pytest.raises(SystemExit) as stop:
