@@ -121,8 +121,9 @@ class ReplicaCallbacks:
     def state_dict(self, k: int) -> list[dict[str, Any]]:
         return [cb.state_dict() for cb in self.copies.get(k, [])]
 
-    def load_state_dict(self, k: int, states: list[dict[str, Any]] | None) -> None:
-        for cb, state in zip(self.copies.get(k, []), states or [], strict=False):
+    def load_state_dict(self, k: int, entry: dict[str, Any]) -> None:
+        """Restore replica ``k``'s copies from its checkpoint ``entry``."""
+        for cb, state in zip(self.copies.get(k, []), entry.get("callbacks") or [], strict=False):
             cb.load_state_dict(state)
 
 

@@ -274,8 +274,7 @@ class ReplicaSet:
             rep.optimizer = module.configure_optimizers()
             if pending is not None:
                 self._load_replica(rep, pending["replicas"][rep.index])
-                self.callbacks.load_state_dict(rep.index,
-                                               pending["replicas"][rep.index].get("callbacks"))
+                self.callbacks.load_state_dict(rep.index, pending["replicas"][rep.index])
             module._round = module.build_round(optimizer=rep.optimizer)
             module.algorithm.init_server({k: p.detach() for k, p in module.net.named_parameters()})
         if pending is not None:
@@ -455,9 +454,8 @@ def build_replicas(cli: Any, axes: ReplicaAxes) -> ReplicaSet:
     global random state is then put back as replica 0 left it).
 
     Raises:
-        ConfigError: under DDP; with a callback that reads each round's clients or trainer
-            (it would see replica 0 only: :class:`ReplicaCallbacks`); when the replicas'
-            weights would not fit in memory.
+        ConfigError: under DDP; with a round callback that is not replica-aware (it would see
+            replica 0 only); when the replicas' weights would not fit in memory.
     """
     import random
 

@@ -125,13 +125,19 @@ def test_replicas_resume_from_a_mid_run_checkpoint_exactly(tmp_path):
     axes = ["--model.engine", "BatchedEngine", "--replicas.seed", "0,1",
             "--replicas.model.server_optimizer.lr", "1,0.5", "--checkpoint_every_n_rounds", "2",
             "--keep_last_checkpoints", "5",
-            "--model.server_optimizer", "ServerSGD", "--model.server_optimizer.momentum", "0.5"]
+            "--model.server_optimizer", "ServerSGD", "--model.server_optimizer.momentum", "0.5",
+            "--trainer.callbacks+=GlobalObjective"]
     whole = fit(tmp_path / "whole", *axes, rounds=4)
     mid = os.path.join(whole, "checkpoints", "round=2.ckpt")
     resumed = fit(tmp_path / "whole", *axes, "--ckpt_path", mid, rounds=4)
     assert resumed != whole
     for k in (0, 1):
         assert_close(weights(resumed, k), weights(whole, k), exact=True)
+    # replica 1's GlobalObjective copy: rounds 1-2 from the checkpoint, 3-4 measured after it
+    history = [json.load(open(os.path.join(run, "replica_1", "analysis", "objective.json")))[
+        "history"] for run in (whole, resumed)]
+    assert [h["round"] for h in history[1]] == [1, 2, 3, 4]
+    assert [h["loss"] for h in history[1]] == [h["loss"] for h in history[0]]
     with pytest.raises(SystemExit):
         fit(tmp_path / "whole", *axes[:2], "--replicas.seed", "0,2", *axes[4:],
             "--ckpt_path", mid, rounds=4)
