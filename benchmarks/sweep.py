@@ -102,6 +102,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--engines", default="sequential,batched")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--side", choices=("both", "processes", "replicas"), default="both",
+                   help="measure one side only (e.g. the two sides at the same time, in two "
+                   "invocations)")
     p.add_argument("--alone", type=int, default=0,
                    help="measure only this many of the R separate processes and scale their "
                    "total by R / alone (0: all R)")
@@ -116,7 +119,8 @@ def main() -> None:
     results = []
     for repeat in range(args.repeats):
         for engine in engines:
-            for replicas in (False, True):
+            for replicas in [r for r in (False, True)
+                             if args.side == "both" or r == (args.side == "replicas")]:
                 folder = tempfile.mkdtemp(prefix="sweep-")
                 load = os.getloadavg()[0]
                 try:
@@ -137,6 +141,8 @@ def main() -> None:
         together = sum(r["wall"] for r in rows if r["replicas"])
         cpu_alone = sum(r["cpu"] for r in rows if not r["replicas"])
         cpu_together = sum(r["cpu"] for r in rows if r["replicas"])
+        if not (alone and together):
+            continue
         print(f"{args.workload} {engine}: {args.seeds} processes / 1 process with replicas = "
               f"{alone / together:.2f}x wall, {cpu_alone / cpu_together:.2f}x CPU")
     if args.json:
