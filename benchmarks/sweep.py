@@ -5,9 +5,9 @@ Workloads (see ``docs/benchmarks.md``, "Sweeps"):
 
 - ``synthetic``: the FedProx paper's logistic regression on Synthetic(1, 1)
   (``configs/fedprox/synthetic.yaml`` + ``fedprox_mu1.yaml``: 30 devices, 10 per round, E = 20,
-  B = 10, FedProx mu = 1), shortened to ``--rounds`` rounds, evaluated every round; the
-  ``GlobalObjective`` callback of the config is left out (``--trainer.callbacks=[]``) on both
-  sides, since replicas refuse a callback that would see replica 0 only;
+  B = 10, FedProx mu = 1), shortened to ``--rounds`` rounds, evaluated every round, with the
+  config's ``GlobalObjective`` callback (the training loss ``F(w)`` every round; replicas
+  measure every replica with its own copy); ``--no-objective`` leaves it out on both sides;
 - ``mnist2nn``: the 2NN on MNIST (``configs/mnist/systems_2nn.yaml``: 100 IID clients, 10 per
   round, E = 1, B = 10 here, FedAvg), ``--rounds`` rounds, evaluated at the end.
 
@@ -38,13 +38,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINES = {"sequential": "SequentialEngine", "batched": "BatchedEngine"}
 
 
-def workload_args(name: str, rounds: int, data_dir: str) -> list[str]:
+def workload_args(name: str, rounds: int, data_dir: str, objective: bool = True) -> list[str]:
     """The ``fit`` options of the workload (without seed and output folder)."""
     if name == "synthetic":
         return [
             "--config", os.path.join(ROOT, "configs/fedprox/synthetic.yaml"),
             "--config", os.path.join(ROOT, "configs/fedprox/fedprox_mu1.yaml"),
-            "--trainer.callbacks=[]", "--trainer.max_steps", str(rounds),
+            *([] if objective else ["--trainer.callbacks=[]"]),
+            "--trainer.max_steps", str(rounds),
         ]
     return [
         "--config", os.path.join(ROOT, "configs/mnist/systems_2nn.yaml"),
@@ -101,19 +102,25 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--engines", default="sequential,batched")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--side", choices=("both", "processes", "replicas"), default="both",
+                   help="measure one side only (e.g. the two sides at the same time, in two "
+                   "invocations)")
     p.add_argument("--alone", type=int, default=0,
                    help="measure only this many of the R separate processes and scale their "
                    "total by R / alone (0: all R)")
+    p.add_argument("--no-objective", action="store_true",
+                   help="synthetic: leave the config's GlobalObjective callback out")
     p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data"))
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     engines = [e for e in args.engines.split(",") if e]
     seeds = list(range(args.seeds))
-    workload = workload_args(args.workload, args.rounds, args.data_dir)
+    workload = workload_args(args.workload, args.rounds, args.data_dir, not args.no_objective)
     results = []
     for repeat in range(args.repeats):
         for engine in engines:
-            for replicas in (False, True):
+            for replicas in [r for r in (False, True)
+                             if args.side == "both" or r == (args.side == "replicas")]:
                 folder = tempfile.mkdtemp(prefix="sweep-")
                 load = os.getloadavg()[0]
                 try:
@@ -134,13 +141,15 @@ def main() -> None:
         together = sum(r["wall"] for r in rows if r["replicas"])
         cpu_alone = sum(r["cpu"] for r in rows if not r["replicas"])
         cpu_together = sum(r["cpu"] for r in rows if r["replicas"])
+        if not (alone and together):
+            continue
         print(f"{args.workload} {engine}: {args.seeds} processes / 1 process with replicas = "
               f"{alone / together:.2f}x wall, {cpu_alone / cpu_together:.2f}x CPU")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump({"workload": args.workload, "seeds": args.seeds, "rounds": args.rounds,
-                       "results": results}, fh, indent=2)
+                       "objective": not args.no_objective, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

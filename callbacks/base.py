@@ -93,6 +93,10 @@ class RoundCallback(pl.Callback):
 
     prefix = "analysis"
     needs_client_results = False
+    #: the round hook is :meth:`measure_global` alone (it reads only the new global model
+    #: and the module it is handed): under ``--replicas.*`` every replica gets its own copy,
+    #: with its numbers in ``replica_<k>/`` (``fl_lightning/replica_callbacks.py``)
+    replica_aware = False
 
     def __init__(self, every_n_rounds: int = 1, criterion: Criterion | None = None) -> None:
         self.every_n_rounds = self.check_int(every_n_rounds, "every_n_rounds")
@@ -165,6 +169,16 @@ class RoundCallback(pl.Callback):
         metrics = self.measure(module, result.global_after)
         self.seconds += time.perf_counter() - start
         self.log_round(trainer, result.round + 1, metrics)
+
+    def replica_metrics(self) -> list[str]:
+        """The names :meth:`measure` gives every measured round: a replica-aware callback's
+        columns of ``replica_<k>/metrics.csv`` (default none)."""
+        return []
+
+    def replica_start(self, module: Any) -> None:
+        """A replica-aware callback's copy for another replica, at the start of fit: what
+        ``on_fit_start`` does with that replica's ``module`` (default nothing)."""
+        del module
 
     def is_due(self, round_idx: int) -> bool:
         """Whether to measure after round ``round_idx`` (counted from 0)."""

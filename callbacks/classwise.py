@@ -42,6 +42,7 @@ class ClassWiseAccuracy(RoundCallback):
     """
 
     prefix = "classwise"
+    replica_aware = True
 
     def __init__(
         self, every_n_rounds: int = 1, max_samples: int | None = None, batch_size: int = 1000
@@ -51,6 +52,10 @@ class ClassWiseAccuracy(RoundCallback):
             None if max_samples is None else self.check_int(max_samples, "max_samples")
         )
         self.batch_size = self.check_int(batch_size, "batch_size")
+
+    @override
+    def replica_metrics(self) -> list[str]:
+        return ["acc", "min", "std"]
 
     def measure(self, module: Any, params: dict[str, torch.Tensor]) -> dict[str, float]:
         batches = eval_batches(module, self.max_samples, self.batch_size)

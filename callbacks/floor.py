@@ -180,6 +180,7 @@ class GlobalObjective(RoundCallback):
     """
 
     prefix = "objective"
+    replica_aware = True
 
     def __init__(
         self, every_n_rounds: int = 1, optimum: bool = False, tol: float = 1e-8,
@@ -231,6 +232,15 @@ class GlobalObjective(RoundCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.optimum:
             self.solve(pl_module)
+
+    @override
+    def replica_metrics(self) -> list[str]:
+        return ["loss", "ce", "acc", "grad_norm", *(["gap"] if self.optimum else [])]
+
+    @override
+    def replica_start(self, module: Any) -> None:
+        if self.optimum:
+            self.solve(module)
 
     def measure(self, module: Any, params: dict[str, torch.Tensor]) -> dict[str, float]:
         batches = self._batches(module)

@@ -30,6 +30,7 @@ from jsonargparse import Namespace
 from fl_lightning import plotting
 from fl_lightning.engines.replicated import train_replicas
 from fl_lightning.errors import ConfigError
+from fl_lightning.replica_callbacks import ReplicaCallbacks
 from fl_lightning.round import DivergenceError
 
 if TYPE_CHECKING:
@@ -241,11 +242,14 @@ class ReplicaSet:
         axes: the replica axes.
         modules: one ``FederatedModule`` per replica, replica 0 being the driver; each other
             one attached to its data module.
+        callbacks: the replica-aware analysis callbacks (``None``: none).
     """
 
-    def __init__(self, axes: ReplicaAxes, modules: Sequence[FederatedModule]) -> None:
+    def __init__(self, axes: ReplicaAxes, modules: Sequence[FederatedModule],
+                 callbacks: ReplicaCallbacks | None = None) -> None:
         self.axes = axes
         self.replicas = [Replica(k, axes.values[k], m) for k, m in enumerate(modules)]
+        self.callbacks = callbacks or ReplicaCallbacks([], len(modules))
         self._pending: dict[str, Any] | None = None
 
     def __len__(self) -> int:
@@ -270,12 +274,14 @@ class ReplicaSet:
             rep.optimizer = module.configure_optimizers()
             if pending is not None:
                 self._load_replica(rep, pending["replicas"][rep.index])
+                self.callbacks.load_state_dict(rep.index, pending["replicas"][rep.index])
             module._round = module.build_round(optimizer=rep.optimizer)
             module.algorithm.init_server({k: p.detach() for k, p in module.net.named_parameters()})
         if pending is not None:
             first = pending["replicas"][0]
             self.replicas[0].stopped = first["stopped"]
             self.replicas[0].rounds = first["rounds"]
+        self.callbacks.start(self.replicas)
 
     # ------------------------------------------------------------------ rounds
     def run_round(self, driver: FederatedModule, round_idx: int) -> RoundResult | None:
@@ -301,6 +307,7 @@ class ReplicaSet:
                 "train_loss": float(result.train_loss), "local_lr": result.lr,
                 "skipped_clients": len(result.skipped_clients),
             })
+            self.callbacks.round_end(rep, result)
             if rep.index == 0:
                 first = result
             else:
@@ -345,11 +352,12 @@ class ReplicaSet:
     def _flush(self, driver: FederatedModule) -> None:
         """Append each replica's finished rows to ``<log_dir>/replica_<k>/metrics.csv``."""
         columns = ["step", "round", "train_loss", "local_lr", "skipped_clients", "val_acc",
-                   "val_loss"]
+                   "val_loss", *self.callbacks.columns()]
         for rep in self.replicas:
             folder = self.folder(driver, rep.index)
             if folder is None or rep.written >= len(rep.rows):
                 continue
+            self.callbacks.fill(rep, rep.rows[rep.written:])
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, "metrics.csv")
             new = not os.path.isfile(path)
@@ -380,6 +388,7 @@ class ReplicaSet:
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, "final_metrics.json"), "w") as fh:
                 json.dump(metrics, fh, indent=2)
+            self.callbacks.write(rep, folder)
             plotting.curves(module.curves, os.path.join(folder, "curves.png"),
                             title=f"{type(module.algorithm).__name__}, replica {rep.index} "
                             f"({self.axes.label(rep.index)}), {rep.rounds} rounds")
@@ -408,6 +417,7 @@ class ReplicaSet:
                     algorithm=module.algorithm.state_dict(),
                     systems=module.systems.state_dict() if module.systems.active else {},
                     curves={k: [list(p) for p in v] for k, v in module.curves.items()},
+                    callbacks=self.callbacks.state_dict(rep.index),
                 )
             out.append(entry)
         return {"names": self.axes.names, "replicas": out}
@@ -444,14 +454,13 @@ def build_replicas(cli: Any, axes: ReplicaAxes) -> ReplicaSet:
     global random state is then put back as replica 0 left it).
 
     Raises:
-        ConfigError: under DDP; with a callback that reads each round's result (it would see
+        ConfigError: under DDP; with a round callback that is not replica-aware (it would see
             replica 0 only); when the replicas' weights would not fit in memory.
     """
     import random
 
     import numpy as np
     from lightning.pytorch import seed_everything
-    from lightning.pytorch.callbacks import ProgressBar
 
     from fl_lightning.engines.batched import BatchedEngine
 
@@ -459,14 +468,7 @@ def build_replicas(cli: Any, axes: ReplicaAxes) -> ReplicaSet:
     if trainer.world_size > 1:
         raise ConfigError(f"{PREFIX}* cannot be combined with --trainer.strategy ddp "
                           f"({trainer.world_size} processes): run the replicas on one device")
-    for callback in trainer.callbacks:
-        if callable(getattr(callback, "on_round_end", None)) and not isinstance(
-                callback, ProgressBar):
-            raise ConfigError(
-                f"{PREFIX}* cannot be combined with the callback {type(callback).__name__}: it "
-                "measures the trainer's model each round and would see replica 0 only; remove "
-                "it (e.g. --trainer.callbacks=[]) or run the replicas as separate runs"
-            )
+    callbacks = ReplicaCallbacks(trainer.callbacks, len(axes))
     dm = cli.datamodule
     batched = isinstance(model.engine, BatchedEngine)
     need = memory_estimate(model.net, len(axes), model.clients_per_round(dm.num_clients), batched)
@@ -505,7 +507,7 @@ def build_replicas(cli: Any, axes: ReplicaAxes) -> ReplicaSet:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
         torch.random.set_rng_state(saved[2])
-    return ReplicaSet(axes, modules)
+    return ReplicaSet(axes, modules, callbacks)
 
 
 class _SharedLoads:

@@ -12,7 +12,7 @@ from fl_lightning.algorithms import MOON, SCAFFOLD, FedSAM, FedSoL, PerFedAvg
 from fl_lightning.algorithms.base import IGNORE_INDEX, batch_mean, cross_entropy
 from fl_lightning.algorithms.perfedavg import _real_halves
 from fl_lightning.engine import ClientPlan, RoundPlan
-from fl_lightning.engines import BatchedEngine
+from fl_lightning.engines import BatchedEngine, SequentialEngine
 from fl_lightning.engines.base import sgd_update
 from fl_lightning.engines.batched import PaddedRound
 from fl_lightning.models import MLP2NN
@@ -42,7 +42,7 @@ def test_the_round_plan_is_padded_once_with_masks():
     assert (padded.labels[2:, 2] == IGNORE_INDEX).all()  # its steps 2..9 are all padding
 
 
-def test_a_ragged_round_is_one_vmapped_call_per_step():
+def test_a_ragged_round_is_one_vmapped_call_per_step_and_its_tail_plain_steps():
     calls = []
 
     class Counting(FedSAM):
@@ -51,8 +51,25 @@ def test_a_ragged_round_is_one_vmapped_call_per_step():
             return super().direction(params, x, y, ctx)
 
     x, y = _data()
-    _round(BatchedEngine(), Counting(rho=0.1), TinyNet(4).double(), _plan(), x, y)
+    net = TinyNet(4).double()
+    full = _round(BatchedEngine(tail_rows=0), Counting(rho=0.1), net, _plan(), x, y)
     assert len(calls) == 10  # the longest client's 10 steps, one call each (not per group)
+    # tail_rows=2: the lock-step stops once 2 clients are left (step 6: the 6, 10, 2 and 8
+    # steps' clients 1 and 3), whose steps 6.. are plain steps on their own batches
+    calls.clear()
+    tails = _round(BatchedEngine(tail_rows=2), Counting(rho=0.1), net, _plan(), x, y)
+    assert len(calls) == 6 + 4 + 2  # 6 vmapped calls, then 4 + 2 plain steps
+    # tail_rows >= every client: the sequential engine's plain steps, bit for bit
+    seq = SequentialEngine().run_round(Counting(rho=0.1), net, {
+        k: p.detach().clone() for k, p in net.named_parameters()}, {}, _plan(), (x, y), 0.05,
+        0.9, 1e-3)
+    plain = _round(BatchedEngine(tail_rows=4), Counting(rho=0.1), net, _plan(), x, y)
+    assert all(torch.equal(a.params[k], b.params[k]) for a, b in zip(seq, plain, strict=True)
+               for k in a.params)
+    for a, b in zip(full, tails, strict=True):
+        for k in a.params:
+            torch.testing.assert_close(a.params[k], b.params[k], rtol=0, atol=1e-12)
+        torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -77,11 +77,34 @@ def test_seed_axis_sequential_a_replica_is_its_run_alone_and_one_diverges_alone(
     assert [r["round"] for r in got] == ["1", "2", "3"] and all(r["val_acc"] for r in got)
 
 
+def objective(path: str) -> list[tuple[int, float, float]]:
+    """``(round, objective/loss, objective/gap)`` of every measured row of a metrics.csv."""
+    with open(path) as fh:
+        lines = [ln.rstrip("\n").split(",") for ln in fh]
+    head = lines[0]
+    step = head.index("round") if "round" in head else head.index("step")
+    out = []
+    for ln in lines[1:]:
+        row = dict(zip(head, ln, strict=True))
+        if row.get("objective/loss"):
+            out.append((int(float(ln[step])), float(row["objective/loss"]),
+                        float(row["objective/gap"])))
+    return out
+
+
 def test_batched_replicas_x_clients_in_one_vmap_equal_the_runs_alone(tmp_path):
     # 4 replicas: two FedDyn alphas x two seeds; each alpha's two seeds share one vmapped step,
     # in which each row reads its replica's global weights (the dynamic regularizer's anchor)
-    # and its replica's clients' h_i, and each replica's server h feeds back from round 2 on
-    engine = ["--model.engine", "BatchedEngine", "--model.algorithm", "FedDyn"]
+    # and its replica's clients' h_i, and each replica's server h feeds back from round 2 on;
+    # the lock-step stops at 1 live row and the rest are plain steps (tail_rows 1);
+    # GlobalObjective (with its optimum F*, one L-BFGS call: cheap, not converged) measures
+    # every replica as its run alone
+    engine = ["--model.engine", "BatchedEngine", "--model.algorithm", "FedDyn",
+              "--model.engine.tail_rows", "1",
+              "--trainer.callbacks+=GlobalObjective",
+              "--trainer.callbacks.init_args.optimum", "true",
+              "--trainer.callbacks.init_args.max_iter", "1",
+              "--trainer.callbacks.init_args.newton_max_params", "0"]
     run = fit(tmp_path / "rep", *engine, "--replicas.product", "true",
               "--replicas.seed", "1,2", "--replicas.model.algorithm.alpha", "0.05,0.2")
     values = json.load(open(os.path.join(run, "replicas.json")))
@@ -91,6 +114,17 @@ def test_batched_replicas_x_clients_in_one_vmap_equal_the_runs_alone(tmp_path):
     alone = fit(tmp_path / "alone", *engine, "--seed_everything", "2", "--data.seed", "2",
                 "--model.algorithm.alpha", "0.2")
     assert_close(weights(run, 3), weights(alone), exact=False)
+    mine = objective(os.path.join(run, "replica_3", "metrics.csv"))
+    theirs = objective(os.path.join(alone, "metrics.csv"))
+    assert [r for r, _, _ in mine] == [1, 2, 3] == [r for r, _, _ in theirs]
+    for (_, loss, gap), (_, loss_alone, gap_alone) in zip(mine, theirs, strict=True):
+        assert abs(loss - loss_alone) <= 1e-12 and abs(gap - gap_alone) <= 1e-12
+    # replica 0's numbers are the Trainer's callback's; each replica has its analysis file
+    assert objective(os.path.join(run, "replica_0", "metrics.csv")) == objective(
+        os.path.join(run, "metrics.csv"))
+    history = json.load(open(os.path.join(run, "replica_3", "analysis", "objective.json")))
+    assert [h["loss"] for h in history["history"]] == [loss for _, loss, _ in mine]
+    assert history["optimum"]["iterations"] == 1.0  # its own F*, solved at the start
 
 
 def test_scaffold_replicas_in_the_joint_vmap_equal_their_runs_alone(tmp_path):
@@ -108,13 +142,19 @@ def test_replicas_resume_from_a_mid_run_checkpoint_exactly(tmp_path):
     axes = ["--model.engine", "BatchedEngine", "--replicas.seed", "0,1",
             "--replicas.model.server_optimizer.lr", "1,0.5", "--checkpoint_every_n_rounds", "2",
             "--keep_last_checkpoints", "5",
-            "--model.server_optimizer", "ServerSGD", "--model.server_optimizer.momentum", "0.5"]
+            "--model.server_optimizer", "ServerSGD", "--model.server_optimizer.momentum", "0.5",
+            "--trainer.callbacks+=GlobalObjective"]
     whole = fit(tmp_path / "whole", *axes, rounds=4)
     mid = os.path.join(whole, "checkpoints", "round=2.ckpt")
     resumed = fit(tmp_path / "whole", *axes, "--ckpt_path", mid, rounds=4)
     assert resumed != whole
     for k in (0, 1):
         assert_close(weights(resumed, k), weights(whole, k), exact=True)
+    # replica 1's GlobalObjective copy: rounds 1-2 from the checkpoint, 3-4 measured after it
+    history = [json.load(open(os.path.join(run, "replica_1", "analysis", "objective.json")))[
+        "history"] for run in (whole, resumed)]
+    assert [h["round"] for h in history[1]] == [1, 2, 3, 4]
+    assert [h["loss"] for h in history[1]] == [h["loss"] for h in history[0]]
     with pytest.raises(SystemExit):
         fit(tmp_path / "whole", *axes[:2], "--replicas.seed", "0,2", *axes[4:],
             "--ckpt_path", mid, rounds=4)
@@ -127,6 +167,8 @@ def test_replicas_resume_from_a_mid_run_checkpoint_exactly(tmp_path):
      "--replicas.seed has 3, --replicas.model.local_lr has 2 values"),
     (["--replicas.seed", "0.5"], "comma-separated integers"),
     (["--replicas.model.nope", "1,2"], "no such option"),
+    (["--replicas.seed", "0,1", "--trainer.callbacks+=WeightDivergence"],
+     "cannot be combined with the callback WeightDivergence"),
 ])
 def test_bad_axes_get_one_line(tmp_path, capsys, args, expected):
     with pytest.raises(SystemExit) as stop:

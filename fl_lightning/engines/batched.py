@@ -134,6 +134,13 @@ class BatchedEngine(ClientEngine):
             :meth:`client_bytes` estimates fit. Chunking gives the same clients' results
             as one chunk (up to floating-point rounding of batched kernels; equal within
             1e-12 in float64, ``tests/test_stream.py``).
+        tail_rows: once at most this many clients of a round still have local steps, the
+            lock-step stops and they finish as plain steps, one client after another
+            (:mod:`~fl_lightning.engines.tails`; eager only, models without BatchNorm): with
+            heavy-tailed client sizes most of a round's lock-step steps have a few live rows,
+            and on the CPU a small model's vmapped step costs several plain ones. ``auto``
+            (default): a tenth of the chunk's clients (at least 1) on the CPU, 1 on a GPU
+            (:meth:`tail_rows_on`); ``0``: the lock-step runs every step.
 
     Raises:
         ConfigError: for an unknown ``randomness``, and (from :meth:`check`) for algorithms
@@ -158,8 +165,12 @@ class BatchedEngine(ClientEngine):
         autocast: str = "none",
         max_clients_per_chunk: int | None = None,
         memory_budget: int | str | None = None,
+        tail_rows: int | str | None = None,
     ) -> None:
         self.compile = compile_mode(compile)
+        self.tail_rows = (None if tail_rows in (None, "auto") else
+                          integer(tail_rows, "--model.engine.tail_rows", 0,
+                                  hint="or auto: a tenth of the clients on the CPU, 1 on a GPU"))
         if max_clients_per_chunk is not None:
             max_clients_per_chunk = integer(max_clients_per_chunk,
                                             "--model.engine.max_clients_per_chunk", 1)
@@ -188,6 +199,17 @@ class BatchedEngine(ClientEngine):
         self.channels_last = channels_last
         self.autocast = autocast
         self._compiled: dict[tuple, Any] = {}
+
+    def tail_rows_on(self, device: torch.device, clients: int) -> int:
+        """``tail_rows`` for a chunk of ``clients`` on ``device``; ``auto``: on the CPU
+        ``clients // 10`` (at least 1): a vmapped step of the logistic regression over 80 rows
+        costs ~4-6 plain steps there (a round of 8 FedProx replicas x 10 clients on the
+        synthetic data: 13.7 s of CPU with the lock-step to the end, 10.0 s with 2, 8.3 s
+        with 8; ``docs/benchmarks.md``, "Sweeps"); on a GPU 1 (a vmapped step costs about
+        one plain step there)."""
+        if self.tail_rows is not None:
+            return self.tail_rows
+        return 1 if device.type == "cuda" else max(1, clients // 10)
 
     def check(self, algorithm: Algorithm, net: nn.Module) -> None:
         """Raise a one-line ``ConfigError`` if this engine cannot run ``algorithm`` on ``net``."""

@@ -117,10 +117,14 @@ class PaddedRound:
         self.steps = index.shape[0]
 
     @classmethod
-    def build(cls, plan: RoundPlan, y_all: Tensor, device: torch.device) -> PaddedRound:
+    def build(cls, plan: RoundPlan, y_all: Tensor, device: torch.device,
+              max_steps: int | None = None) -> PaddedRound:
+        """The padded plan of the first ``max_steps`` local steps (``None``: all)."""
         clients = plan.clients
         count = len(clients)
         steps = max(len(c.batches) for c in clients)
+        if max_steps is not None:
+            steps = min(steps, max_steps)
         empty = torch.zeros(0, dtype=torch.long, device=device)
         seqs = [clients[k].batches[s].to(device) if s < len(clients[k].batches) else empty
                 for s in range(steps) for k in range(count)]

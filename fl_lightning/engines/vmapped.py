@@ -26,6 +26,7 @@ from fl_lightning.engines.stacked import (
     stack_batches,
     to_channels_last,
 )
+from fl_lightning.engines.tails import finish_tails, tail_start
 
 if TYPE_CHECKING:  # the plan types import the engines
     from fl_lightning.engine import RoundPlan
@@ -143,8 +144,17 @@ def padded_round(
     """The round as one vmapped call per local step on padded, masked batches; updates
     ``stacked`` in place and returns every client's sum of step losses."""
     x_all, y_all = data
-    padded = PaddedRound.build(plan, y_all, next(iter(stacked.values())).device)
-    if padded.steps == 0:
+    device = next(iter(stacked.values())).device
+    compiled = engine.compile != "none"
+    # the lock-step stops where at most engine.tail_rows clients are left (eager only: a
+    # compiled step is cheap per call); they finish as plain steps (engines/tails.py), so the
+    # padded plan is built for the lock-step's steps only (the largest client of a round can
+    # have 75,740 steps x 80 rows: most of the padded tensors would serve the tail)
+    most = max(len(c.batches) for c in plan.clients)
+    stop = most if compiled else min(most, tail_start(plan, engine.tail_rows_on(
+        device, len(plan.clients))))
+    padded = PaddedRound.build(plan, y_all, device, stop)
+    if padded.steps == 0 and stop >= most:
         return None
     ctx.padded = True
     ctx.head_names()  # cached before any trace, so a compiled step never sees it change
@@ -152,7 +162,6 @@ def padded_round(
     generic = plan.transform if augment is None else None  # any pure transform
     fast = task_gradient_only(algorithm, engine.compile, state)
     step = local_step(engine, algorithm, net, names, momentum, weight_decay, fast)
-    compiled = engine.compile != "none"
     if augment is not None and compiled:
         # one sample augmented eagerly fills the augmentation's per-shape caches, so the
         # compiled step never traces (and guards on) a cache miss
@@ -175,6 +184,9 @@ def padded_round(
         )
         stacked.update(zip(names, values, strict=True))
         sums = loss if sums is None else sums + loss
+    if stop < most:
+        sums = finish_tails(algorithm, ctx, state, stacked, bufs, names, plan, data, stop, lr,
+                            momentum, weight_decay, sums)
     return sums
 
 
