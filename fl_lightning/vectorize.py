@@ -203,6 +203,9 @@ def _replica_result(cell: Cell, k: int, group: str, rc: int, seconds: float, cmd
         for name in ("metrics.csv", "final_metrics.json", "curves.png"):
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        if os.path.isdir(os.path.join(src, "analysis")):  # replica-aware callbacks' files
+            shutil.copytree(os.path.join(src, "analysis"), os.path.join(dst, "analysis"),
+                            dirs_exist_ok=True)
         if os.path.isfile(os.path.join(src, "final_metrics.json")):
             final = json.load(open(os.path.join(src, "final_metrics.json")))
     if rc != 0 or final is None or "stopped" in final:

@@ -332,7 +332,8 @@ def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
             "--settings", "digits:lda:0.5,digits:lda:2",
             "--seeds", "0,1", "--rounds", "2",
             "--extra", "--data.num_clients 4 --model.local_epochs 1 --model.sample_ratio 0.5 "
-            "--model.net LogisticRegression --trainer.enable_model_summary false"]
+            "--model.net LogisticRegression --trainer.enable_model_summary false "
+            "--trainer.callbacks+=ClassWiseAccuracy"]  # replica-aware: analysis/ per cell
     slugs = ("digits_lda_0.5", "digits_lda_2")
     tables = {}
     for mode in ("none", "numeric"):
@@ -343,7 +344,9 @@ def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
         tables[mode] = ((runs / "table.md").read_text(), (runs / "table.csv").read_text(),
                         [read_curve(str(c)) for c in cells],
                         [(r["final"]["test_acc"], r["final"]["test_loss"]) for r in
-                         (json.loads((c / "result.json").read_text()) for c in cells)])
+                         (json.loads((c / "result.json").read_text()) for c in cells)],
+                        [json.loads(next(c.glob("fl/version_*/analysis/classwise.json"))
+                                    .read_text())["history"] for c in cells])
     out = capsys.readouterr().out
     assert "replica 7 of" in out
     (group,) = os.listdir(tmp_path / "numeric" / "vectorized")
