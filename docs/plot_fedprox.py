@@ -127,9 +127,10 @@ def plot(path: str, out: str, algorithms: tuple[str, ...] = ALGORITHMS) -> None:
                     stats = [_mean_std([seeds[s][r][index] for s in seeds]) for r in rounds]
                     mean = [m for m, _ in stats]
                     label = f"{LABELS.get(alg, alg)} ({len(seeds)} seeds)"
-                    ax.plot(rounds, mean, label=label, lw=1.2)
+                    color = f"C{algorithms.index(alg) % 10}"  # one color per algorithm
+                    ax.plot(rounds, mean, label=label, lw=1.2, color=color)
                     ax.fill_between(rounds, [m - s for m, s in stats],
-                                    [m + s for m, s in stats], alpha=0.2)
+                                    [m + s for m, s in stats], alpha=0.2, color=color)
                 if not ax.lines:
                     ax.text(0.5, 0.5, "not run", ha="center", va="center",
                             transform=ax.transAxes)
