@@ -95,7 +95,7 @@ def estimate(fl_round, rounds: int | None) -> Estimate:
         store_device = getattr(store, "device", None)
         at = "cuda" if (store_device or ctx.device).type == "cuda" else "cpu"
         visited = expected_visited(ctx.source.num_clients, ctx.clients_per_round, rounds)
-        sharded = getattr(fl_round, "owns_state", False)  # DDP: this rank's clients only
+        sharded = fl_round.owns_state  # DDP with reduced sums: this rank's clients only
         if sharded:
             visited /= ctx.world_size
         nbytes = int(model * entries * visited)
