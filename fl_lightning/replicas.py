@@ -148,6 +148,7 @@ class ReplicaSet:
                 "step": round_idx, "round": round_idx + 1,
                 "train_loss": float(result.train_loss), "local_lr": result.lr,
                 "skipped_clients": len(result.skipped_clients),
+                **{k: float(v) for k, v in result.systems.items()},  # stragglers, bytes_up, ...
             })
             self.callbacks.round_end(rep, result)
             if rep.index == 0:
@@ -193,12 +194,16 @@ class ReplicaSet:
 
     def _flush(self, driver: FederatedModule) -> None:
         """Append each replica's finished rows to ``<log_dir>/replica_<k>/metrics.csv``."""
-        columns = ["step", "round", "train_loss", "local_lr", "skipped_clients", "val_acc",
-                   "val_loss", *self.callbacks.columns()]
+        base = ["step", "round", "train_loss", "local_lr", "skipped_clients", "val_acc",
+                "val_loss"]
+        analysis = self.callbacks.columns()
         for rep in self.replicas:
             folder = self.folder(driver, rep.index)
             if folder is None or rep.written >= len(rep.rows):
                 continue
+            # the systems metrics a cell run alone logs too (the same in every round of a run)
+            systems = [k for k in rep.rows[0] if k not in base and k not in analysis]
+            columns = [*base, *systems, *analysis]
             self.callbacks.fill(rep, rep.rows[rep.written:])
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, "metrics.csv")

@@ -331,7 +331,8 @@ def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
     argv = ["--algorithms", "fedprox/fedprox_mu0.yaml,fedprox/fedprox_mu1.yaml",
             "--settings", "digits:lda:0.5,digits:lda:2",
             "--seeds", "0,1", "--rounds", "2",
-            "--extra", "--data.num_clients 4 --model.local_epochs 1 --model.sample_ratio 0.5 "
+            "--extra", "--data.num_clients 4 --model.local_epochs 2 --model.sample_ratio 0.5 "
+            "--model.participation.straggler_ratio 0.5 "  # 1 of 2 straggles: a systems column
             "--model.net LogisticRegression --trainer.enable_model_summary false "
             "--trainer.callbacks+=ClassWiseAccuracy"]  # replica-aware: analysis/ per cell
     slugs = ("digits_lda_0.5", "digits_lda_2")
@@ -346,7 +347,10 @@ def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
                         [(r["final"]["test_acc"], r["final"]["test_loss"]) for r in
                          (json.loads((c / "result.json").read_text()) for c in cells)],
                         [json.loads(next(c.glob("fl/version_*/analysis/classwise.json"))
-                                    .read_text())["history"] for c in cells])
+                                    .read_text())["history"] for c in cells],
+                        [[r["stragglers"] for r in csv.DictReader(open(
+                            next(c.glob("fl/version_*/metrics.csv")))) if r.get("stragglers")]
+                         for c in cells])
     out = capsys.readouterr().out
     assert "replica 7 of" in out
     (group,) = os.listdir(tmp_path / "numeric" / "vectorized")
@@ -354,6 +358,7 @@ def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
     assert ("--replicas.seed 0,0,0,0,1,1,1,1 --replicas.data.alpha 0.5,0.5,2,2,0.5,0.5,2,2 "
             "--replicas.model.algorithm.mu 0.0,1.0,0.0,1.0,0.0,1.0,0.0,1.0") in log
     assert tables["numeric"] == tables["none"]
+    assert all([float(v) for v in c] == [1.0, 1.0] for c in tables["none"][5])
     assert all(sorted(c) == [1, 2] for c in tables["none"][2])
     assert len({loss for _, loss in tables["none"][3]}) == 8  # eight distinct runs
     # a partly finished group: two cells unfinished, each holding a stale version (an older
