@@ -11,8 +11,9 @@ FedSoL, as functions of
 * learning rate: lr in 0.001, 0.003, 0.01 on Synthetic(1, 1) (E = 20);
 
 then writes ``<out>.csv`` (one row per run: the tail statistics GlobalObjective and
-GlobalOscillation logged), ``<out>.md`` and ``<out>.png`` (three panels, mean gap over the last
-20% of rounds with a bar of +- its standard deviation over those rounds).
+GlobalOscillation logged), ``<out>.md`` (one row per sweep point and method: mean and standard
+deviation over the seeds run) and ``<out>.png`` (three panels, mean gap over the last 20% of
+rounds, with a bar of +- its standard deviation over seeds).
 
 Usage (from the repository root)::
 
@@ -77,7 +78,9 @@ def run_cells(runs: str, alpha: str, epochs: str, lr: str, seeds: str, report_on
             os.makedirs(folder, exist_ok=True)
             cmd = grid.cell_command(cell, args)[3:]  # from "fit" on
             if floor and alg == algorithms[0]:
-                at = cmd.index("configs/fedprox/fit_gap.yaml") + 1
+                # the grid names the base config by its absolute path
+                at = next(i for i, a in enumerate(cmd)
+                          if a.endswith(os.path.join("configs", "fedprox", "fit_gap.yaml"))) + 1
                 cmd[at:at] = ["--config", "configs/fedprox/fit_gap_floor.yaml"]
             start = time.time()
             try:
@@ -95,13 +98,20 @@ def run_cells(runs: str, alpha: str, epochs: str, lr: str, seeds: str, report_on
                   f"{result['seconds']:.0f}s", flush=True)
 
 
-#: ``(alpha, E, lr, algorithm) -> [(round, gap)]`` of the runs :func:`collect` read.
-curves: dict[tuple[str, str, str, str], list[tuple[int, float]]] = {}
+#: ``(alpha, E, lr, algorithm, seed) -> [(round, gap)]`` of the runs :func:`collect` read.
+curves: dict[tuple[str, str, str, str, str], list[tuple[int, float]]] = {}
+
+#: the columns of the table: mean (sample standard deviation over seeds) of each
+SHOWN = ["floor", "spread_V", "gap_r50", "gap_r80", "gap_tail_mean", "gap_tail_std",
+         "gap_tail_range", "radius", "straightness", "test_acc"]
+KEYS = ["sweep", "alpha_beta", "local_epochs", "lr", "algorithm"]
 
 
 def collect(runs: str) -> list[dict]:
     rows = []
-    floors: dict[str, list] = {}  # alpha -> the floor probe's history (one run per alpha has it)
+    # (alpha, seed) -> the floor probe's history: it depends on the data only, so one run per
+    # data draw (the first algorithm's run of the heterogeneity sweep) measures it
+    floors: dict[tuple[str, str], list] = {}
     curves.clear()
     for sweep, alpha, epochs, lr in sweeps():
         base = _folder(runs, alpha, epochs, lr)
@@ -110,6 +120,7 @@ def collect(runs: str) -> list[dict]:
             for cell in sorted(glob.glob(pattern)):
                 if not os.path.isfile(os.path.join(cell, "result.json")):
                     continue
+                seed = os.path.basename(cell)[4:]
                 version = sorted(glob.glob(os.path.join(cell, "fl", "version_*")))[-1]
                 obj = json.load(open(os.path.join(version, "analysis", "objective.json")))
                 osc_path = os.path.join(version, "analysis", "oscillation.json")
@@ -117,16 +128,16 @@ def collect(runs: str) -> list[dict]:
                 last = [r for r in osc if "radius" in r]
                 floor_path = os.path.join(version, "analysis", "floor.json")
                 probe = (json.load(open(floor_path))["history"] if os.path.isfile(floor_path)
-                         else floors.get(alpha, []))
+                         else floors.get((alpha, seed), []))
                 if probe:
-                    floors[alpha] = probe
+                    floors[(alpha, seed)] = probe
                 final = json.load(open(os.path.join(cell, "result.json")))["final"]
                 tail = obj["tail"]
                 gaps = {int(r["round"]): r["gap"] for r in obj["history"] if "gap" in r}
-                curves[(alpha, epochs, lr, alg)] = sorted(gaps.items())
+                curves[(alpha, epochs, lr, alg, seed)] = sorted(gaps.items())
                 rows.append({
                     "sweep": sweep, "alpha_beta": alpha, "local_epochs": epochs, "lr": lr,
-                    "algorithm": alg, "seed": os.path.basename(cell)[4:],
+                    "algorithm": alg, "seed": seed,
                     "F_star": obj["optimum"]["loss"],
                     "F_star_grad_norm": obj["optimum"]["grad_norm"],
                     "floor": (obj["optimum"]["loss"] - probe[-1]["opt_loss"]) if probe else None,
@@ -144,53 +155,91 @@ def collect(runs: str) -> list[dict]:
     return rows
 
 
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per sweep point and algorithm: ``seeds``, and ``<col>`` / ``<col>_sd`` the mean
+    and the sample standard deviation over the seeds (each seed is its own draw of the 30
+    devices, so the spread mixes data and client sampling) of every column of :data:`SHOWN`."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in KEYS), []).append(r)
+    out = []
+    for key, runs in groups.items():
+        agg = dict(zip(KEYS, key, strict=True))
+        agg["seeds"] = len(runs)
+        for col in SHOWN:
+            agg[col], agg[col + "_sd"] = _mean_std([r[col] for r in runs])
+        out.append(agg)
+    return out
+
+
 def _fmt(v) -> str:
     if v is None:
         return ""
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def _cell(mean, sd) -> str:
+    if mean is None:
+        return ""
+    return _fmt(mean) if sd is None else f"{_fmt(mean)} ({_fmt(sd)})"
+
+
 def write(rows: list[dict], out: str) -> None:
+    """``<out>.csv`` (one row per run), ``<out>.md`` (one row per sweep point and algorithm:
+    mean (standard deviation over seeds)), ``<out>_curves.csv`` (every run's gap per round) and
+    the two figures."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     keys = list(rows[0]) if rows else ["sweep"]
     with open(out + ".csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    shown = ["sweep", "alpha_beta", "local_epochs", "lr", "algorithm", "F_star", "floor",
-             "spread_V", "gap_r50", "gap_r80", "gap_tail_mean", "gap_tail_std",
-             "gap_tail_range", "radius", "straightness", "test_acc"]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in shown) + " |" for r in rows]
+    agg = aggregate(rows)
+    head = KEYS + ["seeds"] + SHOWN
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([*(str(r[k]) for k in KEYS), str(r["seeds"]),
+                                 *(_cell(r[c], r[c + "_sd"]) for c in SHOWN)]) + " |"
+              for r in agg]
     with open(out + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     with open(out + "_curves.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["alpha_beta", "local_epochs", "lr", "algorithm", "round", "gap"])
-        for (alpha, epochs, lr, alg), pts in sorted(curves.items()):
-            w.writerows([alpha, epochs, lr, alg, r, g] for r, g in pts)
-    plot(rows, out + ".png")
+        w.writerow(["alpha_beta", "local_epochs", "lr", "algorithm", "seed", "round", "gap"])
+        for (alpha, epochs, lr, alg, seed), pts in sorted(curves.items()):
+            w.writerows([alpha, epochs, lr, alg, seed, r, g] for r, g in pts)
+    plot(agg, out + ".png")
     plot_curves(out + "_curves.png")
 
 
 def from_csv(out: str) -> None:
     """Redraw ``<out>.png`` and ``<out>_curves.png`` from ``<out>.csv`` and ``<out>_curves.csv``
     (the committed files), without the runs."""
+    text = ("sweep", "alpha_beta", "local_epochs", "lr", "algorithm", "seed")
     with open(out + ".csv", newline="") as fh:
-        rows = [{k: (None if v == "" else (v if k in ("sweep", "alpha_beta", "local_epochs", "lr",
-                                                        "algorithm", "seed") else float(v)))
-                 for k, v in r.items()} for r in csv.DictReader(fh)]
+        rows = [{k: (None if v == "" else (v if k in text else float(v))) for k, v in r.items()}
+                for r in csv.DictReader(fh)]
     curves.clear()
     with open(out + "_curves.csv", newline="") as fh:
         for r in csv.DictReader(fh):
-            key = (r["alpha_beta"], r["local_epochs"], r["lr"], r["algorithm"])
+            key = (r["alpha_beta"], r["local_epochs"], r["lr"], r["algorithm"], r.get("seed", "0"))
             curves.setdefault(key, []).append((int(r["round"]), float(r["gap"])))
-    plot(rows, out + ".png")
+    plot(aggregate(rows), out + ".png")
     plot_curves(out + "_curves.png")
 
 
 def plot_curves(path: str) -> None:
-    """``F(w_t) - F*`` against the round, one panel per heterogeneity level (E = 20, lr 0.003)."""
+    """``F(w_t) - F*`` against the round, one panel per heterogeneity level (E = 20, lr 0.003):
+    the mean over seeds, and a band from the lowest to the highest seed."""
     import matplotlib.pyplot as plt
 
     from fl_lightning import plotting
@@ -198,9 +247,17 @@ def plot_curves(path: str) -> None:
     fig, axes = plotting.subplots(len(HETEROGENEITY), width=3.2, height=3.0)
     for ax, alpha in zip(axes, HETEROGENEITY, strict=True):
         for alg in ALGORITHMS:
-            pts = curves.get((alpha, BASE_E, BASE_LR, alg))
-            if pts:
-                ax.plot([r for r, _ in pts], [max(g, 1e-12) for _, g in pts], label=alg, lw=1)
+            runs = [dict(pts) for (a, e, lr, g, _), pts in sorted(curves.items())
+                    if (a, e, lr, g) == (alpha, BASE_E, BASE_LR, alg)]
+            if not runs:
+                continue
+            rounds = sorted(set.intersection(*(set(r) for r in runs)))
+            vals = [[max(r[t], 1e-12) for r in runs] for t in rounds]
+            line, = ax.plot(rounds, [sum(v) / len(v) for v in vals], lw=1,
+                            label=f"{alg} ({len(runs)} seeds)" if len(runs) > 1 else alg)
+            if len(runs) > 1:
+                ax.fill_between(rounds, [min(v) for v in vals], [max(v) for v in vals],
+                                color=line.get_color(), alpha=0.2, lw=0)
         ax.set_yscale("log")
         ax.set_title(f"Synthetic({alpha},{alpha})", fontsize=9)
         ax.set_xlabel("round")
@@ -213,7 +270,10 @@ def plot_curves(path: str) -> None:
     plt.close(fig)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(agg: list[dict], path: str) -> None:
+    """The settled gap of every sweep point (rows of :func:`aggregate`): the mean over seeds,
+    with a bar of +- the standard deviation over seeds (over the last 20 rounds where there is
+    one seed)."""
     import matplotlib.pyplot as plt
 
     from fl_lightning import plotting
@@ -224,7 +284,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plotting.subplots(3, width=4.0, height=3.2)
     for ax, (sweep, key, label) in zip(axes, panels, strict=True):
         for alg in ALGORITHMS:
-            pts = [r for r in rows if r["algorithm"] == alg and (
+            pts = [r for r in agg if r["algorithm"] == alg and (
                 r["sweep"] == sweep or (r["sweep"] == "heterogeneity" and r["alpha_beta"] == BASE_A
                                         and sweep != "heterogeneity"))]
             pts = [r for r in pts if r["gap_tail_mean"] is not None]
@@ -233,7 +293,8 @@ def plot(rows: list[dict], path: str) -> None:
                 continue
             x = [float(r[key]) for r in pts]
             y = [max(r["gap_tail_mean"], 1e-12) for r in pts]
-            err = [r["gap_tail_std"] for r in pts]
+            err = [r["gap_tail_mean_sd"] if r["gap_tail_mean_sd"] is not None
+                   else r["gap_tail_std"] for r in pts]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=alg)
         ax.set_xlabel(label)
         ax.set_ylabel("settled gap F(w) - F*")
@@ -242,7 +303,7 @@ def plot(rows: list[dict], path: str) -> None:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("gap to the exact global optimum, mean +- std over the last 20% of rounds")
+    fig.suptitle("gap to the exact global optimum (last 20% of rounds): mean, +- std over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -306,11 +367,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = collect(args.runs)
     write(rows, args.out)
     if args.reference:
-        lines = ["| alpha = beta | F* | F(u*) | F(u*) - F* |", "|---|---|---|---|"]
+        lines = ["| alpha = beta | seed | F* | F(u*) | F(u*) - F* |", "|---|---|---|---|---|"]
         for alpha in HETEROGENEITY:
-            ref = unweighted_reference(alpha)
-            lines.append(f"| {alpha} | {ref['F_star']:.6f} | {ref['F_of_unweighted_min']:.6f} | "
-                         f"{ref['unweighted_gap']:.4f} |")
+            for seed in (int(v) for v in args.seeds.split(",") if v):
+                ref = unweighted_reference(alpha, seed)
+                lines.append(f"| {alpha} | {seed} | {ref['F_star']:.6f} | "
+                             f"{ref['F_of_unweighted_min']:.6f} | {ref['unweighted_gap']:.4f} |")
         with open(args.out + "_reference.md", "w") as fh:
             fh.write("\n".join(lines) + "\n")
     print(f"fit_gap: {len(rows)} runs; wrote {args.out}.csv, {args.out}.md, {args.out}.png")
