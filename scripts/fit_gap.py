@@ -301,6 +301,10 @@ def plot(agg: list[dict], path: str) -> None:
         ax.set_yscale("log")
         if sweep != "heterogeneity":
             ax.set_xscale("log")
+            values = sorted({float(r[key]) for r in agg if r["sweep"] == sweep}
+                            | {float(BASE_E if key == "local_epochs" else BASE_LR)})
+            ax.set_xticks(values, [f"{v:g}" for v in values])
+            ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("gap to the exact global optimum (last 20% of rounds): mean, +- std over seeds")
