@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 BASELINE = "fedavg"
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0.0 for a single value)."""
     mean = sum(values) / len(values)
     if len(values) < 2:
         return mean, 0.0
@@ -40,8 +41,8 @@ def summarize(
         final = [100 * finals[(alg, slug, s)] for s in sorted(seeds)]
         best = [100 * max(curves[(alg, slug, s)].values(), default=finals[(alg, slug, s)])
                 for s in sorted(seeds)]
-        fm, fs = _mean_std(final)
-        bm, bs = _mean_std(best)
+        fm, fs = mean_std(final)
+        bm, bs = mean_std(best)
         rows.append({"algorithm": alg, "setting": slug, "seeds": len(seeds),
                      "final_mean": fm, "final_std": fs, "best_mean": bm, "best_std": bs})
     return rows
@@ -111,7 +112,7 @@ def plot_curves(curves: dict[tuple[str, str, int], dict[int, float]], algorithms
             common = sorted(set.intersection(*(set(c) for c in seeds)))
             if not common:
                 continue
-            stats = [_mean_std([100 * c[r] for c in seeds]) for r in common]
+            stats = [mean_std([100 * c[r] for c in seeds]) for r in common]
             mean = [m for m, _ in stats]
             ax.plot(common, mean, label=f"{alg} ({len(seeds)} seeds)")
             ax.fill_between(common, [m - sd for m, sd in stats], [m + sd for m, sd in stats],

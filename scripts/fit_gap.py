@@ -156,13 +156,15 @@ def collect(runs: str) -> list[dict]:
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None]:
+    """:func:`fl_lightning.gridreport.mean_std` of the values that are not ``None``; the
+    deviation is ``None`` below two values (the table and figure then show none)."""
+    from fl_lightning.gridreport import mean_std
+
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return None, None
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, None
-    return mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    mean, sd = mean_std(vals)
+    return mean, (sd if len(vals) > 1 else None)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -224,7 +226,7 @@ def write(rows: list[dict], out: str) -> None:
 def from_csv(out: str) -> None:
     """Redraw ``<out>.png`` and ``<out>_curves.png`` from ``<out>.csv`` and ``<out>_curves.csv``
     (the committed files), without the runs."""
-    text = ("sweep", "alpha_beta", "local_epochs", "lr", "algorithm", "seed")
+    text = (*KEYS, "seed")
     with open(out + ".csv", newline="") as fh:
         rows = [{k: (None if v == "" else (v if k in text else float(v))) for k, v in r.items()}
                 for r in csv.DictReader(fh)]
