@@ -348,9 +348,9 @@ def test_vectorized_numeric_gives_the_same_tables_and_curves_as_separate_cells(
                          (json.loads((c / "result.json").read_text()) for c in cells)],
                         [json.loads(next(c.glob("fl/version_*/analysis/classwise.json"))
                                     .read_text())["history"] for c in cells],
-                        [[r["stragglers"] for r in csv.DictReader(open(
-                            next(c.glob("fl/version_*/metrics.csv")))) if r.get("stragglers")]
-                         for c in cells])
+                        [[r["stragglers"] for r in csv.DictReader(
+                            next(c.glob("fl/version_*/metrics.csv")).read_text().splitlines())
+                          if r.get("stragglers")] for c in cells])
     out = capsys.readouterr().out
     assert "replica 7 of" in out
     (group,) = os.listdir(tmp_path / "numeric" / "vectorized")
